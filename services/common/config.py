@@ -1,0 +1,70 @@
+"""Command-line flags with environment-variable equivalents.
+
+Every flag ``--some-name`` can also be set as ``SSJF_SOME_NAME``; the flag wins. ``--help``
+shows each flag's variable and default, so a newcomer can configure a container without
+reading code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable
+from typing import Any
+
+ENV_PREFIX = "SSJF_"
+
+
+def env_name(flag: str) -> str:
+    """``--max-batch-size`` -> ``SSJF_MAX_BATCH_SIZE``."""
+    return ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper()
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off", ""}:
+        return False
+    raise ValueError(f"not a boolean: {text!r} (use true/false)")
+
+
+def add_option(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    flag: str,
+    *,
+    default: Any = None,
+    type: Callable[[str], Any] = str,  # noqa: A002 - mirrors argparse's keyword
+    help: str,  # noqa: A002
+    choices: list[str] | None = None,
+    env: str | None = None,
+) -> None:
+    """Add ``flag`` whose default comes from its environment variable when that is set."""
+    variable = env or env_name(flag)
+    raw = os.environ.get(variable)
+    value = type(raw) if raw is not None else default
+    parser.add_argument(
+        flag,
+        default=value,
+        type=type,
+        choices=choices,
+        help=f"{help} [env {variable}; default: {default!r}]",
+    )
+
+
+def add_flag(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    flag: str,
+    *,
+    help: str,  # noqa: A002
+    env: str | None = None,
+) -> None:
+    """Add an on/off switch, off by default, also switched on by its variable."""
+    variable = env or env_name(flag)
+    raw = os.environ.get(variable)
+    parser.add_argument(
+        flag,
+        action=argparse.BooleanOptionalAction,
+        default=_parse_bool(raw) if raw is not None else False,
+        help=f"{help} [env {variable}]",
+    )

