@@ -33,10 +33,16 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         epilog="Every flag can also be set through the environment variable shown in its help.",
     )
-    add_option(parser, "--log-level", default="info", help="log level",
-               choices=["debug", "info", "warning", "error"])
-    add_option(parser, "--log-format", default="text", help="log line format",
-               choices=["text", "json"])
+    add_option(
+        parser,
+        "--log-level",
+        default="info",
+        help="log level",
+        choices=["debug", "info", "warning", "error"],
+    )
+    add_option(
+        parser, "--log-format", default="text", help="log line format", choices=["text", "json"]
+    )
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
     for module_name in COMMAND_MODULES:
         importlib.import_module(module_name).register(subparsers)

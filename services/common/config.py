@@ -34,8 +34,8 @@ def add_option(
     flag: str,
     *,
     default: Any = None,
-    type: Callable[[str], Any] = str,  # noqa: A002 - mirrors argparse's keyword
-    help: str,  # noqa: A002
+    type: Callable[[str], Any] = str,
+    help: str,
     choices: list[str] | None = None,
     env: str | None = None,
 ) -> None:
@@ -56,7 +56,7 @@ def add_flag(
     parser: argparse.ArgumentParser | argparse._ArgumentGroup,
     flag: str,
     *,
-    help: str,  # noqa: A002
+    help: str,
     env: str | None = None,
 ) -> None:
     """Add an on/off switch, off by default, also switched on by its variable."""

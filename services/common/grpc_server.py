@@ -44,7 +44,8 @@ def _wrap_handler(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethod
 
     def finish(started: float, code: str) -> None:
         log.debug(
-            "rpc", extra={"method": method, "code": code, "ms": (time.perf_counter() - started) * 1e3}
+            "rpc",
+            extra={"method": method, "code": code, "ms": (time.perf_counter() - started) * 1e3},
         )
 
     if handler.unary_unary or handler.stream_unary:
@@ -133,8 +134,11 @@ class ServiceHost:
         self.health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
-            [*self.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             reflection.SERVICE_NAME],
+            [
+                *self.service_names,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ],
             self.server,
         )
         self.port = 0
@@ -180,4 +184,3 @@ class ServiceHost:
                 log.warning("drain timed out", extra={"service": self.name, "grace_s": grace_s})
         await self.server.stop(grace=min(grace_s, 5.0))
         log.info("stopped", extra={"service": self.name})
-

