@@ -18,6 +18,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import Counter, Histogram, start_http_server
 
 from services.common.errors import ServiceError
 
@@ -35,66 +36,46 @@ CHANNEL_OPTIONS = [
 ]
 
 
-async def _abort_for(error: ServiceError, context: grpc.aio.ServicerContext) -> None:
-    await context.abort(getattr(grpc.StatusCode, error.status), str(error))
+RPC_REQUESTS = Counter(
+    "ssjf_rpc_requests_total", "gRPC calls handled, by method and status code", ["method", "code"]
+)
+RPC_SECONDS = Histogram(
+    "ssjf_rpc_duration_seconds",
+    "Time from a call's start to its last response, by method",
+    ["method"],
+    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5, 30, 120, 600),
+)
+
+Behaviour = Callable[[Any, grpc.aio.ServicerContext], Any]
+# Wraps one RPC's behaviour; ``streaming`` tells whether it yields responses.
+BehaviourWrapper = Callable[[Behaviour, str, bool], Behaviour]
 
 
-def _wrap_handler(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
-    """Map ServiceError to its status and log every call once, whatever its kind."""
-
-    def finish(started: float, code: str) -> None:
-        log.debug(
-            "rpc",
-            extra={"method": method, "code": code, "ms": (time.perf_counter() - started) * 1e3},
-        )
-
-    if handler.unary_unary or handler.stream_unary:
-        inner = handler.unary_unary or handler.stream_unary
-
-        async def unary_response(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            started = time.perf_counter()
-            try:
-                response = await inner(request, context)
-            except ServiceError as error:
-                finish(started, error.status)
-                await _abort_for(error, context)
-            finish(started, "OK")
-            return response
-
-        factory = (
-            grpc.unary_unary_rpc_method_handler
-            if handler.unary_unary
-            else grpc.stream_unary_rpc_method_handler
-        )
-        behaviour = unary_response
-    else:
-        inner_stream = handler.unary_stream or handler.stream_stream
-
-        async def stream_response(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            started = time.perf_counter()
-            try:
-                async for item in inner_stream(request, context):
-                    yield item
-            except ServiceError as error:
-                finish(started, error.status)
-                await _abort_for(error, context)
-            finish(started, "OK")
-
-        factory = (
-            grpc.unary_stream_rpc_method_handler
-            if handler.unary_stream
-            else grpc.stream_stream_rpc_method_handler
-        )
-        behaviour = stream_response
-    return factory(
-        behaviour,
-        request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer,
+def _rewrap(
+    handler: grpc.RpcMethodHandler, method: str, wrap: BehaviourWrapper
+) -> grpc.RpcMethodHandler:
+    """The same handler with its behaviour wrapped, whichever of the four RPC kinds it is."""
+    kinds = (
+        ("unary_unary", grpc.unary_unary_rpc_method_handler, False),
+        ("stream_unary", grpc.stream_unary_rpc_method_handler, False),
+        ("unary_stream", grpc.unary_stream_rpc_method_handler, True),
+        ("stream_stream", grpc.stream_stream_rpc_method_handler, True),
     )
+    for attribute, factory, streaming in kinds:
+        behaviour = getattr(handler, attribute)
+        if behaviour is not None:
+            return factory(
+                wrap(behaviour, method, streaming),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+    return handler
 
 
-class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Turns domain errors into gRPC statuses, so servicers stay free of status plumbing."""
+class _WrappingInterceptor(grpc.aio.ServerInterceptor):
+    """Applies ``wrap`` to every application RPC (not health or reflection)."""
+
+    wrap: BehaviourWrapper
 
     async def intercept_service(
         self,
@@ -104,7 +85,86 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or handler_call_details.method.startswith("/grpc."):
             return handler
-        return _wrap_handler(handler, handler_call_details.method)
+        return _rewrap(handler, handler_call_details.method, type(self).wrap)
+
+
+def _map_errors(behaviour: Behaviour, method: str, streaming: bool) -> Behaviour:
+    async def abort(error: ServiceError, context: grpc.aio.ServicerContext) -> None:
+        log.info("rpc refused", extra={"method": method, "code": error.status, "why": str(error)})
+        await context.abort(getattr(grpc.StatusCode, error.status), str(error))
+
+    if streaming:
+
+        async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            try:
+                async for item in behaviour(request, context):
+                    yield item
+            except ServiceError as error:
+                await abort(error, context)
+
+        return stream
+
+    async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await behaviour(request, context)
+        except ServiceError as error:
+            await abort(error, context)
+
+    return unary
+
+
+class ErrorInterceptor(_WrappingInterceptor):
+    """Turns domain errors into gRPC statuses, so servicers stay free of status plumbing."""
+
+    wrap = staticmethod(_map_errors)
+
+
+def _status_of(context: grpc.aio.ServicerContext, error: BaseException | None) -> str:
+    if isinstance(error, asyncio.CancelledError):
+        return "CANCELLED"
+    code = context.code()
+    if code is not None:
+        return code.name
+    return "UNKNOWN" if error is not None else "OK"
+
+
+def _measure(behaviour: Behaviour, method: str, streaming: bool) -> Behaviour:
+    def record(started: float, context: grpc.aio.ServicerContext, error: BaseException | None):
+        RPC_SECONDS.labels(method).observe(time.perf_counter() - started)
+        RPC_REQUESTS.labels(method, _status_of(context, error)).inc()
+
+    if streaming:
+
+        async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            started, error = time.perf_counter(), None
+            try:
+                async for item in behaviour(request, context):
+                    yield item
+            except BaseException as raised:
+                error = raised
+                raise
+            finally:
+                record(started, context, error)
+
+        return stream
+
+    async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        started, error = time.perf_counter(), None
+        try:
+            return await behaviour(request, context)
+        except BaseException as raised:
+            error = raised
+            raise
+        finally:
+            record(started, context, error)
+
+    return unary
+
+
+class MetricsInterceptor(_WrappingInterceptor):
+    """Counts calls by status and times them, for every service alike (Prometheus)."""
+
+    wrap = staticmethod(_measure)
 
 
 Registrar = Callable[[grpc.aio.Server], None]
@@ -122,12 +182,15 @@ class ServiceHost:
         service_names: Iterable[str],
         registrars: Iterable[Registrar],
         interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
+        metrics_port: int | None = None,
     ) -> None:
         self.name = name
         self.address = f"{host}:{port}"
         self.service_names = list(service_names)
+        # Metrics outermost, so they see the status the error mapping produced.
         self.server = grpc.aio.server(
-            interceptors=[ErrorInterceptor(), *interceptors], options=CHANNEL_OPTIONS
+            interceptors=[MetricsInterceptor(), ErrorInterceptor(), *interceptors],
+            options=CHANNEL_OPTIONS,
         )
         for register in registrars:
             register(self.server)
@@ -141,6 +204,7 @@ class ServiceHost:
             ],
             self.server,
         )
+        self.metrics_port = metrics_port
         self.port = 0
         self._stop_requested = asyncio.Event()
 
@@ -150,6 +214,9 @@ class ServiceHost:
         if self.port == 0:
             raise OSError(f"{self.name}: cannot bind {self.address}")
         await self.server.start()
+        if self.metrics_port is not None:
+            # Prometheus scrapes http://host:metrics_port/metrics.
+            start_http_server(self.metrics_port)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         log.info("listening", extra={"service": self.name, "port": self.port})
         return self.port
