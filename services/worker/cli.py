@@ -1,7 +1,131 @@
-"""Sub-commands of the worker package (filled in by its owner)."""
+"""``ssjf worker``: one LLM worker process (see services/worker/server.py)."""
+
+from __future__ import annotations
 
 import argparse
+
+from services.common.config import add_option
+
+BATCHING_MODES = ["none", "dynamic", "continuous"]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add this package's sub-commands."""
+    worker = subparsers.add_parser(
+        "worker",
+        help="run an LLM worker that leases jobs from the scheduler and streams tokens",
+        description=(
+            "Load a transformers causal LM, lease the shortest jobs from the scheduler and "
+            "stream their tokens back, with no, dynamic or continuous batching. Health turns "
+            "SERVING once the model is loaded and warmed up; SIGTERM drains."
+        ),
+    )
+    add_option(
+        worker,
+        "--scheduler",
+        default="127.0.0.1:50051",
+        help="scheduler address (host:port) whose WorkerGateway hands out jobs",
+    )
+    add_option(
+        worker,
+        "--model",
+        default="tiny-llama",
+        help="model to load: a local directory (save_pretrained), a hub id, or "
+        "tiny-llama (the built-in random-weight model, built on first use into "
+        ".cache/models/tiny-llama)",
+    )
+    add_option(
+        worker,
+        "--served-model-name",
+        default="vicuna-13b",
+        help="comma-separated LLM names this worker serves (jobs for these names are "
+        "leased to it; as vLLM's --served-model-name)",
+    )
+    add_option(
+        worker,
+        "--batching",
+        default="continuous",
+        choices=BATCHING_MODES,
+        help="none: one job at a time; dynamic: run up to --max-batch-size jobs as one "
+        "batch; continuous: refill free batch slots at every decoding step",
+    )
+    add_option(
+        worker,
+        "--max-batch-size",
+        type=int,
+        default=8,
+        help="most sequences in a batch (dynamic and continuous)",
+    )
+    add_option(
+        worker,
+        "--device",
+        default="auto",
+        help="torch device: auto (cuda:0 when present, else cpu), cpu, cuda:N",
+    )
+    add_option(
+        worker,
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="weights dtype: auto (bfloat16 on GPU, float32 on CPU)",
+    )
+    add_option(
+        worker,
+        "--default-max-new-tokens",
+        type=int,
+        default=256,
+        help="answer length cap for jobs that do not set max_new_tokens",
+    )
+    add_option(worker, "--host", default="0.0.0.0", help="address the worker's gRPC server binds")
+    add_option(
+        worker,
+        "--port",
+        type=int,
+        default=50053,
+        help="port of the worker's own gRPC server (health, reflection, Worker)",
+    )
+    add_option(
+        worker,
+        "--worker-id",
+        default="",
+        help="stable id reported to the scheduler (default: host-pid-random)",
+    )
+    add_option(
+        worker, "--lease-wait-ms", type=int, default=2000, help="long-poll wait of each Lease call"
+    )
+    add_option(
+        worker,
+        "--drain-timeout-s",
+        type=float,
+        default=60.0,
+        help="on SIGTERM, how long to finish held jobs before exiting (the rest are "
+        "requeued by the scheduler when their leases lapse)",
+    )
+    add_option(
+        worker,
+        "--torch-threads",
+        type=int,
+        default=0,
+        help="torch intra-op threads (0: torch's default)",
+    )
+    worker.add_argument(
+        "--prepare-only",
+        action="store_true",
+        help="load the model once (building the built-in one, or filling the hub cache) and "
+        "exit: what container builds run so workers start offline",
+    )
+    worker.set_defaults(run=_run_worker)
+
+
+def _run_worker(args: argparse.Namespace) -> None:
+    import asyncio
+
+    if args.prepare_only:
+        from services.worker.model import load_model
+
+        load_model(args.model, device="cpu", dtype="float32")
+        return
+
+    from services.worker.server import serve
+
+    asyncio.run(serve(args))

@@ -1,0 +1,390 @@
+"""The generation engine: no, dynamic and continuous batching over a transformers model.
+
+A plain, single-threaded class (no gRPC, no asyncio): ``submit`` jobs, call ``step`` until
+``has_work`` is false, read the per-job token events each step returns, ``cancel`` between
+steps. ``EngineRunner`` drives it from one model thread for the service.
+
+Batching modes (``--batching``), all over the same KV-cache batch:
+- ``none``: one job at a time.
+- ``dynamic``: when idle, take up to B waiting jobs and run them as one batch until the last
+  finishes; finished rows leave the batch (saving compute) but nobody joins it.
+- ``continuous``: iteration-level (Orca-style). After each decoding step, free rows are
+  refilled from the waiting jobs: newcomers are prefilled as their own left-padded batch and
+  their KV cache is merged into the running one, so they join at the next decoding step.
+
+Exactness: rows are left-padded; the 2-D attention mask hides padding from every query and
+each row's position ids count only its own tokens, so a job's logits do not depend on its
+neighbours (up to float rounding of different matmul shapes). Merging pads the shorter cache
+on the left with masked zeros; removing rows drops their cache entries and then any leading
+columns that only padding still uses, so the cache never grows beyond the longest live row.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from services.common.errors import InvalidArgument
+from services.worker.jobs import (
+    FinishReason,
+    GeneratedToken,
+    GenerationRequest,
+    JobUpdate,
+    Outcome,
+    Sampling,
+)
+from services.worker.model import LoadedModel
+from services.worker.sampling import make_generator, next_tokens
+from services.worker.text import TextStream
+
+log = logging.getLogger(__name__)
+
+
+class Batching(enum.Enum):
+    NONE = "none"
+    DYNAMIC = "dynamic"
+    CONTINUOUS = "continuous"
+
+
+def free_slots(batching: Batching, max_batch_size: int, active_jobs: int) -> int:
+    """How many more jobs may be taken now, given the jobs already held (waiting or running).
+
+    The one place the three modes differ in what they accept, used both by the engine's
+    admission and by the client deciding how many jobs to lease."""
+    if batching is Batching.NONE:
+        return 0 if active_jobs else 1
+    if batching is Batching.DYNAMIC:
+        return 0 if active_jobs else max_batch_size
+    return max(0, max_batch_size - active_jobs)
+
+
+@dataclass(frozen=True)
+class StepStat:
+    """Cost of one forward pass, for benchmarks and the simulator's latency model."""
+
+    kind: str  # "prefill" or "decode"
+    batch_size: int
+    # prefill: prompt tokens of the rows (padding excluded); decode: one per row.
+    tokens: int
+    # Longest row (prompt + answer so far), i.e. the padded KV length attended to.
+    context: int
+    seconds: float
+
+
+class _Sequence:
+    """One job inside the engine: its sampling state, text stream and timings."""
+
+    def __init__(self, request: GenerationRequest, model: LoadedModel) -> None:
+        self.request = request
+        self.sampling = request.sampling
+        self.input_ids = [*request.prompt_ids, *request.resume_token_ids]
+        self.prompt_tokens = len(request.prompt_ids)
+        room = model.max_context - len(self.input_ids)
+        if room < 1 and len(request.resume_token_ids) < self.sampling.answer_limit:
+            raise InvalidArgument(
+                f"prompt of {len(self.input_ids)} tokens leaves no room in the model's "
+                f"context of {model.max_context} tokens"
+            )
+        # Replay asks for an exact count; otherwise the context window can cut a job short.
+        self.answer_limit = self.sampling.answer_limit
+        if not self.sampling.replay:
+            self.answer_limit = min(self.answer_limit, len(request.resume_token_ids) + room)
+        self.answer_tokens = len(request.resume_token_ids)
+        self.stream = TextStream(
+            model.decode,
+            stop=() if self.sampling.replay else self.sampling.stop,
+            already_streamed=request.resume_token_ids,
+        )
+        self.generator = make_generator(self.sampling, model.device)
+        self.prefill_s = 0.0
+        self.decode_s = 0.0
+
+    @property
+    def job_id(self) -> str:
+        return self.request.job_id
+
+    def outcome(self, reason: FinishReason, error: str = "") -> Outcome:
+        return Outcome(
+            finish_reason=reason,
+            generated_tokens=self.stream.next_index,
+            prompt_tokens=self.prompt_tokens,
+            prefill_s=self.prefill_s,
+            decode_s=self.decode_s,
+            error=error,
+        )
+
+
+class _KVBatch:
+    """Rows sharing one left-padded KV cache, with the mask and positions that keep them
+    independent."""
+
+    def __init__(
+        self,
+        rows: list[_Sequence],
+        cache: DynamicCache,
+        attention_mask: torch.Tensor,
+        positions: torch.Tensor,
+        next_input: list[int],
+    ) -> None:
+        self.rows = rows
+        self.cache = cache
+        self.attention_mask = attention_mask  # (rows, cached length), 1 = real token
+        self.positions = positions  # (rows,), position id of each row's next token
+        self.next_input = next_input  # each row's last sampled token, fed at the next step
+
+    @property
+    def size(self) -> int:
+        return len(self.rows)
+
+    @property
+    def context(self) -> int:
+        return self.attention_mask.shape[1]
+
+    @classmethod
+    @torch.inference_mode()
+    def prefill(cls, model: LoadedModel, rows: list[_Sequence]) -> tuple[_KVBatch, torch.Tensor]:
+        """Run the rows' prompts; returns the batch and each row's next-token logits."""
+        longest = max(len(row.input_ids) for row in rows)
+        ids = torch.full((len(rows), longest), model.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), longest), dtype=torch.long)
+        for index, row in enumerate(rows):
+            ids[index, longest - len(row.input_ids) :] = torch.tensor(row.input_ids)
+            mask[index, longest - len(row.input_ids) :] = 1
+        ids, mask = ids.to(model.device), mask.to(model.device)
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        output = model.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        batch = cls(rows, cache, mask, mask.sum(-1), [])
+        return batch, output.logits[:, -1, :]
+
+    @torch.inference_mode()
+    def decode(self, model: LoadedModel) -> torch.Tensor:
+        """Feed each row's last token; returns next-token logits (rows, vocab)."""
+        ids = torch.tensor(self.next_input, dtype=torch.long, device=model.device)[:, None]
+        ones = torch.ones((self.size, 1), dtype=torch.long, device=model.device)
+        self.attention_mask = torch.cat([self.attention_mask, ones], dim=1)
+        output = model.model(
+            input_ids=ids,
+            attention_mask=self.attention_mask,
+            position_ids=self.positions[:, None],
+            past_key_values=self.cache,
+            use_cache=True,
+        )
+        self.positions = self.positions + 1
+        return output.logits[:, -1, :]
+
+    def keep(self, indices: list[int]) -> None:
+        """Keep only these rows, then drop leading columns no remaining row uses."""
+        if len(indices) == self.size:
+            return
+        index = torch.tensor(indices, dtype=torch.long, device=self.attention_mask.device)
+        self.rows = [self.rows[i] for i in indices]
+        self.next_input = [self.next_input[i] for i in indices]
+        self.attention_mask = self.attention_mask[index]
+        self.positions = self.positions[index]
+        self.cache.batch_select_indices(index)
+        if not self.rows:
+            return
+        used = self.attention_mask.any(dim=0)
+        unused_prefix = int(used.int().argmax())
+        if unused_prefix:
+            self.attention_mask = self.attention_mask[:, unused_prefix:]
+            for layer in self.cache.layers:
+                layer.keys = layer.keys[..., unused_prefix:, :]
+                layer.values = layer.values[..., unused_prefix:, :]
+
+    def merge(self, other: _KVBatch) -> None:
+        """Append ``other``'s rows, left-padding the shorter cache with masked zeros."""
+        length = max(self.context, other.context)
+
+        def left_pad(tensor: torch.Tensor, seq_dim_from_end: int, current: int) -> torch.Tensor:
+            pad = [0, 0] * (seq_dim_from_end - 1) + [length - current, 0]
+            return F.pad(tensor, pad)
+
+        layers = []
+        for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
+            keys = torch.cat(
+                [left_pad(mine.keys, 2, self.context), left_pad(theirs.keys, 2, other.context)]
+            )
+            values = torch.cat(
+                [left_pad(mine.values, 2, self.context), left_pad(theirs.values, 2, other.context)]
+            )
+            layers.append((keys, values))
+        self.cache = DynamicCache(ddp_cache_data=layers)
+        self.attention_mask = torch.cat(
+            [
+                left_pad(self.attention_mask, 1, self.context),
+                left_pad(other.attention_mask, 1, other.context),
+            ]
+        )
+        self.positions = torch.cat([self.positions, other.positions])
+        self.rows += other.rows
+        self.next_input += other.next_input
+
+
+class Engine:
+    """Generates jobs with one of the three batching modes; call ``step`` repeatedly."""
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        batching: Batching = Batching.CONTINUOUS,
+        max_batch_size: int = 8,
+        on_step: Callable[[StepStat], None] | None = None,
+    ) -> None:
+        if max_batch_size < 1:
+            raise InvalidArgument(f"max batch size must be at least 1, got {max_batch_size}")
+        self.model = model
+        self.batching = batching
+        self.max_batch_size = 1 if batching is Batching.NONE else max_batch_size
+        self.on_step = on_step
+        self._waiting: deque[_Sequence] = deque()
+        self._batch: _KVBatch | None = None
+
+    @property
+    def running(self) -> int:
+        return self._batch.size if self._batch else 0
+
+    @property
+    def active_jobs(self) -> int:
+        """Jobs held: waiting to start or running."""
+        return len(self._waiting) + self.running
+
+    def has_work(self) -> bool:
+        return self.active_jobs > 0
+
+    def submit(self, request: GenerationRequest) -> JobUpdate | None:
+        """Queue a job. Returns its final update at once when there is nothing to generate
+        (a resumed job already complete); raises InvalidArgument when it cannot run."""
+        sequence = _Sequence(request, self.model)
+        if sequence.answer_tokens >= sequence.answer_limit:
+            reason = FinishReason.REPLAY_LENGTH if sequence.sampling.replay else FinishReason.LENGTH
+            return JobUpdate(request.job_id, outcome=sequence.outcome(reason))
+        self._waiting.append(sequence)
+        return None
+
+    def cancel(self, job_id: str) -> JobUpdate | None:
+        """Stop a job now (call between steps); None when the engine does not hold it."""
+        for sequence in self._waiting:
+            if sequence.job_id == job_id:
+                self._waiting.remove(sequence)
+                return JobUpdate(job_id, outcome=sequence.outcome(FinishReason.CANCELLED))
+        if self._batch is not None:
+            for index, sequence in enumerate(self._batch.rows):
+                if sequence.job_id == job_id:
+                    self._batch.keep([i for i in range(self._batch.size) if i != index])
+                    return JobUpdate(job_id, outcome=sequence.outcome(FinishReason.CANCELLED))
+        return None
+
+    def fail_all(self, error: str) -> list[JobUpdate]:
+        """End every held job with an error (after a failed forward pass, e.g. out of memory)."""
+        held = [*(self._batch.rows if self._batch else []), *self._waiting]
+        self._waiting.clear()
+        self._batch = None
+        return [JobUpdate(s.job_id, outcome=s.outcome(FinishReason.ERROR, error)) for s in held]
+
+    def step(self) -> list[JobUpdate]:
+        """One iteration: a decoding step for the running rows, then admission (prefill) of
+        waiting jobs into free rows as the batching mode allows. Returns the new tokens and
+        outcomes of every job that has any."""
+        updates: list[JobUpdate] = []
+        if self._batch is not None and self._batch.size:
+            started = time.perf_counter()
+            context = self._batch.context + 1
+            logits = self._batch.decode(self.model)
+            tokens = self._choose(logits, self._batch.rows)
+            elapsed = time.perf_counter() - started
+            for row in self._batch.rows:
+                row.decode_s += elapsed
+            self._record("decode", self._batch.size, self._batch.size, context, elapsed)
+            self._advance(self._batch, tokens, updates)
+        admit = min(
+            len(self._waiting),
+            free_slots(self.batching, self.max_batch_size, self.running),
+        )
+        if admit:
+            newcomers = [self._waiting.popleft() for _ in range(admit)]
+            started = time.perf_counter()
+            joining, logits = _KVBatch.prefill(self.model, newcomers)
+            tokens = self._choose(logits, newcomers)
+            elapsed = time.perf_counter() - started
+            for row in newcomers:
+                row.prefill_s = elapsed
+            prompt_tokens = sum(len(row.input_ids) for row in newcomers)
+            self._record("prefill", len(newcomers), prompt_tokens, joining.context, elapsed)
+            self._advance(joining, tokens, updates)
+            if self._batch is None or not self._batch.size:
+                self._batch = joining
+            elif joining.size:
+                self._batch.merge(joining)
+        return updates
+
+    def warm_up(self, tokens: int = 4) -> None:
+        """Run a short batch through prefill, merge and decode once, so the first real job
+        does not pay for lazy initialisation (kernels, allocator, tokenizer caches)."""
+        rows = min(2, self.max_batch_size)
+        prompt_ids = tuple(self.model.encode_prompt("Warm up."))
+        for index in range(rows):
+            request = GenerationRequest(
+                f"warm-up-{index}", prompt_ids[: len(prompt_ids) - index], Sampling(tokens)
+            )
+            self.submit(request)
+        while self.has_work():
+            self.step()
+
+    def _choose(self, logits: torch.Tensor, rows: list[_Sequence]) -> list[int]:
+        return next_tokens(logits, [row.sampling for row in rows], [row.generator for row in rows])
+
+    def _advance(self, batch: _KVBatch, tokens: list[int], updates: list[JobUpdate]) -> None:
+        """Give each row its new token, report it, and drop the rows that finished."""
+        keep: list[int] = []
+        batch.next_input = tokens
+        for index, (row, token_id) in enumerate(zip(batch.rows, tokens, strict=True)):
+            update = JobUpdate(row.job_id)
+            reason = self._append(row, token_id, update)
+            if reason is not None:
+                update.tokens += _tokens(row.stream.flush())
+                update.outcome = row.outcome(reason)
+            else:
+                keep.append(index)
+            if update.tokens or update.outcome:
+                updates.append(update)
+        batch.keep(keep)
+
+    def _append(self, row: _Sequence, token_id: int, update: JobUpdate) -> FinishReason | None:
+        """Add one generated token to the row's answer; the reason it ended, if it did."""
+        if not row.sampling.replay and token_id in self.model.eos_token_ids:
+            return FinishReason.EOS
+        row.answer_tokens += 1
+        update.tokens += _tokens(row.stream.push(token_id))
+        if row.sampling.replay:
+            done = row.answer_tokens >= row.answer_limit
+            return FinishReason.REPLAY_LENGTH if done else None
+        if row.stream.stopped:
+            return FinishReason.STOP_SEQUENCE
+        if row.answer_tokens >= row.answer_limit:
+            return FinishReason.LENGTH
+        return None
+
+    def _record(self, kind: str, batch_size: int, tokens: int, context: int, s: float) -> None:
+        if self.on_step is not None:
+            self.on_step(StepStat(kind, batch_size, tokens, context, s))
+
+
+def _tokens(released: list[tuple[int, int, str]]) -> list[GeneratedToken]:
+    return [GeneratedToken(index, token_id, text) for index, token_id, text in released]

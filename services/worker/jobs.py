@@ -1,0 +1,95 @@
+"""The worker's domain objects: what the engine is asked to generate and what it reports.
+
+Plain dataclasses, free of gRPC; the gateway client translates them to and from protobuf.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from services.common.errors import InvalidArgument
+
+
+class FinishReason(enum.Enum):
+    LENGTH = "length"
+    EOS = "eos"
+    STOP_SEQUENCE = "stop_sequence"
+    REPLAY_LENGTH = "replay_length"
+    CANCELLED = "cancelled"
+    ERROR = "error"
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How one job samples. ``max_new_tokens`` and ``replay_output_tokens`` count the whole
+    answer, tokens streamed by an earlier attempt included."""
+
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int = 0
+    replay_output_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise InvalidArgument(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 <= self.top_p <= 1:
+            raise InvalidArgument(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 1 and self.replay_output_tokens < 1:
+            raise InvalidArgument("max_new_tokens must be at least 1")
+        if any(not stop for stop in self.stop):
+            raise InvalidArgument("stop strings must not be empty")
+
+    @property
+    def answer_limit(self) -> int:
+        """Tokens the whole answer may hold; replay mode fixes it exactly."""
+        return self.replay_output_tokens or self.max_new_tokens
+
+    @property
+    def replay(self) -> bool:
+        return self.replay_output_tokens > 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One job for the engine: prompt ids (chat template applied) and how to sample.
+
+    ``resume_token_ids`` are answer tokens an earlier attempt already streamed: they are
+    appended to the prompt and generation continues after them, at index len(resume)."""
+
+    job_id: str
+    prompt_ids: tuple[int, ...]
+    sampling: Sampling
+    resume_token_ids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class GeneratedToken:
+    index: int
+    token_id: int
+    text: str
+
+
+@dataclass(frozen=True)
+class Outcome:
+    finish_reason: FinishReason
+    generated_tokens: int
+    prompt_tokens: int
+    prefill_s: float
+    decode_s: float
+    error: str = ""
+
+
+@dataclass
+class JobUpdate:
+    """What one engine step produced for one job: new tokens, and the outcome when it ended."""
+
+    job_id: str
+    tokens: list[GeneratedToken] = field(default_factory=list)
+    outcome: Outcome | None = None

@@ -1,0 +1,130 @@
+"""Loading a causal LM and its tokenizer, and turning a prompt into the model's input ids.
+
+Every model, the built-in tiny one included, goes through ``AutoModelForCausalLM`` and
+``AutoTokenizer.from_pretrained``: a hub id, a local directory written by
+``save_pretrained``, or ``tiny-llama`` (built into ``$SSJF_HOME/models`` on first use).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from services.common.errors import InvalidArgument
+from services.worker.tiny_model import TINY_MODEL_NAME, ensure_tiny_model
+
+log = logging.getLogger(__name__)
+
+DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+def resolve_device(requested: str = "auto") -> torch.device:
+    """``auto``: the first CUDA GPU when there is one, else the CPU."""
+    if requested == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
+    """``auto``: bfloat16 on a GPU (half the memory, tensor cores), float32 on a CPU (where
+    bf16 matmuls are slow on most cores and rounding would blur greedy ties)."""
+    if requested == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if requested not in DTYPES:
+        raise InvalidArgument(f"unknown dtype {requested!r}; choose auto or one of {list(DTYPES)}")
+    return DTYPES[requested]
+
+
+def resolve_model_path(model: str) -> str:
+    """The built-in name maps to its (built on demand) directory; anything else is passed to
+    ``from_pretrained`` unchanged, as a local path or a hub id."""
+    if model in ("", TINY_MODEL_NAME):
+        return str(ensure_tiny_model())
+    return model
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM ready for inference, with what the engine needs to know about it."""
+
+    name: str
+    model: Any  # a transformers PreTrainedModel
+    tokenizer: Any  # a transformers tokenizer
+    device: torch.device
+    dtype: torch.dtype
+    eos_token_ids: frozenset[int]
+    pad_token_id: int
+    max_context: int
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        """Token ids of ``prompt`` as a user turn, with the chat template when the tokenizer
+        has one (what the model was tuned on), else the plain text."""
+        if getattr(self.tokenizer, "chat_template", None):
+            encoded = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}],
+                add_generation_prompt=True,
+                tokenize=True,
+                return_dict=True,
+            )
+            return list(encoded["input_ids"])
+        return list(self.tokenizer(prompt)["input_ids"])
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+    """Every id that ends a sequence: generation configs may list several (e.g. Llama 3)."""
+    ids: set[int] = set()
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif configured:
+        ids.update(configured)
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return frozenset(ids)
+
+
+def load_model(model: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+    """Load ``model`` (path, hub id or ``tiny-llama``) onto ``device`` in ``dtype``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(model)
+    target_device = resolve_device(device)
+    target_dtype = resolve_dtype(dtype, target_device)
+    if not Path(path).exists() and "/" not in path:
+        log.warning("model is neither a directory nor an owner/name hub id", extra={"model": path})
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    llm = AutoModelForCausalLM.from_pretrained(path, dtype=target_dtype)
+    llm.to(target_device)
+    llm.eval()
+    eos_ids = _eos_ids(llm, tokenizer)
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        # Padded positions are masked out, so any id will do; models without a pad token
+        # (most decoder-only LLMs) conventionally reuse EOS.
+        pad_id = min(eos_ids) if eos_ids else 0
+    max_context = int(getattr(llm.config, "max_position_embeddings", 0) or 4096)
+    log.info(
+        "model loaded",
+        extra={"model": path, "device": str(target_device), "dtype": str(target_dtype)},
+    )
+    return LoadedModel(
+        name=model or TINY_MODEL_NAME,
+        model=llm,
+        tokenizer=tokenizer,
+        device=target_device,
+        dtype=target_dtype,
+        eos_token_ids=eos_ids,
+        pad_token_id=pad_id,
+        max_context=max_context,
+    )
