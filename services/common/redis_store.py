@@ -18,7 +18,11 @@ REDIS_URL_ENV = "REDIS_URL"
 
 def connect(url: str) -> aioredis.Redis:
     """An asyncio client for ``url`` that returns str, not bytes."""
-    return aioredis.from_url(url, decode_responses=True, health_check_interval=30)
+    # No socket read timeout: blocking reads (XREAD BLOCK, BLPOP) legitimately wait longer
+    # than redis-py's 5 s default; the health check catches dead connections instead.
+    return aioredis.from_url(
+        url, decode_responses=True, health_check_interval=30, socket_timeout=None
+    )
 
 
 class EmbeddedRedis:

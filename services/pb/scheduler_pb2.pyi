@@ -163,16 +163,25 @@ class QueueStatsRequest(_message.Message):
     def __init__(self, llm: _Optional[str] = ...) -> None: ...
 
 class QueueStats(_message.Message):
-    __slots__ = ("llm", "queued", "running", "oldest_wait_s")
+    __slots__ = ("llm", "queued", "running", "oldest_wait_s", "counters")
+    class CountersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     LLM_FIELD_NUMBER: _ClassVar[int]
     QUEUED_FIELD_NUMBER: _ClassVar[int]
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     OLDEST_WAIT_S_FIELD_NUMBER: _ClassVar[int]
+    COUNTERS_FIELD_NUMBER: _ClassVar[int]
     llm: str
     queued: int
     running: int
     oldest_wait_s: float
-    def __init__(self, llm: _Optional[str] = ..., queued: _Optional[int] = ..., running: _Optional[int] = ..., oldest_wait_s: _Optional[float] = ...) -> None: ...
+    counters: _containers.ScalarMap[str, int]
+    def __init__(self, llm: _Optional[str] = ..., queued: _Optional[int] = ..., running: _Optional[int] = ..., oldest_wait_s: _Optional[float] = ..., counters: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class QueueStatsResponse(_message.Message):
     __slots__ = ("queues", "policy")

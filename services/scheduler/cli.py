@@ -1,7 +1,152 @@
-"""Sub-commands of the scheduler package (filled in by its owner)."""
+"""Sub-commands of the scheduler package: ``ssjf scheduler``.
+
+Only light imports here (``ssjf --help`` stays instant); the server loads inside the command.
+"""
+
+from __future__ import annotations
 
 import argparse
+import os
+
+from services.common.config import add_flag, add_option
+from services.scheduler.policies import POLICIES
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The scheduler's flags (each also an SSJF_* environment variable)."""
+    add_option(parser, "--host", default="0.0.0.0", help="interface to listen on")
+    add_option(parser, "--port", default=50051, type=int, help="gRPC port (0: any free port)")
+    add_option(
+        parser,
+        "--redis-url",
+        default=os.environ.get("REDIS_URL"),
+        help="Redis holding all scheduler state (REDIS_URL is read too); required",
+    )
+    add_option(
+        parser,
+        "--predictor",
+        default="",
+        help="predictor address host:port; empty: no predictor, fallback scores",
+    )
+    add_option(
+        parser,
+        "--predictor-timeout-ms",
+        default=200,
+        type=int,
+        help="longest wait for a prediction before queueing with the fallback score",
+    )
+    add_option(
+        parser,
+        "--policy",
+        default="ssjf",
+        choices=sorted(POLICIES),
+        help="queue order: fcfs, ssjf (predicted length) or sjf-oracle (true length)",
+    )
+    add_flag(
+        parser,
+        "--allow-oracle",
+        help="accept oracle_output_tokens (needed by the sjf-oracle experiments)",
+    )
+    add_option(
+        parser,
+        "--aging-rate",
+        default=1.0,
+        type=float,
+        help="ssjf/sjf-oracle aging: predicted tokens credited per second waited",
+    )
+    add_option(
+        parser,
+        "--max-wait-s",
+        default=300.0,
+        type=float,
+        help="a job queued longer than this is served first (0: off)",
+    )
+    add_option(
+        parser,
+        "--fallback-tokens",
+        default=256.0,
+        type=float,
+        help="predicted length assumed when the predictor cannot answer",
+    )
+    add_option(
+        parser,
+        "--lease-ttl-s",
+        default=10.0,
+        type=float,
+        help="a lease expires after this long without a worker report",
+    )
+    add_option(
+        parser,
+        "--max-attempts",
+        default=3,
+        type=int,
+        help="leases a job may get; a lease lost after that fails the job",
+    )
+    add_option(
+        parser,
+        "--max-queue-depth",
+        default=100_000,
+        type=int,
+        help="queued jobs per LLM before Submit answers RESOURCE_EXHAUSTED (0: no cap)",
+    )
+    add_option(
+        parser,
+        "--job-ttl-s",
+        default=3600,
+        type=int,
+        help="finished job records and token streams expire after this many seconds",
+    )
+    add_option(parser, "--default-llm", default="vicuna-13b", help="LLM of requests that name none")
+    add_option(
+        parser,
+        "--max-prompt-chars",
+        default=100_000,
+        type=int,
+        help="longest prompt accepted, in characters",
+    )
+    add_option(
+        parser,
+        "--completions-maxlen",
+        default=100_000,
+        type=int,
+        help="finished (prompt, llm, generated tokens) kept in ssjf:completions",
+    )
+    add_option(
+        parser,
+        "--reap-interval-s",
+        default=1.0,
+        type=float,
+        help="how often this replica looks for expired leases and missed deadlines",
+    )
+    add_option(
+        parser,
+        "--metrics-port",
+        default=0,
+        type=int,
+        help="serve Prometheus metrics on http://HOST:PORT/metrics (0: off)",
+    )
+    add_option(
+        parser,
+        "--drain-s",
+        default=10.0,
+        type=float,
+        help="on SIGTERM, how long open calls may finish before the server stops",
+    )
+
+
+def _run(args: argparse.Namespace) -> int:
+    from services.scheduler.server import run
+
+    return run(args)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add this package's sub-commands."""
+    parser = subparsers.add_parser(
+        "scheduler",
+        help="run the scheduler service (client API and worker gateway, state in Redis)",
+        description="Run one scheduler replica. Replicas are stateless: run as many as you "
+        "like on one Redis.",
+    )
+    add_arguments(parser)
+    parser.set_defaults(run=_run)

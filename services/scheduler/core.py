@@ -1,0 +1,331 @@
+"""The scheduler's domain core: validation, prediction with fallback, scoring, leases.
+
+Knows nothing of gRPC (servicer.py translates); all state lives in the JobStore (Redis), so
+this object holds only configuration and may run in any number of replicas.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import re
+import secrets
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from redis.exceptions import RedisError
+
+from services.common.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
+from services.scheduler.models import (
+    FinishReason,
+    JobEnd,
+    JobRecord,
+    JobRequest,
+    JobState,
+    LeasedJob,
+    Progress,
+    QueueStats,
+    Stop,
+    Submission,
+    Token,
+)
+from services.scheduler.policies import PRIORITY_RANGE, JobFeatures, Policy
+from services.scheduler.predictor_client import Prediction
+from services.scheduler.store import JobStore, Rejected
+
+log = logging.getLogger(__name__)
+
+# LLM names become part of Redis keys: keep them to plain characters.
+_LLM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$")
+MAX_CLIENT_REQUEST_ID_CHARS = 256
+MAX_STOP_STRINGS = 16
+MAX_LEASE_JOBS = 256
+MAX_LEASE_WAIT_MS = 60_000
+
+
+class LengthPredictor(Protocol):
+    async def predict(self, prompt: str, llm: str) -> Prediction | None: ...
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    default_llm: str = "vicuna-13b"
+    max_prompt_chars: int = 100_000
+    max_queue_depth: int = 100_000  # per LLM; 0: unbounded
+    max_wait_s: float = 300.0  # starvation guard; 0: off
+    # Predicted tokens used to score a job the predictor could not answer for: near the
+    # median, so such jobs neither jump the queue nor starve; equal fallback scores are
+    # ordered by arrival, so a predictor outage degrades the queue to FCFS.
+    fallback_tokens: float = 256.0
+    allow_oracle: bool = False
+    reap_interval_s: float = 1.0
+
+
+def new_job_id() -> str:
+    """Time-ordered (nanosecond clock in fixed-width hex, then randomness): Redis breaks score
+    ties by member, so equal scores are served in arrival order."""
+    return f"{time.time_ns():016x}{secrets.token_hex(4)}"
+
+
+class SchedulerCore:
+    def __init__(
+        self,
+        store: JobStore,
+        policy: Policy,
+        config: SchedulerConfig,
+        predictor: LengthPredictor | None,
+    ) -> None:
+        if policy.uses_oracle and not config.allow_oracle:
+            raise FailedPrecondition(
+                f"policy {policy.name!r} reads true lengths sent by clients and is for "
+                "experiments only: start the scheduler with --allow-oracle to use it"
+            )
+        self.store = store
+        self.policy = policy
+        self.config = config
+        self.predictor = predictor
+        self._stopping = asyncio.Event()
+
+    # Client side -----------------------------------------------------------------------
+
+    def _validate(self, request: JobRequest) -> str:
+        """Returns the LLM the job goes to; raises InvalidArgument for a malformed request."""
+        llm = request.llm or self.config.default_llm
+        if not _LLM_NAME.match(llm):
+            raise InvalidArgument(
+                f"llm {llm!r} is not a valid name (letters, digits and ._:/@+- only, "
+                "at most 128 characters)"
+            )
+        if not request.prompt.strip():
+            raise InvalidArgument("prompt must not be empty")
+        if len(request.prompt) > self.config.max_prompt_chars:
+            raise InvalidArgument(
+                f"prompt has {len(request.prompt)} characters, more than the "
+                f"{self.config.max_prompt_chars} allowed (--max-prompt-chars)"
+            )
+        sampling = request.sampling
+        if not math.isfinite(sampling.temperature) or sampling.temperature < 0:
+            raise InvalidArgument(
+                f"sampling.temperature must be >= 0 (0 is greedy), got {sampling.temperature}"
+            )
+        if not math.isfinite(sampling.top_p) or not 0 <= sampling.top_p <= 1:
+            raise InvalidArgument(f"sampling.top_p must be within (0, 1], got {sampling.top_p}")
+        if len(sampling.stop) > MAX_STOP_STRINGS or any(not stop for stop in sampling.stop):
+            raise InvalidArgument(
+                f"sampling.stop takes at most {MAX_STOP_STRINGS} non-empty strings"
+            )
+        low, high = PRIORITY_RANGE
+        if not low <= request.priority <= high:
+            raise InvalidArgument(
+                f"priority must be within [{low}, {high}], got {request.priority}"
+            )
+        if len(request.client_request_id) > MAX_CLIENT_REQUEST_ID_CHARS:
+            raise InvalidArgument(
+                f"client_request_id has more than {MAX_CLIENT_REQUEST_ID_CHARS} characters"
+            )
+        if request.oracle_output_tokens and not self.config.allow_oracle:
+            raise InvalidArgument(
+                "oracle_output_tokens is for sjf-oracle experiments only; this scheduler "
+                "was not started with --allow-oracle"
+            )
+        if self.policy.uses_oracle and request.oracle_output_tokens <= 0:
+            raise InvalidArgument(
+                f"policy {self.policy.name!r} needs oracle_output_tokens > 0 on every request"
+            )
+        return llm
+
+    async def submit(self, request: JobRequest) -> Submission:
+        """Validate, predict (or fall back), score and queue a job; idempotent by
+        client_request_id."""
+        if self._stopping.is_set():
+            raise Unavailable("this scheduler replica is shutting down; retry on another")
+        llm = self._validate(request)
+        if request.client_request_id:
+            earlier = await self.store.job_for_client_id(request.client_request_id)
+            if earlier is not None:
+                record = await self.store.get(earlier)
+                if record is not None:
+                    return Submission(record, deduplicated=True)
+        submitted_at = time.time()
+        prediction, fallback = await self._predict(request.prompt, llm)
+        if self.policy.uses_oracle:
+            predicted, predictor_version = float(request.oracle_output_tokens), "oracle"
+        elif prediction is not None:
+            predicted, predictor_version = prediction.output_tokens, prediction.model_version
+        else:
+            predicted, predictor_version = 0.0, ""
+        features = JobFeatures(
+            arrival_s=submitted_at,
+            # A job the predictor could not answer for is scored as a typical one.
+            predicted_tokens=self.config.fallback_tokens if fallback else predicted,
+            oracle_tokens=request.oracle_output_tokens,
+            priority=request.priority,
+        )
+        record = JobRecord(
+            job_id=new_job_id(),
+            client_request_id=request.client_request_id,
+            llm=llm,
+            state=JobState.QUEUED,
+            priority=request.priority,
+            predicted_output_tokens=predicted,
+            prediction_fallback=fallback,
+            predictor_version=predictor_version,
+            policy=self.policy.name,
+            score=self.policy.score(features),
+            sampling=request.sampling,
+            prompt=request.prompt,
+            submitted_at=submitted_at,
+            queued_at=time.time(),
+            leased_at=0.0,
+            first_token_at=0.0,
+            finished_at=0.0,
+            worker_id="",
+            attempts=0,
+            generated_tokens=0,
+            finish_reason=FinishReason.UNSPECIFIED,
+            error="",
+        )
+        deadline_at = (
+            submitted_at + request.start_timeout_ms / 1e3 if request.start_timeout_ms else 0.0
+        )
+        try:
+            job_id, deduplicated = await self.store.submit(
+                record, deadline_at=deadline_at, max_queue_depth=self.config.max_queue_depth
+            )
+        except Rejected as full:
+            raise ResourceExhausted(
+                f"the queue of {llm!r} is full ({full.depth} jobs, --max-queue-depth); retry later"
+            ) from None
+        if deduplicated:
+            earlier_record = await self.store.get(job_id)
+            if earlier_record is None:
+                raise NotFound(f"job {job_id!r} of client_request_id expired; retry")
+            return Submission(earlier_record, deduplicated=True)
+        return Submission(record, deduplicated=False)
+
+    async def _predict(self, prompt: str, llm: str) -> tuple[Prediction | None, bool]:
+        """(prediction, fallback): policies that need no prediction never ask."""
+        if not self.policy.uses_prediction:
+            return None, False
+        if self.predictor is None:
+            return None, True
+        prediction = await self.predictor.predict(prompt, llm)
+        return prediction, prediction is None
+
+    async def get_job(self, job_id: str) -> JobRecord:
+        if not job_id:
+            raise InvalidArgument("job_id must not be empty")
+        record = await self.store.get(job_id)
+        if record is None:
+            raise NotFound(f"no job {job_id!r}: unknown, or finished and expired (--job-ttl-s)")
+        return record
+
+    async def events(self, job_id: str, from_index: int = 0) -> AsyncIterator[Token | JobEnd]:
+        """A job's tokens from ``from_index`` then its end; works on any replica."""
+        await self.get_job(job_id)
+        async for event in self.store.events(job_id, from_index):
+            yield event
+
+    async def cancel(self, job_id: str) -> tuple[JobState, bool]:
+        if not job_id:
+            raise InvalidArgument("job_id must not be empty")
+        result = await self.store.cancel(job_id, time.time())
+        if result is None:
+            raise NotFound(f"no job {job_id!r}: unknown, or finished and expired (--job-ttl-s)")
+        state, cancelled = result
+        if cancelled:
+            log.info("job cancelled", extra={"job_id": job_id})
+        return state, cancelled
+
+    async def queue_stats(self, llm: str = "") -> list[QueueStats]:
+        return await self.store.stats([llm] if llm else [], time.time())
+
+    # Worker side -----------------------------------------------------------------------
+
+    async def lease(
+        self, worker_id: str, llms: list[str], max_jobs: int, wait_ms: int
+    ) -> list[LeasedJob]:
+        """Lease up to ``max_jobs`` jobs, waiting up to ``wait_ms`` for one (no polling: the
+        wait blocks on the LLMs' wake-up lists)."""
+        if not worker_id:
+            raise InvalidArgument("worker_id must not be empty")
+        if not llms:
+            raise InvalidArgument("llms must name at least one LLM the worker serves")
+        for llm in llms:
+            if not _LLM_NAME.match(llm):
+                raise InvalidArgument(f"llm {llm!r} is not a valid name")
+        if not 1 <= max_jobs <= MAX_LEASE_JOBS:
+            raise InvalidArgument(f"max_jobs must be within [1, {MAX_LEASE_JOBS}], got {max_jobs}")
+        deadline = time.monotonic() + min(wait_ms, MAX_LEASE_WAIT_MS) / 1e3
+        while not self._stopping.is_set():
+            jobs = await self.store.claim(
+                worker_id,
+                llms,
+                max_jobs=max_jobs,
+                now=time.time(),
+                max_wait_s=self.config.max_wait_s,
+            )
+            if jobs:
+                log.debug(
+                    "leased", extra={"worker_id": worker_id, "jobs": [job.job_id for job in jobs]}
+                )
+                return jobs
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not await self._wait_for_work(llms, remaining):
+                return []
+        return []
+
+    async def _wait_for_work(self, llms: list[str], timeout_s: float) -> bool:
+        """True when woken by a queued job; False on timeout or shutdown."""
+        wake = asyncio.ensure_future(self.store.wait_for_work(llms, timeout_s))
+        stop = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait({wake, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (wake, stop):
+                task.cancel()
+        return wake.done() and not wake.cancelled() and wake.result()
+
+    async def report(self, progress: list[Progress]) -> list[Stop]:
+        return await self.store.apply_progress(progress, time.time())
+
+    # Background ------------------------------------------------------------------------
+
+    async def run_reaper(self) -> None:
+        """Requeue expired leases and fail missed deadlines until stopped. Every replica runs
+        one; the reap script is atomic, so they never requeue a job twice."""
+        while not self._stopping.is_set():
+            try:
+                requeued, failed, missed = await self.store.reap(time.time())
+                if requeued or failed or missed:
+                    log.info(
+                        "reaped",
+                        extra={"requeued": requeued, "failed": failed, "deadline_missed": missed},
+                    )
+                if max(requeued + failed, missed) >= self.store.settings.reap_batch:
+                    continue  # a full batch: more may be waiting
+            except (RedisError, Unavailable) as error:
+                log.warning("reaper cannot reach redis", extra={"error": str(error)})
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wait_stopped(), self.config.reap_interval_s)
+
+    def stop(self) -> None:
+        """Stop taking work: new submissions are refused, waiting leases return empty."""
+        self._stopping.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stopping.wait()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()

@@ -1,0 +1,199 @@
+"""Domain objects of the scheduler: plain data, no gRPC, no Redis."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+class JobState(StrEnum):
+    """Stored as these names; the servicer maps them onto ssjf.v1.JobState."""
+
+    QUEUED = "QUEUED"
+    LEASED = "LEASED"
+    STREAMING = "STREAMING"
+    DONE = "DONE"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobState.DONE, JobState.FAILED, JobState.CANCELLED)
+
+
+class FinishReason(StrEnum):
+    """Stored as these names; the servicer maps them onto ssjf.v1.FinishReason."""
+
+    UNSPECIFIED = ""
+    LENGTH = "LENGTH"
+    EOS = "EOS"
+    STOP_SEQUENCE = "STOP_SEQUENCE"
+    REPLAY_LENGTH = "REPLAY_LENGTH"
+    CANCELLED = "CANCELLED"
+    ERROR = "ERROR"
+    DEADLINE = "DEADLINE"
+
+
+class StopReason(StrEnum):
+    """Why a worker must stop a job (ssjf.v1.StopJob.Reason)."""
+
+    CANCELLED = "CANCELLED"
+    LEASE_LOST = "LEASE_LOST"
+    FINISHED = "FINISHED"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How the LLM samples; zero values mean the worker's defaults (see common.proto)."""
+
+    max_new_tokens: int = 0
+    temperature: float = 0.0
+    top_p: float = 0.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    replay_output_tokens: int = 0
+
+    def to_json(self) -> str:
+        """Only the fields that differ from their defaults (usually none: ``{}``), so most
+        job records stay small. Spelled out, not dataclasses.asdict: it runs per submit."""
+        fields = {
+            name: value
+            for name, value, default in (
+                ("max_new_tokens", self.max_new_tokens, 0),
+                ("temperature", self.temperature, 0.0),
+                ("top_p", self.top_p, 0.0),
+                ("stop", self.stop, ()),
+                ("seed", self.seed, None),
+                ("replay_output_tokens", self.replay_output_tokens, 0),
+            )
+            if value != default
+        }
+        return json.dumps(fields, ensure_ascii=False, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> SamplingParams:
+        fields = json.loads(text)
+        fields["stop"] = tuple(fields.get("stop", ()))
+        return cls(**fields)
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    """A client's request, before validation."""
+
+    prompt: str
+    llm: str = ""
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    client_request_id: str = ""
+    priority: int = 0
+    oracle_output_tokens: int = 0
+    start_timeout_ms: int = 0
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """A job as kept in Redis (the ``ssjf:job:<id>`` hash)."""
+
+    job_id: str
+    client_request_id: str
+    llm: str
+    state: JobState
+    priority: int
+    predicted_output_tokens: float
+    prediction_fallback: bool
+    predictor_version: str
+    policy: str
+    score: float
+    sampling: SamplingParams
+    prompt: str
+    submitted_at: float
+    queued_at: float
+    leased_at: float
+    first_token_at: float
+    finished_at: float
+    worker_id: str
+    attempts: int
+    generated_tokens: int
+    finish_reason: FinishReason
+    error: str
+
+    @property
+    def queue_wait_s(self) -> float:
+        return self.leased_at - self.submitted_at if self.leased_at else 0.0
+
+    @property
+    def time_to_first_token_s(self) -> float:
+        return self.first_token_at - self.submitted_at if self.first_token_at else 0.0
+
+    @property
+    def completion_s(self) -> float:
+        return self.finished_at - self.submitted_at if self.finished_at else 0.0
+
+
+@dataclass(frozen=True)
+class Submission:
+    record: JobRecord
+    deduplicated: bool
+
+
+@dataclass(frozen=True)
+class Token:
+    index: int
+    text: str
+    token_id: int
+
+
+@dataclass(frozen=True)
+class JobEnd:
+    """The last event of a job's stream; carries its final record."""
+
+    record: JobRecord
+
+
+@dataclass(frozen=True)
+class LeasedJob:
+    job_id: str
+    lease_id: str
+    llm: str
+    prompt: str
+    sampling: SamplingParams
+    attempt: int
+    predicted_output_tokens: float
+    # Tokens earlier attempts already streamed: the worker resumes after them.
+    resume_token_ids: list[int]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    finish_reason: FinishReason
+    error: str = ""
+    generated_tokens: int = 0
+    prompt_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One job's part of a worker report; no tokens and no outcome is a heartbeat."""
+
+    job_id: str
+    lease_id: str
+    tokens: list[Token] = field(default_factory=list)
+    outcome: Outcome | None = None
+
+
+@dataclass(frozen=True)
+class Stop:
+    job_id: str
+    reason: StopReason
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    llm: str
+    queued: int
+    running: int
+    oldest_wait_s: float
+    counters: dict[str, int]

@@ -1,0 +1,65 @@
+"""A thin client of the predictor service, with a deadline and no retries.
+
+The scheduler never waits on a slow or absent predictor for long: after ``timeout_s`` the job
+is queued with the fallback score instead (see SchedulerCore.submit).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import grpc
+
+from services.common.grpc_server import CHANNEL_OPTIONS
+from services.pb import predictor_pb2, predictor_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    output_tokens: float
+    model_version: str
+
+
+class PredictorClient:
+    """Predicts output lengths over gRPC; returns None when the predictor cannot answer."""
+
+    def __init__(self, address: str, timeout_s: float) -> None:
+        self.address = address
+        self.timeout_s = timeout_s
+        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._stub = predictor_pb2_grpc.PredictorStub(self._channel)
+        # Logged on each change only: a predictor outage must not flood the log.
+        self._healthy = True
+
+    async def predict(self, prompt: str, llm: str) -> Prediction | None:
+        try:
+            reply = await self._stub.Predict(
+                predictor_pb2.PredictRequest(prompt=prompt, llm=llm), timeout=self.timeout_s
+            )
+        except grpc.aio.AioRpcError as error:
+            self._set_health(False, f"{error.code().name}: {error.details()}")
+            return None
+        if not math.isfinite(reply.predicted_output_tokens) or reply.predicted_output_tokens < 0:
+            self._set_health(False, f"invalid prediction {reply.predicted_output_tokens}")
+            return None
+        self._set_health(True, "")
+        return Prediction(reply.predicted_output_tokens, reply.model_version)
+
+    def _set_health(self, healthy: bool, reason: str) -> None:
+        if healthy == self._healthy:
+            return
+        self._healthy = healthy
+        if healthy:
+            log.info("predictor answering again", extra={"predictor": self.address})
+        else:
+            log.warning(
+                "predictor not answering, queueing with fallback scores",
+                extra={"predictor": self.address, "reason": reason},
+            )
+
+    async def close(self) -> None:
+        await self._channel.close()

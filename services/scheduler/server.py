@@ -1,0 +1,110 @@
+"""Runs one scheduler replica: Redis store, policy, predictor client, gRPC host, reaper."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+
+from services.common.errors import FailedPrecondition
+from services.common.grpc_server import ServiceHost
+from services.common.redis_store import connect
+from services.pb import scheduler_pb2, scheduler_pb2_grpc
+from services.scheduler.core import SchedulerConfig, SchedulerCore
+from services.scheduler.metrics import refresh_queue_metrics
+from services.scheduler.policies import make_policy
+from services.scheduler.predictor_client import PredictorClient
+from services.scheduler.servicer import SchedulerServicer, WorkerGatewayServicer
+from services.scheduler.store import JobStore, StoreSettings
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = [
+    scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name,
+    scheduler_pb2.DESCRIPTOR.services_by_name["WorkerGateway"].full_name,
+]
+
+
+async def serve(args: argparse.Namespace) -> None:
+    if not args.redis_url:
+        raise FailedPrecondition("the scheduler needs --redis-url (or REDIS_URL)")
+    if args.max_attempts < 1 or args.lease_ttl_s <= 0 or args.job_ttl_s < 1:
+        raise FailedPrecondition("--max-attempts, --lease-ttl-s and --job-ttl-s must be positive")
+    redis = connect(args.redis_url)
+    await redis.ping()
+    store = JobStore(
+        redis,
+        StoreSettings(
+            job_ttl_s=args.job_ttl_s,
+            lease_ttl_s=args.lease_ttl_s,
+            max_attempts=args.max_attempts,
+            completions_maxlen=args.completions_maxlen,
+        ),
+    )
+    predictor = (
+        PredictorClient(args.predictor, args.predictor_timeout_ms / 1e3) if args.predictor else None
+    )
+    core = SchedulerCore(
+        store,
+        make_policy(args.policy, args.aging_rate),
+        SchedulerConfig(
+            default_llm=args.default_llm,
+            max_prompt_chars=args.max_prompt_chars,
+            max_queue_depth=args.max_queue_depth,
+            max_wait_s=args.max_wait_s,
+            fallback_tokens=args.fallback_tokens,
+            allow_oracle=args.allow_oracle,
+            reap_interval_s=args.reap_interval_s,
+        ),
+        predictor,
+    )
+    scheduler = SchedulerServicer(core)
+    gateway = WorkerGatewayServicer(core)
+    host = ServiceHost(
+        "scheduler",
+        host=args.host,
+        port=args.port,
+        service_names=SERVICE_NAMES,
+        registrars=[
+            lambda server: scheduler_pb2_grpc.add_SchedulerServicer_to_server(scheduler, server),
+            lambda server: scheduler_pb2_grpc.add_WorkerGatewayServicer_to_server(gateway, server),
+        ],
+        metrics_port=args.metrics_port or None,
+    )
+    await host.start()
+    background = [asyncio.create_task(core.run_reaper())]
+    if args.metrics_port:
+        background.append(asyncio.create_task(refresh_queue_metrics(core)))
+    log.info(
+        "scheduler configured",
+        extra={
+            "policy": args.policy,
+            "aging_rate": args.aging_rate,
+            "max_wait_s": args.max_wait_s,
+            "predictor": args.predictor or None,
+            "lease_ttl_s": args.lease_ttl_s,
+            "max_attempts": args.max_attempts,
+        },
+    )
+    await host.set_ready()
+
+    async def drain() -> None:
+        # Refuse new submissions, release waiting leases, stop the reaper (the other
+        # replicas' reapers carry on); streams end with the server and clients resume
+        # elsewhere with Stream.
+        core.stop()
+        await asyncio.gather(*background)
+
+    try:
+        await host.serve_until_signal(drain=drain, grace_s=args.drain_s)
+    finally:
+        for task in background:
+            task.cancel()
+        if predictor is not None:
+            await predictor.close()
+        await redis.aclose()
+
+
+def run(args: argparse.Namespace) -> int:
+    asyncio.run(serve(args))
+    return 0

@@ -1,0 +1,527 @@
+"""The job store: every piece of scheduler state, in Redis, changed by atomic Lua scripts.
+
+Redis layout (``ssjf:`` prefix; see docs/scheduler.md):
+
+* ``job:<id>``          hash, the job record (JobRecord fields plus lease and index fields)
+* ``events:<id>``       stream, the job's token batches then an ``end`` marker
+* ``idem:<client id>``  string -> job id (idempotent submission)
+* ``queue:<llm>``       sorted set, job id by policy score (lower first)
+* ``arrivals:<llm>``    sorted set, job id by submission time (the max-wait guard)
+* ``running:<llm>``     set, leased job ids
+* ``notify:<llm>``      list, one wake-up per queued job for workers blocked in BLPOP
+* ``leases``            sorted set, leased job id by lease expiry (the reaper's index)
+* ``deadlines``         sorted set, never-started job id by start deadline
+* ``metrics:<llm>``     hash, counters (submitted, prediction_fallback, completed, ...)
+* ``llms``              set, LLM names that have had a queue
+* ``completions``       capped stream: (prompt, llm, generated_tokens) of finished jobs
+
+Each state change is one script (lua/*.lua, sharing lua/lib.lua), so any number of
+scheduler replicas can share one Redis: a job is claimed, renewed, requeued or finished
+exactly once whoever races for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from services.common.errors import Unavailable
+from services.scheduler.models import (
+    FinishReason,
+    JobEnd,
+    JobRecord,
+    JobState,
+    LeasedJob,
+    Progress,
+    QueueStats,
+    SamplingParams,
+    Stop,
+    StopReason,
+    Token,
+)
+
+PREFIX = "ssjf:"
+LLMS_KEY = PREFIX + "llms"
+_LUA_DIR = Path(__file__).with_name("lua")
+_STREAM_READ_COUNT = 512
+_Method = TypeVar("_Method", bound=Callable[..., Awaitable[Any]])
+
+
+def job_key(job_id: str) -> str:
+    return f"{PREFIX}job:{job_id}"
+
+
+def events_key(job_id: str) -> str:
+    return f"{PREFIX}events:{job_id}"
+
+
+def idempotency_key(client_request_id: str) -> str:
+    return f"{PREFIX}idem:{client_request_id}"
+
+
+def queue_key(llm: str) -> str:
+    return f"{PREFIX}queue:{llm}"
+
+
+def arrivals_key(llm: str) -> str:
+    return f"{PREFIX}arrivals:{llm}"
+
+
+def running_key(llm: str) -> str:
+    return f"{PREFIX}running:{llm}"
+
+
+def notify_key(llm: str) -> str:
+    return f"{PREFIX}notify:{llm}"
+
+
+def metrics_key(llm: str) -> str:
+    return f"{PREFIX}metrics:{llm}"
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    job_ttl_s: int  # finished records, streams and idempotency keys expire after this
+    lease_ttl_s: float  # a lease not renewed within this is expired
+    max_attempts: int  # leases a job may get before a lost lease fails it
+    completions_maxlen: int  # approximate cap of the ssjf:completions stream
+    reap_batch: int = 256  # expired leases handled per reaper script call
+
+
+class Rejected(Exception):
+    """The queue was full; ``depth`` is what it held."""
+
+    def __init__(self, depth: int) -> None:
+        super().__init__(depth)
+        self.depth = depth
+
+
+_STOP_FOR_STATUS = {
+    "cancelled": StopReason.CANCELLED,
+    "finished": StopReason.FINISHED,
+    "gap": StopReason.FINISHED,
+    "lost": StopReason.LEASE_LOST,
+}
+
+
+def _unavailable_without_redis(method: _Method) -> _Method:
+    """Report a lost Redis connection as the domain's Unavailable (gRPC UNAVAILABLE: retry),
+    not as an unexpected error."""
+
+    @functools.wraps(method)
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await method(*args, **kwargs)
+        except (RedisConnectionError, RedisTimeoutError) as error:
+            raise Unavailable(f"Redis is unreachable ({error}); retry shortly") from error
+
+    return wrapper  # type: ignore[return-value]
+
+
+class BatchedScript:
+    """One Lua script whose concurrent calls share pipelined round trips.
+
+    A call made while no round trip is in flight goes at once, by itself; calls made while
+    one is in flight queue up and go together in the next one. Under load, one send and one
+    read carry dozens of scripts (each still atomic on its own: Redis runs every script to
+    completion before the next), so batching changes no outcome, only syscalls per call.
+    """
+
+    def __init__(self, redis: aioredis.Redis, name: str) -> None:
+        library = (_LUA_DIR / "lib.lua").read_text()
+        self._redis = redis
+        self._script = redis.register_script(
+            library + "\n" + (_LUA_DIR / f"{name}.lua").read_text()
+        )
+        self._busy = False  # a round trip is in flight
+        self._pending: list[tuple[list[Any], asyncio.Future[Any]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def __call__(self, args: list[Any]) -> Any:
+        if self._busy:
+            future = asyncio.get_running_loop().create_future()
+            self._pending.append((args, future))
+            return await future
+        self._busy = True
+        try:
+            [reply] = await self.run_many([args])
+        finally:
+            self._next_round_trip()
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+
+    def _next_round_trip(self) -> None:
+        if self._pending:
+            self._flusher = asyncio.create_task(self._flush())  # stays busy
+        else:
+            self._busy = False
+            self._flusher = None
+
+    async def _flush(self) -> None:
+        batch, self._pending = self._pending, []
+        try:
+            replies = await self.run_many([args for args, _ in batch])
+        except Exception as error:  # handed to every caller of the batch
+            replies = [error] * len(batch)
+        finally:
+            self._next_round_trip()
+        for (_, future), reply in zip(batch, replies, strict=True):
+            if future.done():
+                continue  # the caller was cancelled
+            if isinstance(reply, Exception):
+                future.set_exception(reply)
+            else:
+                future.set_result(reply)
+
+    async def run_many(self, calls: list[list[Any]]) -> list[Any]:
+        """Run the script once per argument list, in one pipelined round trip; a failed call
+        gives its exception in place of its reply."""
+        if len(calls) == 1:
+            try:
+                return [await self._script(args=calls[0])]
+            except ResponseError as error:
+                return [error]
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for args in calls:
+                pipe.evalsha(self._script.sha, 0, *args)
+            replies = await pipe.execute(raise_on_error=False)
+        if any(isinstance(reply, NoScriptError) for reply in replies):
+            # Redis restarted or flushed its script cache: load and run these again.
+            await self._redis.script_load(self._script.script)
+            replies = [
+                await self._script(args=args) if isinstance(reply, NoScriptError) else reply
+                for args, reply in zip(calls, replies, strict=True)
+            ]
+        return replies
+
+
+def _record_json(record: JobRecord, deadline_at: float) -> str:
+    """The record's hash fields as one JSON object of strings (Lua's cjson would round
+    numbers to 14 digits: strings keep every digit of a timestamp)."""
+    return json.dumps(
+        {
+            "job_id": record.job_id,
+            "client_request_id": record.client_request_id,
+            "llm": record.llm,
+            "state": record.state.value,
+            "priority": str(record.priority),
+            "predicted_output_tokens": repr(record.predicted_output_tokens),
+            "prediction_fallback": "1" if record.prediction_fallback else "0",
+            "predictor_version": record.predictor_version,
+            "policy": record.policy,
+            "score": repr(record.score),
+            "sampling": record.sampling.to_json(),
+            "prompt": record.prompt,
+            "submitted_at": repr(record.submitted_at),
+            "queued_at": repr(record.queued_at),
+            "leased_at": "0",
+            "first_token_at": "0",
+            "finished_at": "0",
+            "worker_id": "",
+            "attempts": "0",
+            "generated_tokens": "0",
+            "next_index": "0",
+            "finish_reason": "",
+            "error": "",
+            "deadline_at": repr(deadline_at),
+            "lease_id": "",
+            "lease_expires_at": "0",
+        },
+        ensure_ascii=False,
+    )
+
+
+def _parse_record(fields: dict[str, str]) -> JobRecord:
+    return JobRecord(
+        job_id=fields["job_id"],
+        client_request_id=fields["client_request_id"],
+        llm=fields["llm"],
+        state=JobState(fields["state"]),
+        priority=int(fields["priority"]),
+        predicted_output_tokens=float(fields["predicted_output_tokens"]),
+        prediction_fallback=fields["prediction_fallback"] == "1",
+        predictor_version=fields["predictor_version"],
+        policy=fields["policy"],
+        score=float(fields["score"]),
+        sampling=SamplingParams.from_json(fields["sampling"]),
+        prompt=fields["prompt"],
+        submitted_at=float(fields["submitted_at"]),
+        queued_at=float(fields["queued_at"]),
+        leased_at=float(fields["leased_at"]),
+        first_token_at=float(fields["first_token_at"]),
+        finished_at=float(fields["finished_at"]),
+        worker_id=fields["worker_id"],
+        attempts=int(fields["attempts"]),
+        generated_tokens=int(fields["generated_tokens"]),
+        finish_reason=FinishReason(fields["finish_reason"]),
+        error=fields["error"],
+    )
+
+
+def _submit_args(record: JobRecord, deadline_at: float, max_queue_depth: int) -> list:
+    return [
+        record.job_id,
+        record.client_request_id,
+        record.llm,
+        repr(record.score),
+        repr(record.submitted_at),
+        repr(deadline_at),
+        max_queue_depth,
+        int(record.prediction_fallback),
+        _record_json(record, deadline_at),
+    ]
+
+
+def _submit_result(reply: list[str]) -> tuple[str, bool]:
+    status, value = reply
+    if status == "full":
+        raise Rejected(int(value))
+    return value, status == "dup"
+
+
+class JobStore:
+    """Jobs, queues and leases in Redis; every method is one or two round trips."""
+
+    def __init__(self, redis: aioredis.Redis, settings: StoreSettings) -> None:
+        self.redis = redis
+        self.settings = settings
+        self._submit = BatchedScript(redis, "submit")
+        self._claim = BatchedScript(redis, "claim")
+        self._progress = BatchedScript(redis, "progress")
+        self._cancel = BatchedScript(redis, "cancel")
+        self._reap = BatchedScript(redis, "reap")
+
+    @_unavailable_without_redis
+    async def submit(
+        self, record: JobRecord, *, deadline_at: float, max_queue_depth: int
+    ) -> tuple[str, bool]:
+        """Queue ``record`` at its score. Returns (job_id, deduplicated): an earlier job's id
+        when its client_request_id was seen. Raises Rejected when the queue is full."""
+        reply = await self._submit(_submit_args(record, deadline_at, max_queue_depth))
+        return _submit_result(reply)
+
+    @_unavailable_without_redis
+    async def submit_many(
+        self, records: list[JobRecord], *, max_queue_depth: int
+    ) -> list[tuple[str, bool] | Exception]:
+        """``submit`` for many jobs in one pipelined round trip (bulk loads, benchmarks);
+        each job is still its own atomic script. No start deadlines. A full queue gives a
+        Rejected in that job's place."""
+        replies = await self._submit.run_many(
+            [_submit_args(record, 0.0, max_queue_depth) for record in records]
+        )
+        results: list[tuple[str, bool] | Exception] = []
+        for reply in replies:
+            try:
+                results.append(reply if isinstance(reply, Exception) else _submit_result(reply))
+            except Rejected as full:
+                results.append(full)
+        return results
+
+    @_unavailable_without_redis
+    async def job_for_client_id(self, client_request_id: str) -> str | None:
+        return await self.redis.get(idempotency_key(client_request_id))
+
+    @_unavailable_without_redis
+    async def get(self, job_id: str) -> JobRecord | None:
+        fields = await self.redis.hgetall(job_key(job_id))
+        return _parse_record(fields) if fields else None
+
+    @_unavailable_without_redis
+    async def claim(
+        self,
+        worker_id: str,
+        llms: list[str],
+        *,
+        max_jobs: int,
+        now: float,
+        max_wait_s: float,
+    ) -> list[LeasedJob]:
+        """Atomically lease up to ``max_jobs`` of the best queued jobs of ``llms``."""
+        lease_prefix = secrets.token_hex(6)
+        rows = await self._claim(
+            [
+                worker_id,
+                lease_prefix,
+                repr(now),
+                self.settings.lease_ttl_s,
+                max_jobs,
+                max_wait_s,
+                self.settings.job_ttl_s,
+                *llms,
+            ]
+        )
+        resumed = [row[0] for row in rows if int(row[7]) > 0]
+        resume_ids = await self._token_ids(resumed) if resumed else {}
+        return [
+            LeasedJob(
+                job_id=job_id,
+                lease_id=lease_id,
+                llm=llm,
+                prompt=prompt,
+                sampling=SamplingParams.from_json(sampling),
+                attempt=int(attempt),
+                predicted_output_tokens=float(predicted),
+                resume_token_ids=resume_ids.get(job_id, []),
+            )
+            for job_id, lease_id, attempt, llm, prompt, sampling, predicted, _ in rows
+        ]
+
+    async def _token_ids(self, job_ids: list[str]) -> dict[str, list[int]]:
+        """Token ids already streamed for each job (what a resuming worker must skip)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.xrange(events_key(job_id))
+            streams = await pipe.execute()
+        token_ids: dict[str, list[int]] = {}
+        for job_id, entries in zip(job_ids, streams, strict=True):
+            ids: list[int] = []
+            for _, fields in entries:
+                if fields["k"] == "tokens":
+                    ids += [int(token_id) for token_id in fields["ids"].split(",")]
+            token_ids[job_id] = ids
+        return token_ids
+
+    @_unavailable_without_redis
+    async def wait_for_work(self, llms: list[str], timeout_s: float) -> bool:
+        """Block until a job is queued for one of ``llms`` (True) or the timeout (False).
+
+        A wake-up may be stale (another worker took the job): callers claim and wait again.
+        """
+        # Redis reads a timeout that rounds to 0 ms as "block forever": never send one.
+        timeout = max(0.001, round(timeout_s, 3))
+        reply = await self.redis.blpop([notify_key(llm) for llm in llms], timeout=timeout)
+        return reply is not None
+
+    @_unavailable_without_redis
+    async def apply_progress(self, progress: list[Progress], now: float) -> list[Stop]:
+        """Apply a worker report; returns the jobs the worker must stop."""
+        if not progress:
+            return []
+        args: list[str | int | float] = [
+            repr(now),
+            self.settings.lease_ttl_s,
+            self.settings.job_ttl_s,
+            self.settings.completions_maxlen,
+        ]
+        for item in progress:
+            tokens = item.tokens
+            outcome = item.outcome
+            args += [
+                item.job_id,
+                item.lease_id,
+                tokens[0].index if tokens else 0,
+                len(tokens),
+                ",".join(str(token.token_id) for token in tokens),
+                json.dumps([token.text for token in tokens], ensure_ascii=False),
+            ]
+            if outcome is None:
+                args += ["", "", 0, 0, 0]
+            else:
+                args += [
+                    outcome.finish_reason.value or FinishReason.ERROR.value,
+                    outcome.error,
+                    outcome.prompt_tokens,
+                    repr(outcome.prefill_s),
+                    repr(outcome.decode_s),
+                ]
+        statuses = await self._progress(args)
+        return [
+            Stop(item.job_id, _STOP_FOR_STATUS[status])
+            for item, status in zip(progress, statuses, strict=True)
+            if status in _STOP_FOR_STATUS
+        ]
+
+    @_unavailable_without_redis
+    async def cancel(self, job_id: str, now: float) -> tuple[JobState, bool] | None:
+        """Cancel a live job. Returns (state after, cancelled by this call), None if unknown."""
+        reply = await self._cancel([job_id, repr(now), self.settings.job_ttl_s])
+        if not reply:
+            return None
+        return JobState(reply[0]), reply[1] == 1
+
+    @_unavailable_without_redis
+    async def reap(self, now: float) -> tuple[int, int, int]:
+        """Requeue or fail jobs whose lease expired; fail queued jobs past their deadline.
+        Returns (requeued, failed, deadline_missed)."""
+        requeued, failed, missed = await self._reap(
+            [
+                repr(now),
+                self.settings.max_attempts,
+                self.settings.job_ttl_s,
+                self.settings.reap_batch,
+            ]
+        )
+        return requeued, failed, missed
+
+    async def events(
+        self, job_id: str, from_index: int, block_ms: int = 5000
+    ) -> AsyncIterator[Token | JobEnd]:
+        """A job's tokens from ``from_index``, stored ones first, then live ones as workers
+        report them (from any replica), then its JobEnd. Ends early if the record expires."""
+        stream = events_key(job_id)
+        last_entry = "0-0"
+        while True:
+            try:
+                reply = await self.redis.xread(
+                    {stream: last_entry}, count=_STREAM_READ_COUNT, block=block_ms
+                )
+            except (RedisConnectionError, RedisTimeoutError) as error:
+                raise Unavailable(
+                    f"Redis is unreachable ({error}); resume with Stream(job_id, from_index)"
+                ) from error
+            if not reply:
+                if not await self.redis.exists(job_key(job_id)):
+                    return
+                continue
+            for entry_id, fields in reply[0][1]:
+                last_entry = entry_id
+                if fields["k"] == "end":
+                    record = await self.get(job_id)
+                    if record is not None:
+                        yield JobEnd(record)
+                    return
+                first = int(fields["i"])
+                texts = json.loads(fields["t"])
+                for offset, (token_id, text) in enumerate(
+                    zip(fields["ids"].split(","), texts, strict=True)
+                ):
+                    if first + offset >= from_index:
+                        yield Token(first + offset, text, int(token_id))
+
+    @_unavailable_without_redis
+    async def stats(self, llms: list[str], now: float) -> list[QueueStats]:
+        """Depth, running count, oldest wait and counters per LLM (every known LLM if none)."""
+        names = llms or sorted(await self.redis.smembers(LLMS_KEY))
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for llm in names:
+                pipe.zcard(queue_key(llm))
+                pipe.scard(running_key(llm))
+                pipe.zrange(arrivals_key(llm), 0, 0, withscores=True)
+                pipe.hgetall(metrics_key(llm))
+            replies = await pipe.execute()
+        stats = []
+        for position, llm in enumerate(names):
+            queued, running, oldest, counters = replies[4 * position : 4 * position + 4]
+            stats.append(
+                QueueStats(
+                    llm=llm,
+                    queued=queued,
+                    running=running,
+                    oldest_wait_s=max(0.0, now - oldest[0][1]) if oldest else 0.0,
+                    counters={name: int(value) for name, value in counters.items()},
+                )
+            )
+        return stats
