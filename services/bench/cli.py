@@ -1,7 +1,297 @@
-"""Sub-commands of the bench package (filled in by its owner)."""
+"""``ssjf bench`` (the policy grid on the real stack) and ``ssjf simulate`` (the same grid in
+a discrete-event simulator, at scales this machine cannot serve)."""
+
+from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+from services.common.config import add_option
+
+POLICIES = ["fcfs", "ssjf", "sjf-oracle"]
+BATCHINGS = ["none", "dynamic", "continuous"]
+ARRIVALS = ["poisson", "azure-conversation", "azure-code"]
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data"
+
+
+def _names(allowed: list[str]):
+    def parse(text: str) -> list[str]:
+        names = [name.strip() for name in text.split(",") if name.strip()]
+        unknown = [name for name in names if name not in allowed]
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(
+                f"unknown {', '.join(unknown) or 'empty list'}; choose from {', '.join(allowed)}"
+            )
+        return names
+
+    return parse
+
+
+def _loads(text: str) -> list[float]:
+    try:
+        loads = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"loads must be numbers, got {text!r}") from None
+    if not loads or any(load <= 0 for load in loads):
+        raise argparse.ArgumentTypeError("loads must be positive, e.g. 0.5,0.9")
+    return loads
+
+
+def _add_workload_options(parser: argparse.ArgumentParser, out_default: str) -> None:
+    add_option(
+        parser,
+        "--out",
+        type=Path,
+        default=Path(out_default),
+        help="directory for summary.json, per-job files and plots",
+    )
+    add_option(
+        parser,
+        "--policies",
+        type=_names(POLICIES),
+        default=POLICIES,
+        help="comma-separated scheduling policies",
+    )
+    add_option(
+        parser,
+        "--batching",
+        type=_names(BATCHINGS),
+        default=BATCHINGS,
+        help="comma-separated worker batching modes",
+    )
+    add_option(
+        parser,
+        "--loads",
+        type=_loads,
+        default=[0.5, 0.9],
+        help="comma-separated loads: arrival rate / FCFS capacity of the batching mode",
+    )
+    add_option(
+        parser,
+        "--llm",
+        default="vicuna-13b",
+        help="LLM whose real answer lengths are replayed (and served as)",
+    )
+    add_option(
+        parser,
+        "--length-scale",
+        type=float,
+        default=16.0,
+        help="replayed length = the LLM's real length / this (at least 1 token)",
+    )
+    add_option(parser, "--max-batch-size", type=int, default=4, help="sequences per batch")
+    add_option(
+        parser,
+        "--arrivals",
+        default="poisson",
+        choices=ARRIVALS,
+        help="arrival process: Poisson, or an Azure trace's timestamps rescaled",
+    )
+    add_option(parser, "--seed", type=int, default=0, help="seed of prompts and arrivals")
+    add_option(
+        parser,
+        "--aging-rate",
+        type=float,
+        default=0.0,
+        help="scheduler aging, predicted tokens per second waited",
+    )
+    add_option(
+        parser,
+        "--max-wait-s",
+        type=float,
+        default=0.0,
+        help="starvation guard: a job waiting longer goes first (0: off)",
+    )
+    add_option(
+        parser,
+        "--data",
+        type=Path,
+        default=DEFAULT_DATA if DEFAULT_DATA.is_dir() else None,
+        help="shared data directory (alpaca_eval/, azure_llm_2023/); unset: the "
+        "slices vendored in bench/workloads",
+    )
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add this package's sub-commands."""
+    bench = subparsers.add_parser(
+        "bench",
+        help="measure FCFS vs SSJF vs oracle SJF on the real stack",
+        description=(
+            "Replay AlpacaEval prompts with one LLM's real answer lengths against the real "
+            "stack, open loop (Poisson or Azure-trace arrivals at a target load), for each "
+            "policy, batching mode and load. Starts a stack per (policy, batching) unless "
+            "--server is given. Writes summary.json, per-job JSONL and PNG plots to --out."
+        ),
+    )
+    _add_workload_options(bench, "bench/results")
+    add_option(bench, "--requests", type=int, default=150, help="requests per run")
+    add_option(
+        bench,
+        "--duration-s",
+        type=float,
+        help="instead of --requests: each run sends this many seconds of arrivals",
+    )
+    add_option(
+        bench,
+        "--rounds",
+        type=int,
+        default=1,
+        help="split each run into this many rounds (seeds seed, seed+1, ...), the policies "
+        "taking turns round by round, so a shared machine's drift hits all alike",
+    )
+    add_option(bench, "--workers", type=int, default=1, help="worker processes per stack")
+    add_option(
+        bench,
+        "--server",
+        help="scheduler HOST:PORT of a running stack (one policy and batching mode, "
+        "which must match --policies/--batching); unset: start stacks",
+    )
+    add_option(bench, "--timeout-s", type=float, default=600.0, help="per-request timeout")
+    bench.add_argument(
+        "--export-workload",
+        action="store_true",
+        help="write --llm's held-out prompts and lengths from --data to "
+        "bench/workloads/alpaca_<llm>.jsonl (the vendored slice) and exit",
+    )
+    bench.set_defaults(run=_run_bench)
+
+    simulate = subparsers.add_parser(
+        "simulate",
+        help="the same grid in a discrete-event simulator (many workers, millions of jobs)",
+        description=(
+            "Simulate the scheduler's own queue and policies with workers following the "
+            "latency model ssjf bench fitted to the real worker. SSJF's scores are the proxy "
+            "model's predictions (its ONNX artifact) or noisy true lengths."
+        ),
+    )
+    _add_workload_options(simulate, "bench/results/simulated")
+    add_option(simulate, "--requests", type=int, default=100_000, help="jobs per run")
+    add_option(simulate, "--workers", type=int, default=1, help="simulated workers")
+    add_option(
+        simulate,
+        "--latency-dir",
+        type=Path,
+        default=Path("bench/results"),
+        help="directory with latency_<batching>.json from ssjf bench (falls back to "
+        "the models shipped in bench/workloads)",
+    )
+    add_option(
+        simulate,
+        "--predictor-artifact",
+        type=Path,
+        help="proxy model artifact scoring SSJF (default: the predictor's default artifact)",
+    )
+    add_option(
+        simulate,
+        "--prediction-noise",
+        type=float,
+        default=0.0,
+        help="> 0: score SSJF by true length x exp(N(0, this)) instead of the proxy model",
+    )
+    add_option(
+        simulate,
+        "--validate",
+        type=Path,
+        help="instead of the grid: replay every run of this ssjf bench output (e.g. "
+        "bench/results) in the simulator and compare mean JCT with the measured one",
+    )
+    simulate.set_defaults(run=_run_simulate)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    import signal
+    import sys
+
+    from services.bench import report
+    from services.bench.runner import BenchConfig, run_bench
+
+    # SIGTERM unwinds like Ctrl-C, so the stacks this command started are stopped, not
+    # orphaned.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+    if args.export_workload:
+        return _export_workload(args)
+    if args.server and (len(args.policies) > 1 or len(args.batching) > 1):
+        print("--server runs one stack: give exactly one --policies and one --batching")
+        return 2
+    config = BenchConfig(
+        out_dir=args.out,
+        policies=args.policies,
+        batchings=args.batching,
+        loads=args.loads,
+        requests=args.requests,
+        duration_s=args.duration_s,
+        rounds=args.rounds,
+        length_scale=args.length_scale,
+        llm=args.llm,
+        max_batch_size=args.max_batch_size,
+        workers=args.workers,
+        arrivals=args.arrivals,
+        seed=args.seed,
+        aging_rate=args.aging_rate,
+        max_wait_s=args.max_wait_s,
+        data_dir=args.data,
+        server=args.server,
+        timeout_s=args.timeout_s,
+    )
+    result = run_bench(config)
+    print(report.format_table(result["runs"]))
+    print("\nThe simulator replaying each run (ssjf simulate --validate):")
+    print(report.format_validation(result["runs"]))
+    print(f"\nwrote {args.out}/summary.json, jct_cdf.png, mean_jct_vs_load.png")
+    return 0 if all(run.get("failed", 0) == 0 for run in result["runs"]) else 1
+
+
+def _export_workload(args: argparse.Namespace) -> int:
+    from services.bench.workload import load_from_data, vendored_workload_path, write_workload_slice
+
+    if args.data is None:
+        print("--export-workload needs --data (the shared data directory)")
+        return 2
+    path = vendored_workload_path(args.llm)
+    items = load_from_data(args.data, args.llm)
+    write_workload_slice(items, path)
+    print(f"wrote {len(items)} prompts with {args.llm}'s lengths to {path}")
+    return 0
+
+
+def _run_simulate(args: argparse.Namespace) -> int:
+    from services.bench import report
+    from services.bench.simulate import SimulateConfig, run_simulations
+
+    if args.validate is not None:
+        from services.bench.runner import revalidate
+
+        print(report.format_validation(revalidate(args.validate)))
+        print(f"\nupdated {args.validate}/summary.json")
+        return 0
+
+    config = SimulateConfig(
+        out_dir=args.out,
+        policies=args.policies,
+        batchings=args.batching,
+        loads=args.loads,
+        requests=args.requests,
+        workers=args.workers,
+        max_batch_size=args.max_batch_size,
+        length_scale=args.length_scale,
+        llm=args.llm,
+        latency_dir=args.latency_dir,
+        predictor_artifact=args.predictor_artifact,
+        prediction_noise=args.prediction_noise,
+        arrivals=args.arrivals,
+        seed=args.seed,
+        aging_rate=args.aging_rate,
+        max_wait_s=args.max_wait_s,
+        data_dir=args.data,
+    )
+    result = run_simulations(config)
+    print(report.format_table(result["runs"]))
+    print("\nThroughput with every job queued at once (jobs/s):")
+    for batching, by_policy in result["saturated_throughput_rps"].items():
+        cells = ", ".join(f"{policy} {rps:.2f}" for policy, rps in by_policy.items())
+        print(f"  {batching:<10} {cells}")
+    print(f"\nSSJF scores: {result['ssjf_scores']}")
+    print(f"wrote {args.out}/summary.json, jct_cdf.png, mean_jct_vs_load.png")
+    return 0

@@ -68,3 +68,18 @@ def add_flag(
         default=_parse_bool(raw) if raw is not None else False,
         help=f"{help} [env {variable}]",
     )
+
+
+def add_server_options(parser: argparse.ArgumentParser, *, default_port: int, what: str) -> None:
+    """--host, --port and --metrics-port, the same for every SSJF server."""
+    add_option(parser, "--host", default="0.0.0.0", help=f"interface the {what} listens on")
+    add_option(
+        parser, "--port", type=int, default=default_port, help=f"{what} gRPC port (0: any free)"
+    )
+    add_option(
+        parser,
+        "--metrics-port",
+        type=int,
+        default=0,
+        help="serve Prometheus metrics on http://HOST:PORT/metrics (0: off)",
+    )

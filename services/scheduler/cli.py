@@ -8,14 +8,13 @@ from __future__ import annotations
 import argparse
 import os
 
-from services.common.config import add_flag, add_option
+from services.common.config import add_flag, add_option, add_server_options
 from services.scheduler.policies import POLICIES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The scheduler's flags (each also an SSJF_* environment variable)."""
-    add_option(parser, "--host", default="0.0.0.0", help="interface to listen on")
-    add_option(parser, "--port", default=50051, type=int, help="gRPC port (0: any free port)")
+    add_server_options(parser, default_port=50051, what="scheduler")
     add_option(
         parser,
         "--redis-url",
@@ -117,13 +116,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=1.0,
         type=float,
         help="how often this replica looks for expired leases and missed deadlines",
-    )
-    add_option(
-        parser,
-        "--metrics-port",
-        default=0,
-        type=int,
-        help="serve Prometheus metrics on http://HOST:PORT/metrics (0: off)",
     )
     add_option(
         parser,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from services.common.config import add_option
+from services.common.config import add_option, add_server_options
 
 BATCHING_MODES = ["none", "dynamic", "continuous"]
 
@@ -76,13 +76,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=256,
         help="answer length cap for jobs that do not set max_new_tokens",
     )
-    add_option(worker, "--host", default="0.0.0.0", help="address the worker's gRPC server binds")
-    add_option(
-        worker,
-        "--port",
-        type=int,
-        default=50053,
-        help="port of the worker's own gRPC server (health, reflection, Worker)",
+    add_server_options(
+        worker, default_port=50053, what="worker's own server (health, reflection, Worker)"
     )
     add_option(
         worker,

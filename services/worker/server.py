@@ -61,6 +61,7 @@ async def serve(args: argparse.Namespace) -> None:
         port=args.port,
         service_names=[WORKER_SERVICE],
         registrars=[lambda server: worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)],
+        metrics_port=args.metrics_port or None,
     )
     await host.start()
     model = await asyncio.to_thread(load_model, args.model, args.device, args.dtype)

@@ -1,0 +1,151 @@
+"""An open-loop gRPC load generator: requests go out at their arrival times, whatever the
+server's state, and each one's completion time is measured on the client.
+
+Open loop matters: a closed loop (send the next request when one finishes) never builds a
+queue, and without a queue every scheduling policy is the same. Each request is one
+``Scheduler.Generate`` stream; the client times submission, first token and last event, and
+keeps the server's own ``JobSummary`` timings beside them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import grpc
+
+from services.bench.workload import Request
+from services.common.grpc_server import CHANNEL_OPTIONS
+from services.pb import common_pb2, scheduler_pb2, scheduler_pb2_grpc
+
+
+@dataclass
+class RequestResult:
+    """What one request saw. Times are seconds from the start of the run, measured here."""
+
+    index: int
+    prompt_id: int
+    output_tokens: int
+    true_output_tokens: int
+    arrival_s: float  # when it was due
+    submitted_s: float  # when it was sent
+    first_token_s: float = math.nan
+    finished_s: float = math.nan
+    tokens: int = 0
+    state: str = ""
+    finish_reason: str = ""
+    error: str = ""
+    predicted_output_tokens: float = math.nan
+    prediction_fallback: bool = False
+    # The server's JobSummary.
+    server_queue_wait_s: float = math.nan
+    server_ttft_s: float = math.nan
+    server_completion_s: float = math.nan
+    attempts: int = 0
+    # Which round of its run (``ssjf bench --rounds``) the request belonged to.
+    round: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.state == "JOB_STATE_DONE"
+
+    @property
+    def jct_s(self) -> float:
+        return self.finished_s - self.submitted_s
+
+    @property
+    def ttft_s(self) -> float:
+        return self.first_token_s - self.submitted_s
+
+    def to_dict(self) -> dict[str, object]:
+        return {**asdict(self), "jct_s": self.jct_s, "ttft_s": self.ttft_s}
+
+
+def generate_request(
+    request: Request, llm: str, oracle: bool, run_id: str
+) -> scheduler_pb2.GenerateRequest:
+    """The Generate call replaying ``request``: exactly its number of tokens, greedy."""
+    return scheduler_pb2.GenerateRequest(
+        client_request_id=f"{run_id}-{request.index}",
+        llm=llm,
+        prompt=request.prompt,
+        sampling=common_pb2.SamplingParams(replay_output_tokens=request.output_tokens),
+        # Only the oracle policy may see the true length; the scheduler refuses it otherwise.
+        oracle_output_tokens=request.output_tokens if oracle else 0,
+    )
+
+
+async def _one_request(
+    stub: scheduler_pb2_grpc.SchedulerStub,
+    call: scheduler_pb2.GenerateRequest,
+    result: RequestResult,
+    clock: Callable[[], float],
+    timeout_s: float,
+) -> RequestResult:
+    try:
+        async for event in stub.Generate(call, timeout=timeout_s):
+            kind = event.WhichOneof("event")
+            if kind == "token":
+                if result.tokens == 0:
+                    result.first_token_s = clock()
+                result.tokens += 1
+            elif kind == "accepted":
+                result.predicted_output_tokens = event.accepted.predicted_output_tokens
+                result.prediction_fallback = event.accepted.prediction_fallback
+            elif kind == "summary":
+                result.finished_s = clock()
+                summary = event.summary
+                result.state = common_pb2.JobState.Name(summary.state)
+                result.finish_reason = common_pb2.FinishReason.Name(summary.finish_reason)
+                result.error = summary.error
+                result.server_queue_wait_s = summary.queue_wait_s
+                result.server_ttft_s = summary.time_to_first_token_s
+                result.server_completion_s = summary.completion_s
+                result.attempts = summary.attempts
+    except grpc.aio.AioRpcError as error:
+        result.finished_s = clock()
+        result.state = "RPC_ERROR"
+        result.error = f"{error.code().name}: {error.details()}"
+    return result
+
+
+async def run_open_loop(
+    address: str,
+    requests: Sequence[Request],
+    llm: str,
+    oracle: bool = False,
+    timeout_s: float = 600.0,
+    on_done: Callable[[RequestResult], None] | None = None,
+) -> list[RequestResult]:
+    """Send every request at its arrival time and wait for all of them to finish."""
+    run_id = uuid.uuid4().hex[:12]
+    async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+        stub = scheduler_pb2_grpc.SchedulerStub(channel)
+        start = time.perf_counter()
+
+        def clock() -> float:
+            return time.perf_counter() - start
+
+        tasks = []
+        for request in sorted(requests, key=lambda r: r.arrival_s):
+            delay = request.arrival_s - clock()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            result = RequestResult(
+                index=request.index,
+                prompt_id=request.prompt_id,
+                output_tokens=request.output_tokens,
+                true_output_tokens=request.true_output_tokens,
+                arrival_s=request.arrival_s,
+                submitted_s=clock(),
+            )
+            call = generate_request(request, llm, oracle, run_id)
+            task = asyncio.create_task(_one_request(stub, call, result, clock, timeout_s))
+            if on_done is not None:
+                task.add_done_callback(lambda done: on_done(done.result()))
+            tasks.append(task)
+        return list(await asyncio.gather(*tasks))

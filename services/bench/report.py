@@ -1,0 +1,266 @@
+"""Turning per-job completion times into the numbers, table and plots a person reads.
+
+The same code reports a real run (``ssjf bench``) and a simulated one (``ssjf simulate``), so
+their ``summary.json`` files have one schema: a list ``runs``, one object per
+(policy, batching, load).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+POLICY_ORDER = ("fcfs", "ssjf", "sjf-oracle")
+BATCHING_ORDER = ("none", "dynamic", "continuous")
+# The paper's headline (Qiu et al., AIOps'24, arXiv:2404.08509), against FCFS.
+PAPER = {
+    "mean_jct_reduction": "30.5-39.6%",
+    "throughput_gain": "2.2-3.6x",
+    "source": "Qiu et al., AIOps'24, arXiv:2404.08509, abstract",
+}
+# The product's targets at about 90% load (BRIEF.md).
+TARGETS = {
+    "ssjf_over_fcfs_mean_jct": 0.62,
+    "ssjf_over_oracle_mean_jct": 1.10,
+    "ssjf_over_fcfs_p99_jct": 1.5,
+}
+
+
+def summarize(
+    jct_s: Sequence[float],
+    ttft_s: Sequence[float],
+    span_s: float,
+    failed: int = 0,
+) -> dict[str, float | int]:
+    """Completion-time statistics of one run's finished jobs.
+
+    ``span_s`` is the run's length, first arrival to last completion; throughput is completed
+    jobs per second of it.
+    """
+    jct = np.asarray(jct_s, dtype=float)
+    ttft = np.asarray(ttft_s, dtype=float)
+    if len(jct) == 0:
+        return {"completed": 0, "failed": failed}
+    return {
+        "completed": len(jct),
+        "failed": failed,
+        "mean_jct_s": float(jct.mean()),
+        "p50_jct_s": float(np.percentile(jct, 50)),
+        "p90_jct_s": float(np.percentile(jct, 90)),
+        "p99_jct_s": float(np.percentile(jct, 99)),
+        "max_jct_s": float(jct.max()),
+        "mean_ttft_s": float(np.nanmean(ttft)) if len(ttft) else float("nan"),
+        "p99_ttft_s": float(np.nanpercentile(ttft, 99)) if len(ttft) else float("nan"),
+        "throughput_rps": len(jct) / span_s if span_s > 0 else float("nan"),
+    }
+
+
+def _sort_key(run: dict[str, Any]) -> tuple[int, float, int]:
+    batching = run["batching"]
+    policy = run["policy"]
+    return (
+        BATCHING_ORDER.index(batching) if batching in BATCHING_ORDER else 99,
+        float(run["load"]),
+        POLICY_ORDER.index(policy) if policy in POLICY_ORDER else 99,
+    )
+
+
+def comparisons(runs: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """For each (batching, load): SSJF's mean and p99 JCT relative to FCFS and to the oracle."""
+    by_key: dict[tuple[str, float], dict[str, dict[str, Any]]] = {}
+    for run in runs:
+        by_key.setdefault((run["batching"], float(run["load"])), {})[run["policy"]] = run
+    rows = []
+    for (batching, load), group in sorted(
+        by_key.items(),
+        key=lambda item: _sort_key({"batching": item[0][0], "load": item[0][1], "policy": "fcfs"}),
+    ):
+        ssjf, fcfs, oracle = group.get("ssjf"), group.get("fcfs"), group.get("sjf-oracle")
+        if ssjf is None or "mean_jct_s" not in ssjf:
+            continue
+        row: dict[str, Any] = {"batching": batching, "load": load}
+        if fcfs and "mean_jct_s" in fcfs:
+            row["ssjf_over_fcfs_mean_jct"] = ssjf["mean_jct_s"] / fcfs["mean_jct_s"]
+            row["ssjf_over_fcfs_p99_jct"] = ssjf["p99_jct_s"] / fcfs["p99_jct_s"]
+            row["mean_jct_reduction_pct"] = 100 * (1 - row["ssjf_over_fcfs_mean_jct"])
+            row["ssjf_over_fcfs_throughput"] = ssjf["throughput_rps"] / fcfs["throughput_rps"]
+        if oracle and "mean_jct_s" in oracle:
+            row["ssjf_over_oracle_mean_jct"] = ssjf["mean_jct_s"] / oracle["mean_jct_s"]
+        rows.append(row)
+    return rows
+
+
+def format_table(runs: Sequence[dict[str, Any]]) -> str:
+    """A fixed-width table, one line per run, sorted by batching, load, policy."""
+    # (title, key, width, number format or None for text)
+    columns = [
+        ("batching", "batching", 10, None),
+        ("load", "load", 5, ".2f"),
+        ("policy", "policy", 10, None),
+        ("done", "completed", 5, "d"),
+        ("mean JCT", "mean_jct_s", 9, ".3f"),
+        ("p50 JCT", "p50_jct_s", 8, ".3f"),
+        ("p99 JCT", "p99_jct_s", 8, ".3f"),
+        ("TTFT", "mean_ttft_s", 7, ".3f"),
+        ("req/s", "throughput_rps", 6, ".2f"),
+        ("sim JCT", "simulated_mean_jct_s", 8, ".3f"),
+    ]
+    shown = [column for column in columns if any(column[1] in run for run in runs)]
+
+    def cell(value: object, width: int, fmt: str | None) -> str:
+        if fmt is None:
+            return f"{value!s:<{width}}"
+        return f"{value:>{width}{fmt}}" if value is not None else f"{'-':>{width}}"
+
+    header = " ".join(
+        f"{title:<{width}}" if fmt is None else f"{title:>{width}}"
+        for title, _, width, fmt in shown
+    )
+    lines = [header, "-" * len(header)]
+    for run in sorted(runs, key=_sort_key):
+        lines.append(" ".join(cell(run.get(key), width, fmt) for _, key, width, fmt in shown))
+    compare = comparisons(runs)
+    if compare:
+        lines += ["", "SSJF relative to FCFS and to oracle SJF (lower is better):"]
+        for row in compare:
+            parts = [f"  {row['batching']:<10} load {row['load']:.2f}:"]
+            if "ssjf_over_fcfs_mean_jct" in row:
+                parts.append(
+                    f"mean JCT x{row['ssjf_over_fcfs_mean_jct']:.2f} of FCFS "
+                    f"({_lower_or_higher(row['mean_jct_reduction_pct'])}), "
+                    f"p99 x{row['ssjf_over_fcfs_p99_jct']:.2f}"
+                )
+            if "ssjf_over_oracle_mean_jct" in row:
+                parts.append(f"x{row['ssjf_over_oracle_mean_jct']:.2f} of oracle")
+            lines.append(" ".join(parts))
+        lines.append(
+            f"  paper: mean JCT {PAPER['mean_jct_reduction']} lower, throughput "
+            f"{PAPER['throughput_gain']} ({PAPER['source']})"
+        )
+    return "\n".join(lines)
+
+
+def format_validation(runs: Sequence[dict[str, Any]]) -> str:
+    """Measured against simulated mean JCT, run by run, with the simulator's error."""
+    lines = [
+        f"{'batching':<10} {'load':>5} {'policy':<10} {'measured':>9} {'simulated':>9} "
+        f"{'error':>7} {'speed':>6}",
+    ]
+    lines.append("-" * len(lines[0]))
+    errors = []
+    for run in sorted(runs, key=_sort_key):
+        if "simulated_mean_jct_s" not in run:
+            continue
+        errors.append(abs(run["simulated_error_pct"]))
+        lines.append(
+            f"{run['batching']:<10} {run['load']:>5.2f} {run['policy']:<10} "
+            f"{run['mean_jct_s']:>9.3f} {run['simulated_mean_jct_s']:>9.3f} "
+            f"{run['simulated_error_pct']:>+6.1f}% {run['run_level_factor']:>6.2f}"
+        )
+    if errors:
+        within = sum(error <= 10 for error in errors)
+        lines.append(
+            f"simulated mean JCT within 10% of measured in {within}/{len(errors)} runs; "
+            f"median |error| {float(np.median(errors)):.1f}% (speed: the run's worker cost "
+            "relative to the calibrated model)"
+        )
+    return "\n".join(lines)
+
+
+def _lower_or_higher(reduction_pct: float) -> str:
+    return f"{abs(reduction_pct):.1f}% {'lower' if reduction_pct >= 0 else 'higher'}"
+
+
+def write_summary(out_dir: Path, runs: Sequence[dict[str, Any]], meta: dict[str, Any]) -> Path:
+    """``summary.json``: the runs (sorted), SSJF's ratios, the paper's numbers, and ``meta``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "summary.json"
+    summary = {
+        **meta,
+        "runs": sorted(runs, key=_sort_key),
+        "comparisons": comparisons(runs),
+        "paper": PAPER,
+        "targets": TARGETS,
+    }
+    path.write_text(json.dumps(summary, indent=2, default=_jsonable) + "\n")
+    return path
+
+
+def _jsonable(value: object) -> object:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+def plot_jct_cdf(
+    jcts: dict[tuple[str, str, float], Sequence[float]], path: Path, title: str
+) -> Path:
+    """One panel per batching mode at its highest load; one CDF line per policy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batchings = [b for b in BATCHING_ORDER if any(key[1] == b for key in jcts)]
+    figure, axes = plt.subplots(1, len(batchings), figsize=(5 * len(batchings), 4), squeeze=False)
+    for axis, batching in zip(axes[0], batchings, strict=True):
+        load = max(key[2] for key in jcts if key[1] == batching)
+        for policy in POLICY_ORDER:
+            values = jcts.get((policy, batching, load))
+            if values is None or len(values) == 0:
+                continue
+            ordered = np.sort(np.asarray(values, dtype=float))
+            fractions = np.arange(1, len(ordered) + 1) / len(ordered)
+            axis.step(
+                ordered, fractions, where="post", label=f"{policy} (mean {ordered.mean():.2f}s)"
+            )
+        axis.set_xscale("log")
+        axis.set_title(f"batching={batching}, load={load:.2f}")
+        axis.set_xlabel("job completion time (s, log scale)")
+        axis.set_ylabel("fraction of jobs")
+        axis.grid(True, alpha=0.3)
+        axis.legend(loc="lower right")
+    figure.suptitle(title)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def plot_mean_jct_vs_load(runs: Sequence[dict[str, Any]], path: Path, title: str) -> Path:
+    """One panel per batching mode; mean JCT against load, one line per policy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batchings = [b for b in BATCHING_ORDER if any(run["batching"] == b for run in runs)]
+    figure, axes = plt.subplots(1, len(batchings), figsize=(5 * len(batchings), 4), squeeze=False)
+    for axis, batching in zip(axes[0], batchings, strict=True):
+        for policy in POLICY_ORDER:
+            points = sorted(
+                (float(run["load"]), run["mean_jct_s"])
+                for run in runs
+                if run["batching"] == batching and run["policy"] == policy and "mean_jct_s" in run
+            )
+            if points:
+                loads, means = zip(*points, strict=True)
+                axis.plot(loads, means, marker="o", label=policy)
+        axis.set_title(f"batching={batching}")
+        axis.set_xlabel("load (arrival rate / FCFS capacity)")
+        axis.set_ylabel("mean job completion time (s)")
+        axis.grid(True, alpha=0.3)
+        axis.legend(loc="upper left")
+    figure.suptitle(title)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
