@@ -40,5 +40,30 @@ test: $(STAMP) proto-check  ## run every test (starts its own Redis and services
 run: $(STAMP)  ## start the whole stack locally on embedded defaults
 	$(BIN)/ssjf up
 
+predictor: $(STAMP)  ## train the default proxy model into services/predictor/artifacts/default
+	$(BIN)/ssjf train-predictor --out services/predictor/artifacts/default
+
+runs/predictor/comparison.json: | $(STAMP)
+	$(BIN)/ssjf train-predictor --compare --keep-fp32 --out runs/predictor
+
+# Reduced grid (~15 min + 3 min simulator on a busy 2-core box): 3 policies x 3 batching x 2 loads,
+# real stack, vicuna-13b lengths / 16, B=4, guard 5 s, 3 interleaved rounds; then 1e5 simulated jobs.
+bench: $(STAMP)  ## FCFS vs SSJF vs oracle SJF on the real stack -> bench/results/summary.json + plots
+	$(BIN)/ssjf bench --out bench/results --policies fcfs,ssjf,sjf-oracle \
+		--batching none,dynamic,continuous --loads 0.5,0.9 --duration-s 24 --rounds 3 \
+		--length-scale 16 --max-batch-size 4 --max-wait-s 5
+	$(BIN)/ssjf simulate --latency-dir bench/results --out bench/results/simulated \
+		--loads 0.5,0.7,0.9,0.95 --requests 100000 --length-scale 16 --max-batch-size 4 \
+		--max-wait-s 5
+
+bench-predictor: $(STAMP) runs/predictor/comparison.json  ## formulations x accuracy, latency, throughput -> bench/results/predictor.json
+	$(BIN)/python -m services.predictor.bench
+
+bench-scheduler: $(STAMP)  ## dispatch latency, submissions/s, 1e3-1e6 queued vs redis-benchmark -> bench/results/scheduler.json
+	$(BIN)/python -m services.scheduler.bench --out bench/results/scheduler.json
+
+bench-worker: $(STAMP)  ## worker engine: tok/s + step latency per batching mode, prefill cost -> bench/results/worker.json
+	$(BIN)/python -m services.worker.bench
+
 clean:  ## remove the virtualenv and caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -7,12 +7,11 @@ import argparse
 from pathlib import Path
 
 from services.common.config import add_option
+from services.common.paths import SHARED_DATA_DIR
 
 POLICIES = ["fcfs", "ssjf", "sjf-oracle"]
 BATCHINGS = ["none", "dynamic", "continuous"]
 ARRIVALS = ["poisson", "azure-conversation", "azure-code"]
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data"
 
 
 def _names(allowed: list[str]):
@@ -107,7 +106,7 @@ def _add_workload_options(parser: argparse.ArgumentParser, out_default: str) -> 
         parser,
         "--data",
         type=Path,
-        default=DEFAULT_DATA if DEFAULT_DATA.is_dir() else None,
+        default=SHARED_DATA_DIR if SHARED_DATA_DIR.is_dir() else None,
         help="shared data directory (alpaca_eval/, azure_llm_2023/); unset: the "
         "slices vendored in bench/workloads",
     )

@@ -24,9 +24,10 @@ from services.bench import report
 from services.bench.calibrate import capacity_rps
 from services.bench.latency import LatencyModel
 from services.bench.simulator import SimJob, Simulation
-from services.bench.workload import REPO_ROOT, Request, build_requests, load_prompt_lengths
+from services.bench.workload import Request, build_requests, load_prompt_lengths
+from services.common.paths import CHECKOUT_ROOT
 
-SHIPPED_LATENCY_DIR = REPO_ROOT / "bench" / "workloads"
+SHIPPED_LATENCY_DIR = CHECKOUT_ROOT / "bench" / "workloads"
 SATURATED_JOBS = 20_000
 
 
@@ -65,7 +66,7 @@ def load_latency(batching: str, directory: Path | None) -> tuple[LatencyModel, s
             f"no latency model for batching {batching!r}: run ssjf bench "
             f"first, or pass --latency-dir"
         )
-    return LatencyModel.load(shipped), str(shipped.relative_to(REPO_ROOT))
+    return LatencyModel.load(shipped), str(shipped.relative_to(CHECKOUT_ROOT))
 
 
 def proxy_predictions(prompts: dict[int, str], llm: str, artifact: Path | None) -> dict[int, float]:

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-WORKLOAD_DIR = REPO_ROOT / "bench" / "workloads"
-DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data"
+from services.common.paths import CHECKOUT_ROOT
+
+WORKLOAD_DIR = CHECKOUT_ROOT / "bench" / "workloads"
 ARRIVAL_PROCESSES = ("poisson", "azure-conversation", "azure-code")
 
 
@@ -101,7 +101,7 @@ def load_prompt_lengths(llm: str, data_dir: Path | None) -> tuple[list[PromptLen
             f"no workload for LLM {llm!r}: {path} is missing and no --data directory was given "
             f"(vendored LLMs: {', '.join(known) or 'none'})"
         )
-    return load_vendored(path), str(path.relative_to(REPO_ROOT))
+    return load_vendored(path), str(path.relative_to(CHECKOUT_ROOT))
 
 
 def write_workload_slice(items: Sequence[PromptLength], path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Where SSJF keeps files it builds at run time (the built-in model, caches).
+"""Where SSJF finds its checkout and shared data, and keeps files it builds at run time.
 
 ``SSJF_HOME`` when set (containers set it); else ``.cache`` in the source checkout when
 running from one (so a fresh clone keeps everything inside itself); else ``~/.cache/ssjf``.
@@ -10,6 +10,9 @@ import os
 from pathlib import Path
 
 CHECKOUT_ROOT = Path(__file__).resolve().parents[2]
+# The shared data sits beside a developer's or CI's checkout, never beside a user's clone:
+# training and full benchmarks default to it when it exists and take --data otherwise.
+SHARED_DATA_DIR = CHECKOUT_ROOT.parent / "shared" / "data"
 
 
 def ssjf_home() -> Path:

@@ -17,8 +17,9 @@ from pathlib import Path
 
 from grpc_tools import protoc
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-PROTO_ROOT = REPO_ROOT / "protos"
+from services.common.paths import CHECKOUT_ROOT
+
+PROTO_ROOT = CHECKOUT_ROOT / "protos"
 _ABSOLUTE_IMPORT = re.compile(r"^from ssjf\.v1 import (\w+_pb2)", re.MULTILINE)
 _GENERATED_SUFFIXES = ("_pb2.py", "_pb2_grpc.py", "_pb2.pyi")
 

@@ -1,7 +1,253 @@
-"""Sub-commands of the predictor package (filled in by its owner)."""
+"""Predictor sub-commands: predictor (the service), predict, train-predictor, eval-predictor."""
+
+from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
+
+from services.common.config import add_flag, add_option
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+DEFAULT_ARTIFACT = PACKAGE_DIR / "artifacts" / "default"
+DEFAULT_FORMULATION = "regression-mse"  # best dev Kendall tau of the four: docs/predictor.md
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add this package's sub-commands."""
+    serve = subparsers.add_parser(
+        "predictor", help="run the Predictor gRPC service (ONNX Runtime, micro-batching)"
+    )
+    add_option(serve, "--host", default="0.0.0.0", help="address to listen on")
+    add_option(serve, "--port", default=50052, type=int, help="port to listen on")
+    add_option(serve, "--artifact", default=str(DEFAULT_ARTIFACT), help="artifact directory")
+    add_option(
+        serve,
+        "--max-batch-size",
+        default=32,
+        type=int,
+        help="most prompts run through the model together",
+    )
+    add_option(
+        serve,
+        "--max-wait-ms",
+        default=2.0,
+        type=float,
+        help="longest a request waits for others to batch with",
+    )
+    add_option(
+        serve,
+        "--max-batch-request",
+        default=256,
+        type=int,
+        help="most prompts one PredictBatch call may carry",
+    )
+    add_option(
+        serve,
+        "--threads",
+        default=0,
+        type=int,
+        help="ONNX Runtime intra-op threads (0: number of cores, at most 4)",
+    )
+    serve.set_defaults(run=_serve)
+
+    predict = subparsers.add_parser(
+        "predict",
+        help="predict a prompt's output length (via --server, else with the local artifact)",
+    )
+    predict.add_argument("prompt", help="the prompt text")
+    add_option(predict, "--llm", default="", help="serving LLM (empty: the model's default)")
+    add_option(
+        predict,
+        "--server",
+        default="",
+        help="HOST:PORT of a predictor service; empty runs the artifact in-process",
+    )
+    add_option(
+        predict,
+        "--artifact",
+        default=str(DEFAULT_ARTIFACT),
+        help="artifact directory (without --server)",
+    )
+    predict.set_defaults(run=_predict)
+
+    train = subparsers.add_parser(
+        "train-predictor", help="fine-tune the proxy model and export an ONNX artifact"
+    )
+    add_option(
+        train,
+        "--data",
+        default="",
+        help="shared-format data directory "
+        "(default: ../shared/data/alpaca_eval beside the repository)",
+    )
+    add_option(
+        train,
+        "--formulation",
+        default=DEFAULT_FORMULATION,
+        choices=["regression-l1", "regression-mse", "classification", "ranking"],
+        help="learning formulation",
+    )
+    add_flag(
+        train,
+        "--compare",
+        help="train every formulation into OUT/<formulation> and print their held-out metrics",
+    )
+    add_option(
+        train,
+        "--llm",
+        default="",
+        help="comma-separated LLMs to train heads for "
+        "(one: a per-LLM predictor); empty: every LLM in the data (all-LLM)",
+    )
+    add_option(train, "--epochs", default=4, type=int, help="training epochs")
+    add_option(train, "--batch-size", default=32, type=int, help="prompts per step")
+    add_option(
+        train,
+        "--max-prompt-tokens",
+        default=256,
+        type=int,
+        help="longer prompts keep their head and tail",
+    )
+    add_option(
+        train,
+        "--trainable-layers",
+        default=2,
+        type=int,
+        help="top encoder layers fine-tuned (of 6); the rest and the embeddings stay frozen",
+    )
+    add_option(train, "--seed", default=0, type=int, help="random seed (training)")
+    add_option(train, "--threads", default=2, type=int, help="torch threads")
+    add_option(
+        train,
+        "--max-train-prompts",
+        default=0,
+        type=int,
+        help="use only this many training prompts (smoke runs; 0: all)",
+    )
+    add_option(train, "--out", default=str(DEFAULT_ARTIFACT), help="artifact directory to write")
+    add_option(train, "--name", default="minilm-length", help="artifact name (in its version)")
+    add_flag(train, "--fp32", help="ship the fp32 graph instead of int8 dynamic quantization")
+    add_flag(
+        train,
+        "--keep-fp32",
+        help="also keep model.fp32.onnx and the PyTorch weights "
+        "(for benchmarks; ~90 MB each, never shipped)",
+    )
+    train.set_defaults(run=_train)
+
+    evaluate = subparsers.add_parser(
+        "eval-predictor", help="score an artifact on shared-format prompts and lengths"
+    )
+    add_option(evaluate, "--prompts", default="", help="prompts.jsonl")
+    add_option(evaluate, "--lengths", default="", help="lengths.csv")
+    add_option(
+        evaluate,
+        "--llm",
+        default="",
+        help="LLM whose lengths are scored (empty: the artifact's default LLM)",
+    )
+    add_option(evaluate, "--artifact", default=str(DEFAULT_ARTIFACT), help="artifact directory")
+    add_flag(evaluate, "--held-out", help="score only the training split's test prompts")
+    evaluate.set_defaults(run=_evaluate)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from services.predictor.server import serve
+
+    asyncio.run(serve(args))
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    if args.server:
+        import grpc
+
+        from services.common.grpc_server import CHANNEL_OPTIONS
+        from services.pb import predictor_pb2, predictor_pb2_grpc
+
+        with grpc.insecure_channel(args.server, options=CHANNEL_OPTIONS) as channel:
+            stub = predictor_pb2_grpc.PredictorStub(channel)
+            try:
+                reply = stub.Predict(
+                    predictor_pb2.PredictRequest(prompt=args.prompt, llm=args.llm), timeout=30
+                )
+            except grpc.RpcError as error:
+                print(f"error: {error.code().name}: {error.details()}")
+                return 1
+            tokens, head, version = reply.predicted_output_tokens, reply.llm, reply.model_version
+    else:
+        from services.common.errors import ServiceError
+        from services.predictor.runtime import ArtifactRuntime
+
+        runtime = ArtifactRuntime(Path(args.artifact))
+        try:
+            (prediction,) = runtime.predict([args.prompt], [args.llm])
+        except ServiceError as error:
+            print(f"error: {error.status}: {error}")
+            return 1
+        tokens, head, version = prediction.tokens, prediction.llm, runtime.version
+    print(f"predicted_output_tokens={tokens:.1f} llm={head} model_version={version}")
+    return 0
+
+
+def _data_dir(args: argparse.Namespace) -> Path:
+    from services.common.alpaca import default_data_dir
+
+    data = Path(args.data) if args.data else default_data_dir()
+    if data is None:
+        raise SystemExit("no training data: pass --data DIR (prompts.jsonl + lengths.csv)")
+    return data
+
+
+def _train(args: argparse.Namespace) -> int:
+    from services.predictor import pipeline
+
+    formulations = pipeline.FORMULATIONS if args.compare else (args.formulation,)
+    results = pipeline.train_and_export(
+        data_dir=_data_dir(args),
+        formulations=formulations,
+        out=Path(args.out),
+        nested=args.compare,
+        llms=[llm for llm in args.llm.split(",") if llm],
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        max_prompt_tokens=args.max_prompt_tokens,
+        trainable_layers=args.trainable_layers,
+        seed=args.seed,
+        threads=args.threads,
+        max_train_prompts=args.max_train_prompts or None,
+        name=args.name,
+        quantize=not args.fp32,
+        keep_fp32=args.keep_fp32,
+    )
+    print(pipeline.format_table(results))
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from services.common.alpaca import load_dataset
+    from services.predictor.evaluate import evaluate_artifact
+    from services.predictor.runtime import ArtifactRuntime
+    from services.predictor.training import split_dataset
+
+    if not args.prompts or not args.lengths:
+        raise SystemExit("give --prompts P.jsonl and --lengths L.csv")
+    dataset = load_dataset(prompts=args.prompts, lengths=args.lengths)
+    if args.held_out:
+        dataset = dataset.subset(split_dataset(dataset).test)
+    runtime = ArtifactRuntime(Path(args.artifact))
+    llm = args.llm or runtime.default_llm
+    try:
+        metrics, baseline, head = evaluate_artifact(runtime, dataset, llm)
+    except KeyError as error:
+        raise SystemExit(f"error: {error.args[0]}") from None
+    print(f"artifact={runtime.version} llm={llm} head={head} prompts={metrics.n}")
+    print("baseline (prompt length): " + json.dumps(baseline.as_dict()))
+    print(f"spearman_rho={metrics.spearman_rho:.4f}")
+    print(f"mae_tokens={metrics.mae_tokens:.1f}")
+    print(f"bucket_accuracy={metrics.bucket_accuracy:.4f}")
+    print(f"kendall_tau={metrics.kendall_tau:.4f}")
+    return 0

@@ -40,13 +40,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tqdm import tqdm
 
 from services.common.grpc_server import CHANNEL_OPTIONS
+from services.common.paths import CHECKOUT_ROOT
 from services.common.redis_store import connect
 from services.pb import scheduler_pb2, scheduler_pb2_grpc
 from services.scheduler.core import new_job_id
 from services.scheduler.models import FinishReason, JobRecord, JobState, SamplingParams
 from services.scheduler.store import JobStore, StoreSettings
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 LLM = "bench-llm"
 FILL_BATCH = 5_000
 
@@ -116,7 +116,7 @@ class Stack:
                     "--default-llm",
                     LLM,
                 ],
-                cwd=REPO_ROOT,
+                cwd=CHECKOUT_ROOT,
             )
         )
         deadline = time.monotonic() + 60

@@ -1,0 +1,173 @@
+"""Loading prompt/length data in the shared format, and splitting it by prompt.
+
+The shared format (``../shared/data/alpaca_eval`` and the slices vendored into this repo) is a
+directory holding two files:
+
+- ``prompts.jsonl``: one JSON object per line with ``prompt_id`` (int) and ``prompt`` (text);
+  other keys (``source``, ``prompt_tokens``) are kept in :attr:`Prompt.extra`.
+- ``lengths.csv``: header ``model,prompt_id,output_tokens[,output_chars]``: how many tokens
+  ``model`` answered ``prompt_id`` with.
+
+API:
+
+- :func:`load_dataset(directory)` -> :class:`LengthDataset` (also
+  ``load_dataset(prompts=..., lengths=...)`` for two explicit files).
+- :class:`LengthDataset`: ``prompts`` (list of :class:`Prompt`, file order), ``llms`` (sorted
+  model names), ``lengths_for(llm)`` -> ``{prompt_id: output_tokens}``, ``length_matrix(llms)``
+  -> float array ``[len(llms), len(prompts)]`` with NaN where a model has no answer,
+  ``subset(prompt_ids)`` -> a dataset restricted to those prompts.
+- :func:`split_by_prompt(prompt_ids, fractions, seed)` -> one list of ids per fraction. The
+  split is by prompt, never by row: every model's answer to one prompt lands on the same side.
+  It depends only on the set of ids and the seed, so it is repeatable across runs and machines.
+- :func:`write_dataset(dataset, directory, llms=None)`: write the shared format back (to
+  vendor a slice: ``write_dataset(full.subset(ids), path, ["vicuna-13b"])``).
+- :func:`default_data_dir()` -> ``../shared/data/alpaca_eval`` beside the repository, or None.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+PROMPTS_FILE = "prompts.jsonl"
+LENGTHS_FILE = "lengths.csv"
+
+
+@dataclass(frozen=True)
+class Prompt:
+    prompt_id: int
+    text: str
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+
+@dataclass
+class LengthDataset:
+    """Prompts and, per model, the number of tokens each prompt was answered with."""
+
+    prompts: list[Prompt]
+    lengths: dict[str, dict[int, int]]
+
+    @property
+    def llms(self) -> list[str]:
+        return sorted(self.lengths)
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        return [prompt.prompt_id for prompt in self.prompts]
+
+    def lengths_for(self, llm: str) -> dict[int, int]:
+        if llm not in self.lengths:
+            known = ", ".join(self.llms[:10])
+            raise KeyError(f"no lengths for LLM {llm!r} (the data has {known}, ...)")
+        return self.lengths[llm]
+
+    def length_matrix(self, llms: Sequence[str]) -> np.ndarray:
+        """Output tokens as ``[len(llms), len(prompts)]``, NaN where a model did not answer."""
+        matrix = np.full((len(llms), len(self.prompts)), np.nan, dtype=np.float64)
+        for row, llm in enumerate(llms):
+            answered = self.lengths_for(llm)
+            for column, prompt in enumerate(self.prompts):
+                tokens = answered.get(prompt.prompt_id)
+                if tokens is not None:
+                    matrix[row, column] = tokens
+        return matrix
+
+    def subset(self, prompt_ids: Iterable[int]) -> LengthDataset:
+        keep = set(prompt_ids)
+        return LengthDataset(
+            prompts=[prompt for prompt in self.prompts if prompt.prompt_id in keep],
+            lengths={
+                llm: {pid: tokens for pid, tokens in answered.items() if pid in keep}
+                for llm, answered in self.lengths.items()
+            },
+        )
+
+
+def load_prompts(path: Path) -> list[Prompt]:
+    prompts = []
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            try:
+                prompt_id, text = int(record.pop("prompt_id")), str(record.pop("prompt"))
+            except KeyError as missing:
+                raise ValueError(f"{path}:{number}: missing key {missing}") from None
+            prompts.append(Prompt(prompt_id, text, record))
+    return prompts
+
+
+def load_lengths(path: Path) -> dict[str, dict[int, int]]:
+    lengths: dict[str, dict[int, int]] = {}
+    with path.open(encoding="utf-8", newline="") as rows:
+        for row in csv.DictReader(rows):
+            lengths.setdefault(row["model"], {})[int(row["prompt_id"])] = int(row["output_tokens"])
+    return lengths
+
+
+def load_dataset(
+    directory: Path | str | None = None,
+    *,
+    prompts: Path | str | None = None,
+    lengths: Path | str | None = None,
+) -> LengthDataset:
+    """Read a shared-format directory, or an explicit prompts.jsonl + lengths.csv pair."""
+    if directory is not None:
+        prompts = prompts or Path(directory) / PROMPTS_FILE
+        lengths = lengths or Path(directory) / LENGTHS_FILE
+    if prompts is None or lengths is None:
+        raise ValueError("give a data directory, or both a prompts and a lengths file")
+    return LengthDataset(load_prompts(Path(prompts)), load_lengths(Path(lengths)))
+
+
+def write_dataset(
+    dataset: LengthDataset, directory: Path | str, llms: Sequence[str] | None = None
+) -> None:
+    """Write ``dataset`` (only ``llms``' lengths when given) as prompts.jsonl + lengths.csv."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    with (directory / PROMPTS_FILE).open("w", encoding="utf-8") as lines:
+        for prompt in dataset.prompts:
+            record = {"prompt_id": prompt.prompt_id, **prompt.extra, "prompt": prompt.text}
+            lines.write(json.dumps(record, ensure_ascii=False) + "\n")
+    with (directory / LENGTHS_FILE).open("w", encoding="utf-8", newline="") as rows:
+        writer = csv.writer(rows)
+        writer.writerow(["model", "prompt_id", "output_tokens"])
+        for llm in llms or dataset.llms:
+            for prompt_id, tokens in sorted(dataset.lengths_for(llm).items()):
+                writer.writerow([llm, prompt_id, tokens])
+
+
+def split_by_prompt(
+    prompt_ids: Iterable[int], fractions: Sequence[float], seed: int = 0
+) -> list[list[int]]:
+    """Shuffle the distinct ids with ``seed`` and cut them into parts of the given fractions.
+
+    The last part takes the rounding remainder. Ids come back sorted within each part.
+    """
+    if not math.isclose(sum(fractions), 1.0):
+        raise ValueError(f"fractions must sum to 1, got {list(fractions)}")
+    ids = sorted(set(prompt_ids))
+    random.Random(seed).shuffle(ids)
+    parts, start = [], 0
+    for index, fraction in enumerate(fractions):
+        end = len(ids) if index == len(fractions) - 1 else start + round(fraction * len(ids))
+        parts.append(sorted(ids[start:end]))
+        start = end
+    return parts
+
+
+def default_data_dir() -> Path | None:
+    """``../shared/data/alpaca_eval`` beside the repository when it exists (CI, dev boxes)."""
+    candidate = REPO_ROOT.parent / "shared" / "data" / "alpaca_eval"
+    return candidate if (candidate / PROMPTS_FILE).exists() else None

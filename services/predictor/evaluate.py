@@ -1,0 +1,82 @@
+"""Scoring predicted lengths against true ones: the numbers the predictor is judged by."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from scipy.stats import kendalltau, spearmanr
+from tqdm import tqdm
+
+from services.common.alpaca import LengthDataset
+from services.predictor.runtime import ArtifactRuntime
+
+# Bucket accuracy: quartiles of the true lengths of the evaluated set; a prediction is right
+# when it falls in the same quartile range as the true length.
+NUM_EVAL_BUCKETS = 4
+
+
+@dataclass(frozen=True)
+class LengthMetrics:
+    n: int
+    kendall_tau: float
+    spearman_rho: float
+    mae_tokens: float
+    bucket_accuracy: float
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def score(predicted: Sequence[float], true: Sequence[float]) -> LengthMetrics:
+    predicted_array = np.asarray(predicted, dtype=np.float64)
+    true_array = np.asarray(true, dtype=np.float64)
+    if len(true_array) < 2:
+        raise ValueError("need at least two prompts with known lengths to score a ranking")
+    quantiles = np.linspace(0, 1, NUM_EVAL_BUCKETS + 1)[1:-1]
+    edges = np.quantile(true_array, quantiles)
+    return LengthMetrics(
+        n=len(true_array),
+        kendall_tau=float(kendalltau(predicted_array, true_array).statistic),
+        spearman_rho=float(spearmanr(predicted_array, true_array).statistic),
+        mae_tokens=float(np.abs(predicted_array - true_array).mean()),
+        bucket_accuracy=float(
+            (np.searchsorted(edges, predicted_array) == np.searchsorted(edges, true_array)).mean()
+        ),
+    )
+
+
+def predict_dataset(
+    runtime: ArtifactRuntime,
+    texts: Sequence[str],
+    llm: str,
+    batch_size: int = 32,
+    progress: bool = True,
+) -> tuple[np.ndarray, str]:
+    """Predicted tokens for every text (length-sorted batches), and the head that answered."""
+    head = runtime.resolve_llm(llm)
+    column = runtime.llms.index(head) if head in runtime.llms else len(runtime.llms)
+    order = sorted(range(len(texts)), key=lambda index: len(texts[index]))
+    predicted = np.zeros(len(texts))
+    starts = range(0, len(order), batch_size)
+    for start in tqdm(starts, desc="predict", unit="batch", leave=False, disable=not progress):
+        chunk = order[start : start + batch_size]
+        predicted[chunk] = runtime.predict_all([texts[index] for index in chunk])[:, column]
+    return predicted, head
+
+
+def evaluate_artifact(
+    runtime: ArtifactRuntime, dataset: LengthDataset, llm: str, progress: bool = True
+) -> tuple[LengthMetrics, LengthMetrics, str]:
+    """Model metrics, prompt-length baseline metrics and the head used, on answered prompts."""
+    answered = dataset.lengths_for(llm)
+    prompts = [prompt for prompt in dataset.prompts if prompt.prompt_id in answered]
+    texts = [prompt.text for prompt in prompts]
+    true = [answered[prompt.prompt_id] for prompt in prompts]
+    predicted, head = predict_dataset(runtime, texts, llm, progress=progress)
+    # The baseline a length-unaware scheduler can use for free: untruncated prompt length.
+    prompt_tokens = [
+        len(encoding.ids) for encoding in runtime.tokenizer.tokenizer.encode_batch(texts)
+    ]
+    return score(predicted, true), score(prompt_tokens, true), head

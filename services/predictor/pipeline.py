@@ -1,0 +1,103 @@
+"""train -> export (+int8, parity) -> held-out evaluation through ONNX, for one or more
+formulations: what ``ssjf train-predictor`` and ``make predictor`` run."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from services.common.alpaca import LengthDataset, load_dataset
+from services.predictor.evaluate import evaluate_artifact
+from services.predictor.export import FP32_MODEL_FILE, METADATA_FILE, write_artifact
+from services.predictor.model import FORMULATIONS
+from services.predictor.runtime import ArtifactRuntime
+from services.predictor.training import DEFAULT_LLM, TrainConfig, Trainer
+
+log = logging.getLogger(__name__)
+
+__all__ = ["FORMULATIONS", "format_table", "train_and_export"]
+
+
+def train_and_export(
+    *,
+    data_dir: Path,
+    formulations: Sequence[str],
+    out: Path,
+    nested: bool,
+    llms: list[str],
+    name: str,
+    quantize: bool,
+    keep_fp32: bool = False,
+    **train_options: Any,
+) -> list[dict[str, Any]]:
+    """Train each formulation, write its artifact (``out`` or ``out/<formulation>``) and score
+    it on the held-out test prompts. Returns one result row per formulation."""
+    dataset = load_dataset(data_dir)
+    results = []
+    lower = None  # the frozen layers' states, shared by every formulation
+    for formulation in formulations:
+        config = TrainConfig(formulation=formulation, llms=llms or None, **train_options)
+        trainer = Trainer(dataset, config, lower)
+        lower = trainer.lower
+        model = trainer.train()
+        directory = out / formulation if nested else out
+        default_llm = DEFAULT_LLM if DEFAULT_LLM in trainer.llms else trainer.llms[0]
+        metadata = write_artifact(
+            model,
+            trainer.llms,
+            default_llm,
+            config.max_prompt_tokens,
+            directory,
+            name=name,
+            quantize=quantize,
+            keep_fp32=keep_fp32,
+            training_summary=trainer.summary(),
+        )
+        test_set = dataset.subset(trainer.split.test)
+        held_out = held_out_metrics(ArtifactRuntime(directory), test_set, trainer.eval_llms)
+        metadata["held_out_test"] = held_out
+        if keep_fp32 and quantize:
+            fp32 = ArtifactRuntime(directory, model_file=FP32_MODEL_FILE)
+            metadata["held_out_test_fp32"] = held_out_metrics(fp32, test_set, trainer.eval_llms)
+        (directory / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
+        results.append(
+            {
+                "formulation": formulation,
+                "artifact": str(directory),
+                "version": metadata["version"],
+                "best_dev_tau": metadata["training"]["best_dev_tau"],
+                "parity": metadata["parity"],
+                "held_out_test": held_out,
+            }
+        )
+    if nested:
+        (out / "comparison.json").write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def held_out_metrics(
+    runtime: ArtifactRuntime, test_set: LengthDataset, llms: Sequence[str]
+) -> dict[str, dict[str, float]]:
+    held_out = {}
+    for llm in llms:
+        metrics, baseline, _ = evaluate_artifact(runtime, test_set, llm, progress=False)
+        held_out[llm] = {**metrics.as_dict(), "prompt_length_tau": baseline.kendall_tau}
+    return held_out
+
+
+def format_table(results: list[dict[str, Any]]) -> str:
+    lines = [
+        f"{'formulation':<16} {'dev tau':>8}  {'llm':<26} {'tau':>6} {'rho':>6} "
+        f"{'MAE':>7} {'bucket':>6}"
+    ]
+    for row in results:
+        for llm, metrics in row["held_out_test"].items():
+            lines.append(
+                f"{row['formulation']:<16} {row['best_dev_tau']:>8.4f}  {llm:<26} "
+                f"{metrics['kendall_tau']:>6.3f} {metrics['spearman_rho']:>6.3f} "
+                f"{metrics['mae_tokens']:>7.1f} {metrics['bucket_accuracy']:>6.3f}"
+            )
+    return "\n".join(lines)

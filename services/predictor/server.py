@@ -1,0 +1,35 @@
+"""The predictor service process: load the artifact, warm up, then serve over gRPC."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from services.common.grpc_server import ServiceHost
+from services.predictor.core import LengthPredictor
+from services.predictor.runtime import ArtifactRuntime
+from services.predictor.servicer import SERVICE_NAME, PredictorServicer
+
+log = logging.getLogger(__name__)
+
+
+async def serve(args: argparse.Namespace) -> None:
+    runtime = ArtifactRuntime(args.artifact, intra_op_threads=args.threads or None)
+    predictor = LengthPredictor(
+        runtime,
+        max_batch_size=args.max_batch_size,
+        max_wait_s=args.max_wait_ms / 1000.0,
+        max_batch_request=args.max_batch_request,
+    )
+    servicer = PredictorServicer(predictor)
+    host = ServiceHost(
+        "predictor",
+        host=args.host,
+        port=args.port,
+        service_names=[SERVICE_NAME],
+        registrars=[servicer.register],
+    )
+    await host.start()  # health answers NOT_SERVING while the model warms up
+    await predictor.start()
+    await host.set_ready()
+    await host.serve_until_signal(drain=predictor.stop)

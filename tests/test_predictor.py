@@ -1,0 +1,298 @@
+"""The predictor: shipped artifact, ONNX Runtime, micro-batching, gRPC service and CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from services.common.alpaca import load_dataset, split_by_prompt
+from services.common.grpc_server import ServiceHost
+from services.pb import predictor_pb2, predictor_pb2_grpc
+from services.predictor.batcher import MicroBatcher
+from services.predictor.core import LengthPredictor
+from services.predictor.evaluate import evaluate_artifact
+from services.predictor.model import ALL_LLMS, encoder_dir
+from services.predictor.runtime import DEFAULT_ARTIFACT, ArtifactRuntime
+from services.predictor.servicer import SERVICE_NAME, PredictorServicer
+from services.predictor.tokenization import PromptTokenizer
+from tests.helpers import REPO_ROOT, free_port, start_service, wait_for_health
+
+HELD_OUT = REPO_ROOT / "tests" / "data" / "predictor_heldout"
+SHIPPED_LLMS = (
+    "vicuna-13b",
+    "gpt4_0314",
+    "llama-2-13b-chat-hf",
+    "gpt-3.5-turbo-0613",
+    "Mistral-7B-Instruct-v0.2",
+    "Meta-Llama-3-8B-Instruct",
+)
+
+
+@pytest.fixture(scope="module")
+def runtime() -> ArtifactRuntime:
+    return ArtifactRuntime(DEFAULT_ARTIFACT, intra_op_threads=1)
+
+
+# ---- pure logic -------------------------------------------------------------------------
+
+
+def test_split_by_prompt_is_disjoint_complete_and_repeatable() -> None:
+    ids = list(range(805)) * 3  # one id per (prompt, LLM) row: the split must be by prompt
+    parts = split_by_prompt(ids, (0.7, 0.1, 0.2), seed=0)
+    assert [len(part) for part in parts] == [564, 80, 161]
+    assert sorted(id_ for part in parts for id_ in part) == list(range(805))
+    assert parts == split_by_prompt(reversed(ids), (0.7, 0.1, 0.2), seed=0)
+    assert parts != split_by_prompt(ids, (0.7, 0.1, 0.2), seed=1)
+
+
+def test_long_prompts_keep_head_and_tail() -> None:
+    tokenizer = PromptTokenizer(encoder_dir() / "tokenizer.json", max_tokens=16)
+    text = "alpha " + "filler " * 500 + "omega"
+    (row,) = tokenizer.token_ids([text])
+    assert len(row) == 16
+    words = tokenizer.tokenizer.decode(row)
+    assert words.startswith("alpha") and words.endswith("omega")
+    input_ids, mask = tokenizer(["short", text])
+    assert input_ids.shape == mask.shape == (2, 16)
+    assert mask[0].sum() == 3 and mask[1].sum() == 16  # [CLS] short [SEP], then padding
+
+
+async def test_batcher_groups_concurrent_requests_and_keeps_order() -> None:
+    sizes: list[int] = []
+
+    def double(items: list[int]) -> list[int]:
+        sizes.append(len(items))
+        return [item * 2 for item in items]
+
+    batcher = MicroBatcher(double, max_batch_size=8, max_wait_s=0.05)
+    batcher.start()
+    results = await asyncio.gather(*(batcher.submit(item) for item in range(20)))
+    assert results == [item * 2 for item in range(20)]
+    assert max(sizes) == 8 and len(sizes) == 3  # 8 + 8 + 4, never more than the maximum
+    assert await batcher.submit_many([5, 6]) == [10, 12]
+    await batcher.stop()
+
+
+async def test_batcher_reports_a_failed_batch_to_every_caller() -> None:
+    def fail(items: list[int]) -> list[int]:
+        raise ValueError("model broke")
+
+    batcher = MicroBatcher(fail, max_batch_size=4, max_wait_s=0.01)
+    batcher.start()
+    outcomes = await asyncio.gather(*(batcher.submit(i) for i in range(3)), return_exceptions=True)
+    assert all(isinstance(outcome, ValueError) for outcome in outcomes)
+    await batcher.stop()
+
+
+# ---- the shipped artifact ---------------------------------------------------------------
+
+
+def test_shipped_artifact_describes_itself(runtime: ArtifactRuntime) -> None:
+    assert set(SHIPPED_LLMS) <= set(runtime.llms)
+    assert runtime.default_llm == "vicuna-13b"
+    assert runtime.version.startswith("minilm-length-")
+    assert runtime.execution_provider in ("CUDAExecutionProvider", "CPUExecutionProvider")
+    size_mib = (DEFAULT_ARTIFACT / "model.onnx").stat().st_size / 2**20
+    assert size_mib < 40
+
+
+def test_artifact_answers_per_llm_and_falls_back(runtime: ArtifactRuntime) -> None:
+    prompts = [
+        "Write a detailed 1500-word essay on the causes of World War I.",
+        "Reply with one word: what colour is the sky?",
+    ]
+    for llm in SHIPPED_LLMS:
+        essay, one_word = runtime.predict(prompts, [llm, llm])
+        assert essay.llm == one_word.llm == llm
+        assert essay.tokens > one_word.tokens > 0
+    (default,) = runtime.predict(prompts[:1], [""])
+    assert default.llm == "vicuna-13b"
+    (unknown,) = runtime.predict(prompts[:1], ["an-llm-nobody-trained"])
+    assert unknown.llm == ALL_LLMS and unknown.tokens > 0
+
+
+@pytest.mark.parametrize("llm", ["vicuna-13b", "gpt4_0314", "llama-2-13b-chat-hf"])
+def test_artifact_ranks_held_out_prompts_better_than_prompt_length(
+    runtime: ArtifactRuntime, llm: str
+) -> None:
+    metrics, prompt_length, head = evaluate_artifact(runtime, load_dataset(HELD_OUT), llm)
+    assert head == llm and metrics.n == 100
+    assert metrics.kendall_tau > prompt_length.kendall_tau + 0.1
+
+
+# ---- the gRPC service -------------------------------------------------------------------
+
+
+@pytest.fixture
+async def predictor_stub(
+    runtime: ArtifactRuntime,
+) -> AsyncIterator[predictor_pb2_grpc.PredictorStub]:
+    """The real servicer and batcher on a real grpc.aio server, in this process."""
+    predictor = LengthPredictor(runtime, max_batch_size=8, max_wait_s=0.005, max_batch_request=16)
+    servicer = PredictorServicer(predictor)
+    host = ServiceHost(
+        "predictor",
+        host="127.0.0.1",
+        port=0,
+        service_names=[SERVICE_NAME],
+        registrars=[servicer.register],
+    )
+    port = await host.start()
+    await predictor.start()
+    await host.set_ready()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        yield predictor_pb2_grpc.PredictorStub(channel)
+    await predictor.stop()
+    await host.server.stop(grace=None)
+
+
+async def test_service_predicts_batches_and_describes(
+    predictor_stub: predictor_pb2_grpc.PredictorStub,
+) -> None:
+    info = await predictor_stub.GetModelInfo(predictor_pb2.GetModelInfoRequest())
+    assert info.default_llm == "vicuna-13b" and "gpt4_0314" in info.llms
+    assert info.execution_provider.endswith("ExecutionProvider") and info.max_prompt_tokens > 0
+    prompts = [
+        f"Give me {n} tips for learning to cook, each explained in detail." for n in (1, 3, 10)
+    ] + ["Say hi."]
+    singles = await asyncio.gather(
+        *(
+            predictor_stub.Predict(predictor_pb2.PredictRequest(prompt=prompt, llm="gpt4_0314"))
+            for prompt in prompts
+        )
+    )
+    assert all(reply.model_version == info.model_version for reply in singles)
+    assert all(reply.llm == "gpt4_0314" for reply in singles)
+    batch = await predictor_stub.PredictBatch(
+        predictor_pb2.PredictBatchRequest(
+            requests=[
+                predictor_pb2.PredictRequest(prompt=prompt, llm="gpt4_0314") for prompt in prompts
+            ]
+        )
+    )
+    # int8 dynamic quantization scales activations per batch, so batch mates move a
+    # prediction slightly (docs/predictor.md); the order the scheduler uses is what matters.
+    assert [reply.predicted_output_tokens for reply in batch.responses] == pytest.approx(
+        [reply.predicted_output_tokens for reply in singles], rel=0.05
+    )
+    fallback = await predictor_stub.Predict(predictor_pb2.PredictRequest(prompt="Hi", llm="nope"))
+    assert fallback.llm == "*"
+
+
+async def test_service_rejects_bad_requests_clearly(
+    predictor_stub: predictor_pb2_grpc.PredictorStub,
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as empty:
+        await predictor_stub.Predict(predictor_pb2.PredictRequest(prompt="  "))
+    assert empty.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "empty" in empty.value.details()
+    too_many = predictor_pb2.PredictBatchRequest(
+        requests=[predictor_pb2.PredictRequest(prompt="hello")] * 17
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as exhausted:
+        await predictor_stub.PredictBatch(too_many)
+    assert exhausted.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "16" in exhausted.value.details()
+
+
+# ---- the command line -------------------------------------------------------------------
+
+
+def _ssjf(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "services.cli", *args],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+@pytest.mark.slow
+def test_predictor_process_serves_and_predict_cli_calls_it() -> None:
+    port = free_port()
+    service = start_service(["predictor", "--port", str(port), "--threads", "1"])
+    try:
+        wait_for_health(f"127.0.0.1:{port}", timeout=90)
+        remote = _ssjf(
+            "predict",
+            "Write a haiku about autumn.",
+            "--llm",
+            "gpt4_0314",
+            "--server",
+            f"127.0.0.1:{port}",
+        )
+        assert remote.returncode == 0, remote.stderr
+        assert "llm=gpt4_0314" in remote.stdout and "predicted_output_tokens=" in remote.stdout
+        empty = _ssjf("predict", "", "--server", f"127.0.0.1:{port}")
+        assert empty.returncode == 1 and "INVALID_ARGUMENT" in empty.stdout
+    finally:
+        assert service.stop() == 0, service.log()
+    local = _ssjf("predict", "Write a haiku about autumn.", "--llm", "gpt4_0314")
+    assert local.returncode == 0, local.stderr
+    assert local.stdout.split()[:1] == remote.stdout.split()[:1]  # same artifact, same answer
+
+
+@pytest.mark.slow
+def test_eval_predictor_prints_metrics_and_ends_with_tau() -> None:
+    result = _ssjf(
+        "eval-predictor",
+        "--prompts",
+        str(HELD_OUT / "prompts.jsonl"),
+        "--lengths",
+        str(HELD_OUT / "lengths.csv"),
+        "--llm",
+        "llama-2-13b-chat-hf",
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert any(line.startswith("spearman_rho=") for line in lines)
+    assert lines[-1].startswith("kendall_tau=") and float(lines[-1].split("=")[1]) > 0.2
+    unknown = _ssjf(
+        "eval-predictor",
+        "--prompts",
+        str(HELD_OUT / "prompts.jsonl"),
+        "--lengths",
+        str(HELD_OUT / "lengths.csv"),
+        "--llm",
+        "not-in-the-data",
+    )
+    assert unknown.returncode != 0 and "not-in-the-data" in unknown.stderr
+
+
+@pytest.mark.slow
+def test_train_export_smoke_on_a_handful_of_prompts(tmp_path: Path) -> None:
+    """The whole train -> ONNX -> int8 -> parity -> held-out evaluation path, tiny."""
+    out = tmp_path / "artifact"
+    result = _ssjf(
+        "train-predictor",
+        "--data",
+        str(HELD_OUT),
+        "--llm",
+        "vicuna-13b,gpt4_0314",
+        "--epochs",
+        "1",
+        "--max-train-prompts",
+        "8",
+        "--max-prompt-tokens",
+        "64",
+        "--out",
+        str(out),
+        "--name",
+        "smoke",
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    smoke = ArtifactRuntime(out, intra_op_threads=1)
+    assert smoke.llms == ["vicuna-13b", "gpt4_0314"] and smoke.version.startswith("smoke-")
+    parity = smoke.metadata["parity"]["fp32_vs_pytorch"]
+    assert parity["max_rel_diff"] < 1e-3
+    (prediction,) = smoke.predict(["Tell me a joke."], ["vicuna-13b"])
+    assert prediction.tokens > 0
