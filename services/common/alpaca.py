@@ -37,7 +37,8 @@ from typing import Any
 
 import numpy as np
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from services.common.paths import SHARED_DATA_DIR
+
 PROMPTS_FILE = "prompts.jsonl"
 LENGTHS_FILE = "lengths.csv"
 
@@ -169,5 +170,5 @@ def split_by_prompt(
 
 def default_data_dir() -> Path | None:
     """``../shared/data/alpaca_eval`` beside the repository when it exists (CI, dev boxes)."""
-    candidate = REPO_ROOT.parent / "shared" / "data" / "alpaca_eval"
+    candidate = SHARED_DATA_DIR / "alpaca_eval"
     return candidate if (candidate / PROMPTS_FILE).exists() else None

@@ -30,13 +30,13 @@ import numpy as np
 from tqdm import tqdm
 
 from services.common.alpaca import LengthDataset, default_data_dir, load_dataset
+from services.common.paths import CHECKOUT_ROOT
 from services.predictor.evaluate import score
 from services.predictor.export import FP32_MODEL_FILE, MODEL_FILE, TORCH_STATE_FILE
 from services.predictor.model import FORMULATIONS
 from services.predictor.runtime import DEFAULT_ARTIFACT, ArtifactRuntime, similar_length_chunks
 from services.predictor.training import split_dataset
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 TABLE_LLMS = ("vicuna-13b", "gpt4_0314", "llama-2-13b-chat-hf")
 BATCH_SIZES = (1, 8, 32)
 REPEATS = 3
@@ -233,14 +233,16 @@ def _plot(result: dict[str, Any], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(default_data_dir() or ""), help="shared-format data")
-    parser.add_argument("--runs", default=str(REPO_ROOT / "runs" / "predictor"))
+    parser.add_argument("--runs", default=str(CHECKOUT_ROOT / "runs" / "predictor"))
     parser.add_argument(
         "--speed-formulation",
         default=None,
         help="run whose engines are timed (default: the shipped formulation)",
     )
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", default=str(REPO_ROOT / "bench" / "results" / "predictor.json"))
+    parser.add_argument(
+        "--out", default=str(CHECKOUT_ROOT / "bench" / "results" / "predictor.json")
+    )
     args = parser.parse_args(argv)
     if not args.data:
         raise SystemExit("no data: pass --data (../shared/data/alpaca_eval)")

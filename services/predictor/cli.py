@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from services.common.config import add_flag, add_option
+from services.common.config import add_flag, add_option, add_server_options
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 DEFAULT_ARTIFACT = PACKAGE_DIR / "artifacts" / "default"
@@ -18,8 +18,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve = subparsers.add_parser(
         "predictor", help="run the Predictor gRPC service (ONNX Runtime, micro-batching)"
     )
-    add_option(serve, "--host", default="0.0.0.0", help="address to listen on")
-    add_option(serve, "--port", default=50052, type=int, help="port to listen on")
+    add_server_options(serve, default_port=50052, what="predictor")
     add_option(serve, "--artifact", default=str(DEFAULT_ARTIFACT), help="artifact directory")
     add_option(
         serve,

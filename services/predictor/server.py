@@ -28,6 +28,7 @@ async def serve(args: argparse.Namespace) -> None:
         port=args.port,
         service_names=[SERVICE_NAME],
         registrars=[servicer.register],
+        metrics_port=args.metrics_port or None,
     )
     await host.start()  # health answers NOT_SERVING while the model warms up
     await predictor.start()
