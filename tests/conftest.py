@@ -7,19 +7,19 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from tests.helpers import RedisServer
+from services.common.redis_store import RedisServerProcess
 
 
 @pytest.fixture(scope="session")
-def redis_server() -> Iterator[RedisServer]:
-    server = RedisServer()
+def redis_server() -> Iterator[RedisServerProcess]:
+    server = RedisServerProcess()
     server.start()
     yield server
     server.kill()
 
 
 @pytest.fixture
-def redis_url(redis_server: RedisServer) -> str:
+def redis_url(redis_server: RedisServerProcess) -> str:
     """The test Redis, emptied before the test."""
     if redis_server.process is None or redis_server.process.poll() is not None:
         redis_server.start()

@@ -9,7 +9,7 @@ import pytest
 
 from services.common.errors import InvalidArgument
 from services.common.redis_store import connect
-from services.scheduler.models import FinishReason, JobRecord, JobState, SamplingParams
+from services.scheduler.models import JobRecord, JobState, SamplingParams
 from services.scheduler.policies import (
     EPOCH_S,
     POLICIES,
@@ -129,14 +129,6 @@ def _record(job_id: str, score: float, arrival: float, priority: int) -> JobReco
         prompt="p",
         submitted_at=arrival,
         queued_at=arrival,
-        leased_at=0.0,
-        first_token_at=0.0,
-        finished_at=0.0,
-        worker_id="",
-        attempts=0,
-        generated_tokens=0,
-        finish_reason=FinishReason.UNSPECIFIED,
-        error="",
     )
 
 

@@ -226,12 +226,7 @@ def plot_jct_cdf(
         axis.set_ylabel("fraction of jobs")
         axis.grid(True, alpha=0.3)
         axis.legend(loc="lower right")
-    figure.suptitle(title)
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return _save(figure, title, path)
 
 
 def plot_mean_jct_vs_load(runs: Sequence[dict[str, Any]], path: Path, title: str) -> Path:
@@ -258,9 +253,15 @@ def plot_mean_jct_vs_load(runs: Sequence[dict[str, Any]], path: Path, title: str
         axis.set_ylabel("mean job completion time (s)")
         axis.grid(True, alpha=0.3)
         axis.legend(loc="upper left")
+    return _save(figure, title, path)
+
+
+def _save(figure: Any, title: str, path: Path) -> Path:
     figure.suptitle(title)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
     plt.close(figure)
     return path

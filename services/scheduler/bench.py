@@ -28,7 +28,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -40,21 +39,17 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tqdm import tqdm
 
 from services.common.grpc_server import CHANNEL_OPTIONS
+from services.common.health import wait_for_serving
+from services.common.net import free_port
 from services.common.paths import CHECKOUT_ROOT
-from services.common.redis_store import connect
+from services.common.redis_store import RedisServerProcess, connect
 from services.pb import scheduler_pb2, scheduler_pb2_grpc
 from services.scheduler.core import new_job_id
-from services.scheduler.models import FinishReason, JobRecord, JobState, SamplingParams
+from services.scheduler.models import JobRecord, JobState, SamplingParams
 from services.scheduler.store import JobStore, StoreSettings
 
 LLM = "bench-llm"
 FILL_BATCH = 5_000
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _percentiles(samples_s: list[float]) -> dict[str, float]:
@@ -71,73 +66,36 @@ class Stack:
     """redis-server and one scheduler process, both on free ports, both stopped on exit."""
 
     def __init__(self) -> None:
-        self.redis_port = _free_port()
-        self.redis_url = f"redis://127.0.0.1:{self.redis_port}/0"
-        self.address = f"127.0.0.1:{_free_port()}"
-        self.processes: list[subprocess.Popen[bytes]] = []
+        self.redis = RedisServerProcess()
+        self.redis_url = self.redis.url
+        self.address = f"127.0.0.1:{free_port()}"
+        self.scheduler: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        binary = shutil.which("redis-server") or "/usr/bin/redis-server"
-        self.processes.append(
-            subprocess.Popen(
-                [
-                    binary,
-                    "--port",
-                    str(self.redis_port),
-                    "--bind",
-                    "127.0.0.1",
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                ],
-                stdout=subprocess.DEVNULL,
-            )
-        )
-        self.processes.append(
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "services.cli",
-                    "--log-level",
-                    "warning",
-                    "scheduler",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    self.address.rsplit(":", 1)[1],
-                    "--redis-url",
-                    self.redis_url,
-                    "--max-queue-depth",
-                    "0",
-                    "--lease-ttl-s",
-                    "3600",
-                    "--default-llm",
-                    LLM,
-                ],
-                cwd=CHECKOUT_ROOT,
-            )
-        )
-        deadline = time.monotonic() + 60
-        with grpc.insecure_channel(self.address) as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            while True:
-                try:
-                    if health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
-                        return
-                except grpc.RpcError:
-                    if time.monotonic() > deadline:
-                        raise
-                time.sleep(0.1)
+        self.redis.start()
+        self.scheduler = subprocess.Popen(
+            [
+                sys.executable, "-m", "services.cli", "--log-level", "warning",
+                "scheduler",
+                "--host", "127.0.0.1",
+                "--port", self.address.rsplit(":", 1)[1],
+                "--redis-url", self.redis_url,
+                "--max-queue-depth", "0",
+                "--lease-ttl-s", "3600",
+                "--default-llm", LLM,
+            ],
+            cwd=CHECKOUT_ROOT,
+        )  # fmt: skip
+        wait_for_serving(self.address, timeout=60, alive=lambda: self.scheduler.poll() is None)
 
     def stop(self) -> None:
-        for process in reversed(self.processes):
-            process.terminate()
+        if self.scheduler is not None:
+            self.scheduler.terminate()
             try:
-                process.wait(15)
+                self.scheduler.wait(15)
             except subprocess.TimeoutExpired:
-                process.kill()
+                self.scheduler.kill()
+        self.redis.kill()
 
 
 def _submit_request(i: int, predicted_hint: int = 0) -> scheduler_pb2.GenerateRequest:
@@ -225,14 +183,6 @@ def _bench_record(i: int, now: float) -> JobRecord:
         prompt=f"queued prompt {i}",
         submitted_at=now,
         queued_at=now,
-        leased_at=0.0,
-        first_token_at=0.0,
-        finished_at=0.0,
-        worker_id="",
-        attempts=0,
-        generated_tokens=0,
-        finish_reason=FinishReason.UNSPECIFIED,
-        error="",
     )
 
 
@@ -415,7 +365,7 @@ async def run(args: argparse.Namespace) -> dict:
             await dispatch_at_depth(stack.address, store, depth, args.samples)
             for depth in args.depths
         ]
-        results["redis_benchmark"] = redis_benchmark(stack.redis_port, args.redis_requests)
+        results["redis_benchmark"] = redis_benchmark(stack.redis.port, args.redis_requests)
         results["load_average_at_end"] = os.getloadavg()
     finally:
         await redis.aclose()

@@ -27,7 +27,6 @@ from services.common.errors import (
     Unavailable,
 )
 from services.scheduler.models import (
-    FinishReason,
     JobEnd,
     JobRecord,
     JobRequest,
@@ -186,14 +185,6 @@ class SchedulerCore:
             prompt=request.prompt,
             submitted_at=submitted_at,
             queued_at=time.time(),
-            leased_at=0.0,
-            first_token_at=0.0,
-            finished_at=0.0,
-            worker_id="",
-            attempts=0,
-            generated_tokens=0,
-            finish_reason=FinishReason.UNSPECIFIED,
-            error="",
         )
         deadline_at = (
             submitted_at + request.start_timeout_ms / 1e3 if request.start_timeout_ms else 0.0

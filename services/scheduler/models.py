@@ -109,14 +109,15 @@ class JobRecord:
     prompt: str
     submitted_at: float
     queued_at: float
-    leased_at: float
-    first_token_at: float
-    finished_at: float
-    worker_id: str
-    attempts: int
-    generated_tokens: int
-    finish_reason: FinishReason
-    error: str
+    # Lifecycle fields: a job starts with none of them reached.
+    leased_at: float = 0.0
+    first_token_at: float = 0.0
+    finished_at: float = 0.0
+    worker_id: str = ""
+    attempts: int = 0
+    generated_tokens: int = 0
+    finish_reason: FinishReason = FinishReason.UNSPECIFIED
+    error: str = ""
 
     @property
     def queue_wait_s(self) -> float:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -18,15 +17,10 @@ from types import TracebackType
 from typing import IO
 
 from services.common.health import wait_for_serving
+from services.common.net import free_port
 from services.common.redis_store import EmbeddedRedis
 
 log = logging.getLogger(__name__)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass
