@@ -18,6 +18,7 @@ import grpc
 import pytest
 
 from services.common.grpc_server import CHANNEL_OPTIONS
+from services.common.net import free_port
 from services.pb import (
     common_pb2,
     predictor_pb2,
@@ -25,7 +26,7 @@ from services.pb import (
     scheduler_pb2,
     scheduler_pb2_grpc,
 )
-from tests.helpers import REPO_ROOT, Service, free_port, start_service, wait_for_health
+from tests.helpers import REPO_ROOT, Service, start_service, wait_for_health
 
 PROBE_WORKER = Path(__file__).with_name("scheduler_probe_worker.py")
 

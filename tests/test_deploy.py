@@ -18,8 +18,9 @@ import yaml
 
 from services.cli import build_parser
 from services.common.config import env_name
+from services.common.net import free_port
 from services.pb import common_pb2, scheduler_pb2, scheduler_pb2_grpc
-from tests.helpers import REPO_ROOT, free_port, start_service, wait_for_health
+from tests.helpers import REPO_ROOT, start_service, wait_for_health
 
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
 K8S_DIR = REPO_ROOT / "deploy" / "k8s"

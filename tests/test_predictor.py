@@ -13,6 +13,7 @@ import pytest
 
 from services.common.alpaca import load_dataset, split_by_prompt
 from services.common.grpc_server import ServiceHost
+from services.common.net import free_port
 from services.pb import predictor_pb2, predictor_pb2_grpc
 from services.predictor.batcher import MicroBatcher
 from services.predictor.core import LengthPredictor
@@ -21,7 +22,7 @@ from services.predictor.model import ALL_LLMS, encoder_dir
 from services.predictor.runtime import DEFAULT_ARTIFACT, ArtifactRuntime
 from services.predictor.servicer import SERVICE_NAME, PredictorServicer
 from services.predictor.tokenization import PromptTokenizer
-from tests.helpers import REPO_ROOT, free_port, start_service, wait_for_health
+from tests.helpers import REPO_ROOT, start_service, wait_for_health
 
 HELD_OUT = REPO_ROOT / "tests" / "data" / "predictor_heldout"
 SHIPPED_LLMS = (

@@ -14,8 +14,8 @@ import grpc
 import pytest
 import redis
 
+from services.common.net import free_port
 from services.pb import common_pb2, scheduler_pb2
-from tests.helpers import free_port
 from tests.scheduler_support import (
     ReportSession,
     collect,

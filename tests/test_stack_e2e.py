@@ -21,6 +21,8 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
+from services.common.alpaca import load_dataset
+from services.common.net import free_port
 from services.pb import (
     common_pb2,
     predictor_pb2,
@@ -28,7 +30,7 @@ from services.pb import (
     scheduler_pb2,
     scheduler_pb2_grpc,
 )
-from tests.helpers import REPO_ROOT, Service, free_port, start_service, wait_for_health
+from tests.helpers import REPO_ROOT, Service, start_service, wait_for_health
 
 pytestmark = pytest.mark.slow
 LLM = "vicuna-13b"
@@ -242,3 +244,24 @@ def test_readme_grpcurl_commands_work(stack: Stack):
         )
     )  # fmt: skip
     assert float(prediction["predicted_output_tokens"]) > 0
+
+
+def test_finished_jobs_export_as_predictor_training_data(
+    stack: Stack, scheduler: scheduler_pb2_grpc.SchedulerStub, tmp_path: Path
+):
+    """Served jobs become (prompt, LLM, generated tokens) rows train-predictor can read."""
+    prompt = "List four kinds of trees."
+    events = list(scheduler.Generate(request(prompt, max_new_tokens=6), timeout=120))
+    generated = events[-1].summary.generated_tokens
+    replayed = list(scheduler.Generate(request("Replayed job.", replay_output_tokens=3)))
+    assert replayed[-1].summary.state == common_pb2.JOB_STATE_DONE
+    result = subprocess.run(
+        [sys.executable, "-m", "services.cli", "export-completions",
+         "--redis-url", stack.redis_url, "--out", str(tmp_path)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    dataset = load_dataset(tmp_path)
+    by_text = {p.text: p.prompt_id for p in dataset.prompts}
+    assert dataset.lengths_for(LLM)[by_text[prompt]] == generated
+    assert "Replayed job." not in by_text, "replayed lengths are not the LLM's behaviour"

@@ -11,8 +11,9 @@ from concurrent import futures
 import grpc
 import pytest
 
+from services.common.net import free_port
 from services.pb import common_pb2, scheduler_pb2, scheduler_pb2_grpc, worker_pb2, worker_pb2_grpc
-from tests.helpers import Service, free_port, start_service, wait_for_health
+from tests.helpers import Service, start_service, wait_for_health
 
 pytestmark = pytest.mark.slow
 LLM = "vicuna-13b"

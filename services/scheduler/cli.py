@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
+from pathlib import Path
 
 from services.common.config import add_flag, add_option, add_server_options
 from services.scheduler.policies import POLICIES
@@ -142,3 +144,35 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_arguments(parser)
     parser.set_defaults(run=_run)
+
+    export = subparsers.add_parser(
+        "export-completions",
+        help="write finished jobs' (prompt, LLM, generated tokens) as proxy-model training data",
+        description="Read the scheduler's ssjf:completions stream and write prompts.jsonl + "
+        "lengths.csv (the shared data format) for `ssjf train-predictor --data DIR` or "
+        "`ssjf eval-predictor`. Replayed (benchmark) jobs are left out.",
+    )
+    add_option(
+        export,
+        "--redis-url",
+        default=os.environ.get("REDIS_URL"),
+        help="the scheduler's Redis (REDIS_URL is read too); required",
+    )
+    export.add_argument("--out", type=Path, required=True, help="directory to write")
+    export.set_defaults(run=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from services.scheduler.completions import export_completions
+
+    if not args.redis_url:
+        print("--redis-url (or REDIS_URL) is required", file=sys.stderr)
+        return 2
+    summary = asyncio.run(export_completions(args.redis_url, args.out))
+    print(
+        f"{summary.completions_used} of {summary.completions_read} completions -> "
+        f"{summary.prompts} prompts, {summary.llms} LLMs in {args.out}"
+    )
+    return 0

@@ -53,6 +53,7 @@ from services.scheduler.models import (
 
 PREFIX = "ssjf:"
 LLMS_KEY = PREFIX + "llms"
+COMPLETIONS_KEY = PREFIX + "completions"  # written by lua/progress.lua
 _LUA_DIR = Path(__file__).with_name("lua")
 _STREAM_READ_COUNT = 512
 _Method = TypeVar("_Method", bound=Callable[..., Awaitable[Any]])
