@@ -41,7 +41,7 @@ run: $(STAMP)  ## start the whole stack locally on embedded defaults
 	$(BIN)/ssjf up
 
 predictor: $(STAMP)  ## train the default proxy model into services/predictor/artifacts/default
-	$(BIN)/ssjf train-predictor --out services/predictor/artifacts/default
+	$(BIN)/ssjf train-predictor --trainable-layers 6 --epochs 6 --out services/predictor/artifacts/default
 
 runs/predictor/comparison.json: | $(STAMP)
 	$(BIN)/ssjf train-predictor --compare --keep-fp32 --out runs/predictor
