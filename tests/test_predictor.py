@@ -12,7 +12,6 @@ import grpc
 import pytest
 
 from services.common.alpaca import load_dataset, split_by_prompt
-from services.common.grpc_server import ServiceHost
 from services.common.net import free_port
 from services.pb import predictor_pb2, predictor_pb2_grpc
 from services.predictor.batcher import MicroBatcher
@@ -20,7 +19,7 @@ from services.predictor.core import LengthPredictor
 from services.predictor.evaluate import evaluate_artifact
 from services.predictor.model import ALL_LLMS, encoder_dir
 from services.predictor.runtime import DEFAULT_ARTIFACT, ArtifactRuntime
-from services.predictor.servicer import SERVICE_NAME, PredictorServicer
+from services.predictor.server import predictor_host
 from services.predictor.tokenization import PromptTokenizer
 from tests.helpers import REPO_ROOT, start_service, wait_for_health
 
@@ -136,14 +135,7 @@ async def predictor_stub(
 ) -> AsyncIterator[predictor_pb2_grpc.PredictorStub]:
     """The real servicer and batcher on a real grpc.aio server, in this process."""
     predictor = LengthPredictor(runtime, max_batch_size=8, max_wait_s=0.005, max_batch_request=16)
-    servicer = PredictorServicer(predictor)
-    host = ServiceHost(
-        "predictor",
-        host="127.0.0.1",
-        port=0,
-        service_names=[SERVICE_NAME],
-        registrars=[servicer.register],
-    )
+    host = predictor_host(predictor, host="127.0.0.1", port=0)
     port = await host.start()
     await predictor.start()
     await host.set_ready()

@@ -167,20 +167,12 @@ async def _service_throughput(prompts: list[str], threads: int, concurrency: int
     """Concurrent single-prompt Predict calls against the real gRPC service, in process."""
     import grpc
 
-    from services.common.grpc_server import ServiceHost
     from services.pb import predictor_pb2, predictor_pb2_grpc
     from services.predictor.core import LengthPredictor
-    from services.predictor.servicer import SERVICE_NAME, PredictorServicer
+    from services.predictor.server import predictor_host
 
     predictor = LengthPredictor(ArtifactRuntime(DEFAULT_ARTIFACT, intra_op_threads=threads))
-    servicer = PredictorServicer(predictor)
-    host = ServiceHost(
-        "predictor",
-        host="127.0.0.1",
-        port=0,
-        service_names=[SERVICE_NAME],
-        registrars=[servicer.register],
-    )
+    host = predictor_host(predictor, host="127.0.0.1", port=0)
     port = await host.start()
     await predictor.start()
     queue = list(prompts)

@@ -13,6 +13,20 @@ from services.predictor.servicer import SERVICE_NAME, PredictorServicer
 log = logging.getLogger(__name__)
 
 
+def predictor_host(
+    predictor: LengthPredictor, *, host: str, port: int, metrics_port: int | None = None
+) -> ServiceHost:
+    """A gRPC server for ``predictor`` (not started): the service, the bench and tests."""
+    return ServiceHost(
+        "predictor",
+        host=host,
+        port=port,
+        service_names=[SERVICE_NAME],
+        registrars=[PredictorServicer(predictor).register],
+        metrics_port=metrics_port,
+    )
+
+
 async def serve(args: argparse.Namespace) -> None:
     runtime = ArtifactRuntime(args.artifact, intra_op_threads=args.threads or None)
     predictor = LengthPredictor(
@@ -21,14 +35,8 @@ async def serve(args: argparse.Namespace) -> None:
         max_wait_s=args.max_wait_ms / 1000.0,
         max_batch_request=args.max_batch_request,
     )
-    servicer = PredictorServicer(predictor)
-    host = ServiceHost(
-        "predictor",
-        host=args.host,
-        port=args.port,
-        service_names=[SERVICE_NAME],
-        registrars=[servicer.register],
-        metrics_port=args.metrics_port or None,
+    host = predictor_host(
+        predictor, host=args.host, port=args.port, metrics_port=args.metrics_port or None
     )
     await host.start()  # health answers NOT_SERVING while the model warms up
     await predictor.start()
