@@ -9,8 +9,12 @@ from pathlib import Path
 from services.common.config import add_option
 from services.common.paths import SHARED_DATA_DIR
 
-POLICIES = ["fcfs", "ssjf", "sjf-oracle"]
-BATCHINGS = ["none", "dynamic", "continuous"]
+# The scheduler's policy registry and the worker's modes: a new one is benchmarked as is.
+from services.scheduler.policies import POLICIES as SCHEDULER_POLICIES
+from services.worker.cli import BATCHING_MODES
+
+POLICIES = list(SCHEDULER_POLICIES)
+BATCHINGS = BATCHING_MODES
 ARRIVALS = ["poisson", "azure-conversation", "azure-code"]
 
 

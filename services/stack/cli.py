@@ -7,6 +7,8 @@ import shlex
 import sys
 
 from services.common.config import add_option
+from services.scheduler.policies import POLICIES
+from services.worker.cli import BATCHING_MODES
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -25,9 +27,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         up, "--redis-url", env="REDIS_URL", help="Redis to use; unset: start an embedded one"
     )
     add_option(up, "--policy", default="ssjf", help="scheduling policy",
-               choices=["fcfs", "ssjf", "sjf-oracle"])  # fmt: skip
+               choices=list(POLICIES))  # fmt: skip
     add_option(up, "--batching", default="continuous", help="worker batching mode",
-               choices=["none", "dynamic", "continuous"])  # fmt: skip
+               choices=BATCHING_MODES)  # fmt: skip
     add_option(up, "--max-batch-size", type=int, default=8, help="sequences per worker batch")
     add_option(
         up,
