@@ -26,6 +26,7 @@ from services.common.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from services.common.penalties import check_penalties
 from services.scheduler.models import (
     JobEnd,
     JobRecord,
@@ -119,6 +120,9 @@ class SchedulerCore:
             )
         if not math.isfinite(sampling.top_p) or not 0 <= sampling.top_p <= 1:
             raise InvalidArgument(f"sampling.top_p must be within (0, 1], got {sampling.top_p}")
+        check_penalties(
+            sampling.repetition_penalty, sampling.presence_penalty, sampling.frequency_penalty
+        )
         if len(sampling.stop) > MAX_STOP_STRINGS or any(not stop for stop in sampling.stop):
             raise InvalidArgument(
                 f"sampling.stop takes at most {MAX_STOP_STRINGS} non-empty strings"

@@ -53,6 +53,9 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     replay_output_tokens: int = 0
+    repetition_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def to_json(self) -> str:
         """Only the fields that differ from their defaults (usually none: ``{}``), so most
@@ -66,6 +69,9 @@ class SamplingParams:
                 ("stop", self.stop, ()),
                 ("seed", self.seed, None),
                 ("replay_output_tokens", self.replay_output_tokens, 0),
+                ("repetition_penalty", self.repetition_penalty, 0.0),
+                ("presence_penalty", self.presence_penalty, 0.0),
+                ("frequency_penalty", self.frequency_penalty, 0.0),
             )
             if value != default
         }

@@ -57,6 +57,9 @@ def sampling_from_pb(sampling: common_pb2.SamplingParams) -> SamplingParams:
         stop=tuple(sampling.stop),
         seed=sampling.seed if sampling.HasField("seed") else None,
         replay_output_tokens=sampling.replay_output_tokens,
+        repetition_penalty=sampling.repetition_penalty,
+        presence_penalty=sampling.presence_penalty,
+        frequency_penalty=sampling.frequency_penalty,
     )
 
 
@@ -68,6 +71,9 @@ def sampling_to_pb(sampling: SamplingParams) -> common_pb2.SamplingParams:
         stop=list(sampling.stop),
         seed=sampling.seed,
         replay_output_tokens=sampling.replay_output_tokens,
+        repetition_penalty=sampling.repetition_penalty,
+        presence_penalty=sampling.presence_penalty,
+        frequency_penalty=sampling.frequency_penalty,
     )
 
 

@@ -6,6 +6,7 @@ import argparse
 import shlex
 import sys
 
+from services.collect.cli import add_sampling_options
 from services.common.config import add_option
 from services.scheduler.policies import POLICIES
 from services.worker.cli import BATCHING_MODES
@@ -34,11 +35,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_option(
         up,
         "--model",
-        help="LLM for the workers: a local path or hub id (default: the built-in small model, "
-        "whose text is random)",
+        default="smollm2-135m-instruct",
+        help="LLM for the workers: smollm2-135m-instruct (built in, prepared once on first "
+        "start), tiny-llama (random weights, for tests), a save_pretrained directory, a .gguf "
+        "file, or a hub id",
     )
     add_option(
-        up, "--served-model-name", default="vicuna-13b", help="LLM name the workers answer to"
+        up,
+        "--served-model-name",
+        default="",
+        help="LLM name the workers answer to (empty: the --model value)",
+    )
+    add_option(
+        up,
+        "--default-max-new-tokens",
+        type=int,
+        default=0,
+        help="workers' answer length cap for requests that set none (0: the worker's default)",
     )
     up.set_defaults(run=_run_up)
 
@@ -51,10 +64,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     generate.add_argument("prompt", help="the prompt text")
     add_option(generate, "--server", default="127.0.0.1:50051", help="scheduler HOST:PORT")
     add_option(generate, "--llm", default="", help="LLM name (empty: the scheduler's default)")
-    add_option(generate, "--max-new-tokens", type=int, default=64, help="most tokens to generate")
+    add_option(
+        generate,
+        "--max-new-tokens",
+        type=int,
+        default=0,
+        help="most tokens to generate (0: the worker's default)",
+    )
     add_option(generate, "--temperature", type=float, default=0.0, help="0 = greedy")
     add_option(generate, "--top-p", type=float, default=1.0, help="nucleus sampling mass")
     generate.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    add_sampling_options(generate)
     add_option(generate, "--seed", type=int, help="sampling seed")
     add_option(generate, "--priority", type=int, default=0, help="lower is served first")
     add_option(generate, "--request-id", default="", help="idempotency key")
@@ -77,6 +97,10 @@ def _run_up(args: argparse.Namespace) -> int:
 
     from services.stack.launcher import LocalStack, StackConfig
 
+    served_model_name = args.served_model_name or args.model
+    worker_args = []
+    if args.default_max_new_tokens:
+        worker_args = ["--default-max-new-tokens", str(args.default_max_new_tokens)]
     config = StackConfig(
         port=args.port,
         workers=args.workers,
@@ -84,10 +108,11 @@ def _run_up(args: argparse.Namespace) -> int:
         policy=args.policy,
         batching=args.batching,
         max_batch_size=args.max_batch_size,
-        served_model_name=args.served_model_name,
+        served_model_name=served_model_name,
         model=args.model,
         log_level=args.log_level,
-        scheduler_args=["--default-llm", args.served_model_name],
+        scheduler_args=["--default-llm", served_model_name],
+        worker_args=worker_args,
     )
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -122,6 +147,9 @@ def _run_generate(args: argparse.Namespace) -> int:
         top_p=args.top_p,
         stop=args.stop,
         seed=args.seed,
+        repetition_penalty=args.repetition_penalty,
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
         priority=args.priority,
         request_id=args.request_id,
         timeout_s=args.timeout_s,

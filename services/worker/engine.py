@@ -42,7 +42,7 @@ from services.worker.jobs import (
     Sampling,
 )
 from services.worker.model import LoadedModel
-from services.worker.sampling import make_generator, next_tokens
+from services.worker.sampling import TokenChooser, next_tokens
 from services.worker.text import TextStream
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,14 @@ class _Sequence:
             stop=() if self.sampling.replay else self.sampling.stop,
             already_streamed=request.resume_token_ids,
         )
-        self.generator = make_generator(self.sampling, model.device)
+        self.chooser = TokenChooser(
+            self.sampling,
+            request.prompt_ids,
+            request.resume_token_ids,
+            model.vocab_size,
+            model.device,
+            model.default_repetition_penalty,
+        )
         self.prefill_s = 0.0
         self.decode_s = 0.0
 
@@ -348,7 +355,7 @@ class Engine:
             self.step()
 
     def _choose(self, logits: torch.Tensor, rows: list[_Sequence]) -> list[int]:
-        return next_tokens(logits, [row.sampling for row in rows], [row.generator for row in rows])
+        return next_tokens(logits, [row.chooser for row in rows])
 
     def _advance(self, batch: _KVBatch, tokens: list[int], updates: list[JobUpdate]) -> None:
         """Give each row its new token, report it, and drop the rows that finished."""

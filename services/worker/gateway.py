@@ -53,6 +53,9 @@ def sampling_from_proto(params: common_pb2.SamplingParams, default_max_new_token
         stop=tuple(params.stop),
         seed=params.seed if params.HasField("seed") else random.getrandbits(63),
         replay_output_tokens=params.replay_output_tokens,
+        repetition_penalty=params.repetition_penalty,
+        presence_penalty=params.presence_penalty,
+        frequency_penalty=params.frequency_penalty,
     )
 
 

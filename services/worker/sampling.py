@@ -1,7 +1,19 @@
-"""Choosing each sequence's next token from its logits: greedy, or temperature and top-p.
+"""Choosing each sequence's next token from its logits: penalties, then greedy, or
+temperature and top-p.
 
-Every sampled job draws from its own ``torch.Generator`` seeded from the job's seed, so its
-tokens depend on its seed and logits only, never on which other jobs share the batch.
+Every job has its own ``TokenChooser``: its penalty state counts only the job's own tokens
+and every sampled job draws from its own ``torch.Generator`` seeded from the job's seed, so
+its tokens depend on its seed, prompt and logits only, never on which other jobs share the
+batch.
+
+Penalties, applied to the logits before greedy or sampling:
+- ``repetition_penalty`` (as Hugging Face ``generate`` and vLLM): every token id that occurs
+  in the prompt (chat template included) or in the answer so far has its logit divided by the
+  penalty when positive, multiplied when negative. 1 is off; 0 (unset) takes the model's
+  default, its ``generation_config.repetition_penalty`` (1.2 for the built-in SmolLM2).
+- ``presence_penalty`` / ``frequency_penalty`` (as OpenAI and vLLM): over the answer's tokens
+  only (a resumed job's already-streamed tokens included), subtract ``presence`` once from
+  every id generated at least once and ``frequency`` once per occurrence.
 """
 
 from __future__ import annotations
@@ -20,17 +32,75 @@ def make_generator(sampling: Sampling, device: torch.device) -> torch.Generator 
     return generator
 
 
-def next_tokens(
-    logits: torch.Tensor,
-    samplings: list[Sampling],
-    generators: list[torch.Generator | None],
-) -> list[int]:
-    """One token per row of ``logits`` (batch, vocab), each row by its own job's rules."""
+class TokenChooser:
+    """One job's sampling state: its random stream and the token counts its penalties use."""
+
+    def __init__(
+        self,
+        sampling: Sampling,
+        prompt_ids: tuple[int, ...] | list[int],
+        answer_ids: tuple[int, ...] | list[int],
+        vocab_size: int,
+        device: torch.device,
+        default_repetition_penalty: float = 1.0,
+    ) -> None:
+        self.sampling = sampling
+        self.generator = make_generator(sampling, device)
+        self.repetition_penalty = sampling.repetition_penalty or default_repetition_penalty
+        self.presence_penalty = sampling.presence_penalty
+        self.frequency_penalty = sampling.frequency_penalty
+        self._seen: torch.Tensor | None = None  # ids in prompt or answer (repetition)
+        self._counts: torch.Tensor | None = None  # occurrences in the answer (OpenAI style)
+        if self.repetition_penalty != 1.0:
+            self._seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+            self._seen[_valid_ids([*prompt_ids, *answer_ids], vocab_size, device)] = True
+        if self.presence_penalty or self.frequency_penalty:
+            self._counts = torch.zeros(vocab_size, dtype=torch.float32, device=device)
+            ids = _valid_ids(list(answer_ids), vocab_size, device)
+            self._counts.index_add_(0, ids, torch.ones(len(ids), device=device))
+
+    @property
+    def penalised(self) -> bool:
+        return self._seen is not None or self._counts is not None
+
+    def adjust(self, logits: torch.Tensor) -> torch.Tensor:
+        """This job's logits (vocab,) with its penalties applied (a new tensor)."""
+        logits = logits.float()
+        if self._seen is not None:
+            penalty = self.repetition_penalty
+            scaled = torch.where(logits > 0, logits / penalty, logits * penalty)
+            logits = torch.where(self._seen[: logits.shape[0]], scaled, logits)
+        if self._counts is not None:
+            counts = self._counts[: logits.shape[0]]
+            logits = logits - self.frequency_penalty * counts
+            logits = logits - self.presence_penalty * (counts > 0).float()
+        return logits
+
+    def observe(self, token_id: int) -> None:
+        """Count a token this job generated."""
+        if self._seen is not None and 0 <= token_id < self._seen.shape[0]:
+            self._seen[token_id] = True
+        if self._counts is not None and 0 <= token_id < self._counts.shape[0]:
+            self._counts[token_id] += 1
+
+
+def next_tokens(logits: torch.Tensor, choosers: list[TokenChooser]) -> list[int]:
+    """One token per row of ``logits`` (batch, vocab), each row by its own job's rules; each
+    chooser records the token it chose."""
     chosen = logits.argmax(dim=-1).tolist()
-    for row, (sampling, generator) in enumerate(zip(samplings, generators, strict=True)):
-        if generator is not None:
-            chosen[row] = _sample_row(logits[row], sampling, generator)
+    for row, chooser in enumerate(choosers):
+        if chooser.penalised or chooser.generator is not None:
+            row_logits = chooser.adjust(logits[row]) if chooser.penalised else logits[row]
+            if chooser.generator is not None:
+                chosen[row] = _sample_row(row_logits, chooser.sampling, chooser.generator)
+            else:
+                chosen[row] = int(row_logits.argmax())
+        chooser.observe(chosen[row])
     return chosen
+
+
+def _valid_ids(ids: list[int], vocab_size: int, device: torch.device) -> torch.Tensor:
+    return torch.tensor([i for i in ids if 0 <= i < vocab_size], dtype=torch.long, device=device)
 
 
 def _sample_row(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> int:
