@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -27,6 +28,7 @@ from services.bench import report
 from services.bench.calibrate import capacity_rps, fit_level, fit_shape, replay_run
 from services.bench.latency import LatencyModel
 from services.bench.loadgen import RequestResult, run_open_loop
+from services.bench.realgen import DEFAULT_LABELS, load_greedy_lengths
 from services.bench.workload import PromptLength, build_requests, load_prompt_lengths
 
 log = logging.getLogger(__name__)
@@ -62,6 +64,12 @@ class BenchConfig:
     timeout_s: float = 600.0
     extra_scheduler_args: list[str] = field(default_factory=list)
     extra_worker_args: list[str] = field(default_factory=list)
+    # "replay": workers generate exactly the replayed lengths (any model; the tiny one by
+    # default). "real": the LLM answers to EOS, greedy (services/bench/realgen.py), with the
+    # greedy lengths in ``labels`` as the oracle.
+    generation: str = "replay"
+    labels: Path | None = None
+    model: str = "tiny-llama"
 
 
 def _scheduler_args(config: BenchConfig) -> list[str]:
@@ -93,6 +101,7 @@ def stack_for(config: BenchConfig, policy: str, batching: str) -> Iterator[str]:
         batching=batching,
         max_batch_size=config.max_batch_size,
         served_model_name=config.llm,
+        model=config.model,
         scheduler_args=_scheduler_args(config),
         # One intra-op thread: on a small machine the proxy model shares the cores with the
         # LLM, and ONNX Runtime's spinning worker threads would take the worker's CPU.
@@ -132,6 +141,8 @@ def _run_round(
         config.arrivals,
         config.data_dir,
     )
+    if config.generation == "real":
+        requests = [dataclasses.replace(request, real=True) for request in requests]
     bar = tqdm(total=len(requests), desc=label, unit="job", leave=False)
     results = asyncio.run(
         run_open_loop(
@@ -225,7 +236,10 @@ def _mean(values: Sequence[float]) -> float:
 
 def run_bench(config: BenchConfig) -> dict[str, Any]:
     """Run the grid; writes summary.json, per-job files, the latency models and the plots."""
-    items, source = load_prompt_lengths(config.llm, config.data_dir)
+    if config.generation == "real":
+        items, source = load_greedy_lengths(config.labels or DEFAULT_LABELS)
+    else:
+        items, source = load_prompt_lengths(config.llm, config.data_dir)
     out = config.out_dir
     (out / "jobs").mkdir(parents=True, exist_ok=True)
     scaled = [max(1, round(item.output_tokens / config.length_scale)) for item in items]
@@ -238,6 +252,7 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
             "length_scale": config.length_scale,
             "mean_output_tokens_replayed": float(np.mean(scaled)),
             "arrivals": config.arrivals,
+            "generation": config.generation,
         },
         "config": {k: v for k, v in asdict(config).items() if k != "out_dir"},
         "latency_models": {},

@@ -50,6 +50,8 @@ class Request:
     output_tokens: int
     # The LLM's real answer length, before scaling.
     true_output_tokens: int
+    # Real generation (services/bench/realgen.py): the LLM answers to EOS, no replay.
+    real: bool = False
 
 
 def vendored_workload_path(llm: str) -> Path:
