@@ -34,6 +34,14 @@ CHANNEL_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
 ]
+# Servers must accept the clients' 20 s keepalive pings while a stream is silent (a job
+# waiting in the queue behind long real answers): gRPC's server default allows one ping per
+# 5 min without data and answers more with GOAWAY "too_many_pings", killing the stream.
+SERVER_OPTIONS = [
+    *CHANNEL_OPTIONS,
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_ping_strikes", 0),
+]
 
 
 RPC_REQUESTS = Counter(
@@ -190,7 +198,7 @@ class ServiceHost:
         # Metrics outermost, so they see the status the error mapping produced.
         self.server = grpc.aio.server(
             interceptors=[MetricsInterceptor(), ErrorInterceptor(), *interceptors],
-            options=CHANNEL_OPTIONS,
+            options=SERVER_OPTIONS,
         )
         for register in registrars:
             register(self.server)
