@@ -22,6 +22,7 @@ from services.collect.core import (
     self_consistency_tau,
 )
 from services.common.alpaca import load_dataset
+from services.stack.client import GenerateOptions
 from services.stack.launcher import LocalStack, StackConfig
 from tests.helpers import REPO_ROOT
 
@@ -57,10 +58,11 @@ def prompts_file(tmp_path: Path) -> Path:
     return path
 
 
-def config(stack: LocalStack, prompts: Path, out: Path, **extra) -> CollectConfig:
-    return CollectConfig(
-        server=stack.address, prompts=prompts, out=out, label="tiny", max_new_tokens=6, **extra
-    )
+def config(
+    stack: LocalStack, prompts: Path, out: Path, concurrency: int = 16, **sampling
+) -> CollectConfig:
+    request = GenerateOptions(server=stack.address, prompt="", max_new_tokens=6, **sampling)
+    return CollectConfig(prompts, out, request, label="tiny", concurrency=concurrency)
 
 
 def test_collect_writes_the_shared_format_and_resumes(stack, prompts_file, tmp_path):

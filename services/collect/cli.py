@@ -7,12 +7,16 @@ import json
 import sys
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from services.common.config import add_option
 
 
 def add_sampling_options(parser: argparse.ArgumentParser) -> None:
-    """Penalty flags shared by ``generate`` and ``collect``."""
+    """Sampling flags shared by ``generate`` and ``collect`` (read by ``sampling_args``)."""
+    add_option(parser, "--temperature", type=float, default=0.0, help="0 = greedy")
+    add_option(parser, "--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    add_option(parser, "--seed", type=int, help="sampling seed")
     add_option(
         parser,
         "--repetition-penalty",
@@ -35,6 +39,12 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
         default=0.0,
         help="OpenAI-style frequency penalty in [-2, 2] over the answer's tokens",
     )
+
+
+def sampling_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``GenerateOptions`` fields of the flags ``add_sampling_options`` added."""
+    names = ("temperature", "top_p", "seed", "repetition_penalty", "presence_penalty")
+    return {name: getattr(args, name) for name in (*names, "frequency_penalty")}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -77,10 +87,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="answer length cap (0: the worker's default); answers cut by it are marked "
         "finish_reason=length",
     )
-    add_option(collect, "--temperature", type=float, default=0.0, help="0 = greedy")
-    add_option(collect, "--top-p", type=float, default=1.0, help="nucleus sampling mass")
-    add_option(collect, "--seed", type=int, help="sampling seed (every prompt's job uses it)")
-    add_sampling_options(collect)
+    add_sampling_options(collect)  # a --seed is every prompt's job's seed
     add_option(
         collect,
         "--subset",
@@ -122,23 +129,24 @@ def _run_collect(args: argparse.Namespace) -> int:
         return 2
     import asyncio
 
-    config = CollectConfig(
+    from services.stack.client import GenerateOptions
+
+    request = GenerateOptions(
         server=args.server,
+        prompt="",
+        llm=args.llm,
+        max_new_tokens=args.max_new_tokens,
+        timeout_s=args.timeout_s,
+        **sampling_args(args),
+    )
+    config = CollectConfig(
         prompts=Path(args.prompts),
         out=Path(args.out),
-        llm=args.llm,
+        request=request,
         label=args.label,
         concurrency=args.concurrency,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        seed=args.seed,
-        repetition_penalty=args.repetition_penalty,
-        presence_penalty=args.presence_penalty,
-        frequency_penalty=args.frequency_penalty,
         subset=args.subset,
         subset_seed=args.subset_seed,
-        timeout_s=args.timeout_s,
     )
     failed = asyncio.run(collect(config))
     return 1 if failed else 0

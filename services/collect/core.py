@@ -24,7 +24,7 @@ import math
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -32,7 +32,8 @@ import grpc
 
 from services.common.alpaca import LENGTHS_FILE, PROMPTS_FILE, Prompt, load_prompts
 from services.common.grpc_server import CHANNEL_OPTIONS
-from services.pb import common_pb2, scheduler_pb2, scheduler_pb2_grpc
+from services.pb import common_pb2, scheduler_pb2_grpc
+from services.stack.client import GenerateOptions, build_request
 
 log = logging.getLogger(__name__)
 
@@ -42,24 +43,16 @@ LENGTHS_HEADER = ["model", "prompt_id", "output_tokens", "output_chars"]
 
 @dataclass(frozen=True)
 class CollectConfig:
-    server: str
     prompts: Path
     out: Path
-    llm: str = ""
-    # Name written in lengths.csv's model column (default: llm, else the scheduler's default).
+    # Every prompt's request: server, LLM and sampling (its prompt is replaced per prompt).
+    request: GenerateOptions
+    # Name written in lengths.csv's model column (default: the request's llm, else "default").
     label: str = ""
     concurrency: int = 16
-    max_new_tokens: int = 0
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-    repetition_penalty: float = 0.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
     # Only the first N prompts of the set after a seeded shuffle (0: all, in file order).
     subset: int = 0
     subset_seed: int = 0
-    timeout_s: float = 3600.0
 
 
 @dataclass
@@ -125,31 +118,12 @@ def write_lengths(records: list[dict[str, Any]], label: str, out: Path) -> None:
             )
 
 
-def build_request(config: CollectConfig, prompt: Prompt) -> scheduler_pb2.GenerateRequest:
-    sampling = common_pb2.SamplingParams(
-        max_new_tokens=config.max_new_tokens,
-        temperature=config.temperature,
-        top_p=config.top_p,
-        repetition_penalty=config.repetition_penalty,
-        presence_penalty=config.presence_penalty,
-        frequency_penalty=config.frequency_penalty,
-    )
-    if config.seed is not None:
-        sampling.seed = config.seed
-    return scheduler_pb2.GenerateRequest(llm=config.llm, prompt=prompt.text, sampling=sampling)
-
-
 def settings_of(config: CollectConfig) -> dict[str, Any]:
-    return {
-        "llm": config.llm,
-        "max_new_tokens": config.max_new_tokens,
-        "temperature": config.temperature,
-        "top_p": config.top_p,
-        "seed": config.seed,
-        "repetition_penalty": config.repetition_penalty,
-        "presence_penalty": config.presence_penalty,
-        "frequency_penalty": config.frequency_penalty,
-    }
+    """What each answer records of how it was asked for."""
+    settings = asdict(config.request)
+    for name in ("server", "prompt", "request_id", "timeout_s", "priority"):
+        settings.pop(name)
+    return settings
 
 
 async def answer_one(
@@ -158,7 +132,8 @@ async def answer_one(
     """Generate one answer; raises RuntimeError when the job does not end DONE."""
     texts: list[str] = []
     job_id = ""
-    call = stub.Generate(build_request(config, prompt), timeout=config.timeout_s)
+    request = build_request(replace(config.request, prompt=prompt.text))
+    call = stub.Generate(request, timeout=config.request.timeout_s)
     async for event in call:
         kind = event.WhichOneof("event")
         job_id = job_id or event.job_id
@@ -216,7 +191,7 @@ async def collect(config: CollectConfig, stream: TextIO = sys.stdout) -> int:
     """Answer every prompt not yet done; returns the number of prompts that failed."""
     config.out.mkdir(parents=True, exist_ok=True)
     prompts = select_prompts(config)
-    label = config.label or config.llm or "default"
+    label = config.label or config.request.llm or "default"
     done_records = read_done(config.out)
     write_prompts(prompts, config.out)
     write_lengths(done_records, label, config.out)
@@ -254,7 +229,8 @@ async def collect(config: CollectConfig, stream: TextIO = sys.stdout) -> int:
             progress.record(answer)
 
     try:
-        async with grpc.aio.insecure_channel(config.server, options=CHANNEL_OPTIONS) as channel:
+        server = config.request.server
+        async with grpc.aio.insecure_channel(server, options=CHANNEL_OPTIONS) as channel:
             stub = scheduler_pb2_grpc.SchedulerStub(channel)
             workers = max(1, min(config.concurrency, len(todo)))
             await asyncio.gather(*(work(stub) for _ in range(workers)))

@@ -6,7 +6,7 @@ import argparse
 import shlex
 import sys
 
-from services.collect.cli import add_sampling_options
+from services.collect.cli import add_sampling_options, sampling_args
 from services.common.config import add_option
 from services.scheduler.policies import POLICIES
 from services.worker.cli import BATCHING_MODES
@@ -71,11 +71,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=0,
         help="most tokens to generate (0: the worker's default)",
     )
-    add_option(generate, "--temperature", type=float, default=0.0, help="0 = greedy")
-    add_option(generate, "--top-p", type=float, default=1.0, help="nucleus sampling mass")
     generate.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     add_sampling_options(generate)
-    add_option(generate, "--seed", type=int, help="sampling seed")
     add_option(generate, "--priority", type=int, default=0, help="lower is served first")
     add_option(generate, "--request-id", default="", help="idempotency key")
     add_option(generate, "--timeout-s", type=float, default=600.0, help="give up after this")
@@ -143,16 +140,11 @@ def _run_generate(args: argparse.Namespace) -> int:
         prompt=args.prompt,
         llm=args.llm,
         max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
         stop=args.stop,
-        seed=args.seed,
-        repetition_penalty=args.repetition_penalty,
-        presence_penalty=args.presence_penalty,
-        frequency_penalty=args.frequency_penalty,
         priority=args.priority,
         request_id=args.request_id,
         timeout_s=args.timeout_s,
+        **sampling_args(args),
     )
     return generate(options)
 
