@@ -86,7 +86,8 @@ class TokenChooser:
 
 def next_tokens(logits: torch.Tensor, choosers: list[TokenChooser]) -> list[int]:
     """One token per row of ``logits`` (batch, vocab), each row by its own job's rules; each
-    chooser records the token it chose."""
+    chooser then records the token it chose (only once every row has one, so a call that
+    raises changes no job's penalty state and may be retried)."""
     chosen = logits.argmax(dim=-1).tolist()
     for row, chooser in enumerate(choosers):
         if chooser.penalised or chooser.generator is not None:
@@ -95,7 +96,8 @@ def next_tokens(logits: torch.Tensor, choosers: list[TokenChooser]) -> list[int]
                 chosen[row] = _sample_row(row_logits, chooser.sampling, chooser.generator)
             else:
                 chosen[row] = int(row_logits.argmax())
-        chooser.observe(chosen[row])
+    for chooser, token in zip(choosers, chosen, strict=False):
+        chooser.observe(token)
     return chosen
 
 
