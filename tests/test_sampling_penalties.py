@@ -25,20 +25,22 @@ __all__ = ["start_scheduler"]  # fixture, imported for pytest
 CPU = torch.device("cpu")
 
 
-def chooser(prompt=(), answer=(), **penalties: float) -> TokenChooser:
-    return TokenChooser(Sampling(8, **penalties), prompt, answer, vocab_size=6, device=CPU)
+def chooser(answer=(), **penalties: float) -> TokenChooser:
+    return TokenChooser(Sampling(8, **penalties), answer, vocab_size=6, device=CPU)
 
 
-def test_repetition_penalty_scales_every_seen_id_prompt_and_answer_included():
+def test_repetition_penalty_scales_every_id_the_answer_holds():
     logits = torch.tensor([2.0, -2.0, 2.0, -2.0, 1.0, 0.5])
-    adjusted = chooser(prompt=(0, 1), answer=(4,), repetition_penalty=2.0).adjust(logits)
-    # Seen: 0 and 4 (positive: divided), 1 (negative: multiplied); 2, 3 and 5 unseen.
-    assert adjusted.tolist() == [1.0, -4.0, 2.0, -2.0, 0.5, 0.5]
+    state = chooser(answer=(0, 1), repetition_penalty=2.0)
+    # Seen: 0 (positive: divided) and 1 (negative: multiplied); the rest unseen.
+    assert state.adjust(logits).tolist() == [1.0, -4.0, 2.0, -2.0, 1.0, 0.5]
+    state.observe(4)
+    assert state.adjust(logits).tolist() == [1.0, -4.0, 2.0, -2.0, 0.5, 0.5]
 
 
-def test_presence_and_frequency_penalties_count_the_answer_only():
+def test_presence_and_frequency_penalties_count_occurrences_in_the_answer():
     logits = torch.zeros(6)
-    state = chooser(prompt=(5, 5), answer=(1, 1, 2), presence_penalty=0.5, frequency_penalty=0.25)
+    state = chooser(answer=(1, 1, 2), presence_penalty=0.5, frequency_penalty=0.25)
     adjusted = state.adjust(logits)
     assert adjusted.tolist() == [0.0, -1.0, -0.75, 0.0, 0.0, 0.0]
     state.observe(3)
@@ -47,9 +49,9 @@ def test_presence_and_frequency_penalties_count_the_answer_only():
 
 def test_default_repetition_penalty_comes_from_the_model_and_one_is_off():
     assert chooser().penalised is False
-    inherited = TokenChooser(Sampling(8), (0,), (), 6, CPU, default_repetition_penalty=1.3)
+    inherited = TokenChooser(Sampling(8), (0,), 6, CPU, default_repetition_penalty=1.3)
     assert inherited.repetition_penalty == 1.3 and inherited.penalised
-    explicit = TokenChooser(Sampling(8, repetition_penalty=1.0), (0,), (), 6, CPU, 1.3)
+    explicit = TokenChooser(Sampling(8, repetition_penalty=1.0), (0,), 6, CPU, 1.3)
     assert not explicit.penalised
 
 

@@ -105,7 +105,6 @@ class _Sequence:
         )
         self.chooser = TokenChooser(
             self.sampling,
-            request.prompt_ids,
             request.resume_token_ids,
             model.vocab_size,
             model.device,

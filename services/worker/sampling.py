@@ -6,14 +6,19 @@ and every sampled job draws from its own ``torch.Generator`` seeded from the job
 its tokens depend on its seed, prompt and logits only, never on which other jobs share the
 batch.
 
-Penalties, applied to the logits before greedy or sampling:
-- ``repetition_penalty`` (as Hugging Face ``generate`` and vLLM): every token id that occurs
-  in the prompt (chat template included) or in the answer so far has its logit divided by the
-  penalty when positive, multiplied when negative. 1 is off; 0 (unset) takes the model's
-  default, its ``generation_config.repetition_penalty`` (1.2 for the built-in SmolLM2).
-- ``presence_penalty`` / ``frequency_penalty`` (as OpenAI and vLLM): over the answer's tokens
-  only (a resumed job's already-streamed tokens included), subtract ``presence`` once from
-  every id generated at least once and ``frequency`` once per occurrence.
+Penalties, applied to the logits before greedy or sampling, all over the job's ANSWER tokens
+(a resumed job's already-streamed tokens included), never its prompt:
+- ``repetition_penalty`` (Hugging Face's arithmetic): every token id the answer already holds
+  has its logit divided by the penalty when positive, multiplied when negative. 1 is off; 0
+  (unset) takes the model's default, its ``generation_config.repetition_penalty`` (1.2 for
+  the built-in SmolLM2). Unlike Hugging Face ``generate`` and vLLM, the prompt does not
+  count: a chat template puts the end-of-turn token (the EOS) in every prompt, so counting
+  the prompt penalises ending the answer, and penalising every word of the system prompt
+  and question drove SmolLM2 into endless word-association chains (3 of its first 39
+  AlpacaEval answers ran to the 1024-token cap; 2 of those 3 end by themselves, at 174 and
+  401 tokens, with the answer-only penalty).
+- ``presence_penalty`` / ``frequency_penalty`` (as OpenAI and vLLM): subtract ``presence``
+  once from every id generated at least once and ``frequency`` once per occurrence.
 """
 
 from __future__ import annotations
@@ -38,7 +43,6 @@ class TokenChooser:
     def __init__(
         self,
         sampling: Sampling,
-        prompt_ids: tuple[int, ...] | list[int],
         answer_ids: tuple[int, ...] | list[int],
         vocab_size: int,
         device: torch.device,
@@ -49,11 +53,11 @@ class TokenChooser:
         self.repetition_penalty = sampling.repetition_penalty or default_repetition_penalty
         self.presence_penalty = sampling.presence_penalty
         self.frequency_penalty = sampling.frequency_penalty
-        self._seen: torch.Tensor | None = None  # ids in prompt or answer (repetition)
+        self._seen: torch.Tensor | None = None  # ids in the answer (repetition)
         self._counts: torch.Tensor | None = None  # occurrences in the answer (OpenAI style)
         if self.repetition_penalty != 1.0:
             self._seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
-            self._seen[_valid_ids([*prompt_ids, *answer_ids], vocab_size, device)] = True
+            self._seen[_valid_ids(list(answer_ids), vocab_size, device)] = True
         if self.presence_penalty or self.frequency_penalty:
             self._counts = torch.zeros(vocab_size, dtype=torch.float32, device=device)
             ids = _valid_ids(list(answer_ids), vocab_size, device)
