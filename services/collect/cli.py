@@ -22,7 +22,7 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
         "--repetition-penalty",
         type=float,
         default=0.0,
-        help="HF-style repetition penalty over prompt and answer tokens (1 = off; 0 = the "
+        help="repetition penalty (HF arithmetic) over the answer's tokens (1 = off; 0 = the "
         "server's default, 1.2 for smollm2-135m-instruct)",
     )
     add_option(
