@@ -191,6 +191,30 @@ class QueueStatsResponse(_message.Message):
     policy: str
     def __init__(self, queues: _Optional[_Iterable[_Union[QueueStats, _Mapping]]] = ..., policy: _Optional[str] = ...) -> None: ...
 
+class ListModelsRequest(_message.Message):
+    __slots__ = ("include_offline",)
+    INCLUDE_OFFLINE_FIELD_NUMBER: _ClassVar[int]
+    include_offline: bool
+    def __init__(self, include_offline: _Optional[bool] = ...) -> None: ...
+
+class ServedModel(_message.Message):
+    __slots__ = ("llm", "workers", "predictor_head", "predictor_version")
+    LLM_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    PREDICTOR_HEAD_FIELD_NUMBER: _ClassVar[int]
+    PREDICTOR_VERSION_FIELD_NUMBER: _ClassVar[int]
+    llm: str
+    workers: int
+    predictor_head: str
+    predictor_version: str
+    def __init__(self, llm: _Optional[str] = ..., workers: _Optional[int] = ..., predictor_head: _Optional[str] = ..., predictor_version: _Optional[str] = ...) -> None: ...
+
+class ListModelsResponse(_message.Message):
+    __slots__ = ("models",)
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[ServedModel]
+    def __init__(self, models: _Optional[_Iterable[_Union[ServedModel, _Mapping]]] = ...) -> None: ...
+
 class LeaseRequest(_message.Message):
     __slots__ = ("worker_id", "llms", "max_jobs", "wait_ms")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]

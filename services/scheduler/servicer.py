@@ -263,6 +263,22 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             policy=self.core.policy.name,
         )
 
+    async def ListModels(
+        self, request: scheduler_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_pb2.ListModelsResponse:
+        models = await self.core.list_models(include_offline=request.include_offline)
+        return scheduler_pb2.ListModelsResponse(
+            models=[
+                scheduler_pb2.ServedModel(
+                    llm=model.llm,
+                    workers=model.workers,
+                    predictor_head=model.predictor_head,
+                    predictor_version=model.predictor_version,
+                )
+                for model in models
+            ]
+        )
+
 
 class WorkerGatewayServicer(scheduler_pb2_grpc.WorkerGatewayServicer):
     """Where workers lease jobs and report progress."""
@@ -287,7 +303,9 @@ class WorkerGatewayServicer(scheduler_pb2_grpc.WorkerGatewayServicer):
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[scheduler_pb2.WorkerDirective]:
         async for report in request_iterator:
-            stops = await self.core.report([progress_from_pb(p) for p in report.progress])
+            stops = await self.core.report(
+                [progress_from_pb(p) for p in report.progress], report.worker_id
+            )
             if stops:
                 log.info(
                     "stopping jobs",
