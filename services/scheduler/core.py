@@ -26,6 +26,7 @@ from services.common.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from services.scheduler.conversation import last_user_turn, validate_messages
 from services.scheduler.models import (
     JobEnd,
     JobRecord,
@@ -115,9 +116,13 @@ class SchedulerCore:
                 f"llm {llm!r} is not a valid name (letters, digits and ._:/@+- only, "
                 "at most 128 characters)"
             )
-        if not request.prompt.strip():
+        if request.messages:
+            if request.prompt:
+                raise InvalidArgument("set either prompt or messages, not both")
+            validate_messages(request.messages, self.config.max_prompt_chars)
+        elif not request.prompt.strip():
             raise InvalidArgument("prompt must not be empty")
-        if len(request.prompt) > self.config.max_prompt_chars:
+        elif len(request.prompt) > self.config.max_prompt_chars:
             raise InvalidArgument(
                 f"prompt has {len(request.prompt)} characters, more than the "
                 f"{self.config.max_prompt_chars} allowed (--max-prompt-chars)"
@@ -166,7 +171,10 @@ class SchedulerCore:
                 if record is not None:
                     return Submission(record, deduplicated=True)
         submitted_at = time.time()
-        prediction, fallback = await self._predict(request.prompt, llm)
+        # A chat job's prompt is its last user turn: what the predictor reads and the record
+        # keeps (see conversation.py); the worker gets the whole conversation.
+        prompt = last_user_turn(request.messages) if request.messages else request.prompt
+        prediction, fallback = await self._predict(prompt, llm)
         if self.policy.uses_oracle:
             predicted, predictor_version = float(request.oracle_output_tokens), "oracle"
         elif prediction is not None:
@@ -192,7 +200,8 @@ class SchedulerCore:
             policy=self.policy.name,
             score=self.policy.score(features),
             sampling=request.sampling,
-            prompt=request.prompt,
+            prompt=prompt,
+            messages=request.messages,
             submitted_at=submitted_at,
             queued_at=time.time(),
         )

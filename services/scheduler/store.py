@@ -52,6 +52,8 @@ from services.scheduler.models import (
     Stop,
     StopReason,
     Token,
+    messages_from_json,
+    messages_to_json,
 )
 
 PREFIX = "ssjf:"
@@ -237,6 +239,7 @@ def _record_json(record: JobRecord, deadline_at: float) -> str:
             "score": repr(record.score),
             "sampling": record.sampling.to_json(),
             "prompt": record.prompt,
+            "messages": messages_to_json(record.messages),
             "submitted_at": repr(record.submitted_at),
             "queued_at": repr(record.queued_at),
             "leased_at": "0",
@@ -280,6 +283,8 @@ def _parse_record(fields: dict[str, str]) -> JobRecord:
         generated_tokens=int(fields["generated_tokens"]),
         finish_reason=FinishReason(fields["finish_reason"]),
         error=fields["error"],
+        messages=messages_from_json(fields.get("messages")),
+        prompt_tokens=int(fields.get("prompt_tokens") or 0),
     )
 
 
@@ -388,8 +393,9 @@ class JobStore:
                 attempt=int(attempt),
                 predicted_output_tokens=float(predicted),
                 resume_token_ids=resume_ids.get(job_id, []),
+                messages=messages_from_json(messages),
             )
-            for job_id, lease_id, attempt, llm, prompt, sampling, predicted, _ in rows
+            for job_id, lease_id, attempt, llm, prompt, sampling, predicted, _, messages in rows
         ]
 
     async def _token_ids(self, job_ids: list[str]) -> dict[str, list[int]]:
