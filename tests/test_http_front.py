@@ -1,0 +1,140 @@
+"""The HTTP front in front of an instant stand-in scheduler (a real gRPC server in this
+process): credentials forwarded as gRPC metadata, UNAUTHENTICATED/PERMISSION_DENIED as 401/403,
+and the request translation as pure functions."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+
+import grpc
+import pytest
+
+from services.common.net import free_port
+from services.http.bench import MODEL, InstantScheduler, serve_instant
+from services.http.errors import ApiError, from_grpc
+from services.http.protocol import parse_chat, parse_completion
+from tests.helpers import Service, start_service
+from tests.test_http_api import wait_for_http
+
+TOKEN = "s3cret"
+
+
+@pytest.fixture(scope="module")
+def standin() -> Iterator[tuple[InstantScheduler, int]]:
+    """An authenticating instant scheduler on its own event loop thread, and a front."""
+    servicer = InstantScheduler(tokens=3, token=TOKEN)
+    port = free_port()
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+
+    async def main() -> None:
+        server = await serve_instant(port, servicer)
+        ready.set()
+        await server.wait_for_termination()
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
+    thread.start()
+    assert ready.wait(30)
+    http_port = free_port()
+    front: Service = start_service(
+        ["http", "--port", str(http_port), "--host", "127.0.0.1",
+         "--scheduler", f"127.0.0.1:{port}"]
+    )  # fmt: skip
+    try:
+        wait_for_http(http_port, front)
+        yield servicer, http_port
+    finally:
+        front.stop()
+        loop.call_soon_threadsafe(loop.stop)
+
+
+def post(port: int, headers: dict[str, str], body: dict) -> tuple[int, dict]:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/chat/completions",
+        data=json.dumps(body).encode(),
+        headers={"content-type": "application/json", **headers},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+
+
+def test_credentials_reach_the_scheduler_and_its_refusals_are_401_and_403(standin) -> None:
+    servicer, port = standin
+    status, body = post(port, {}, CHAT)
+    assert status == 401 and body["error"]["type"] == "authentication_error"
+    status, body = post(port, {"authorization": "Bearer wrong"}, CHAT)
+    assert status == 403 and body["error"]["type"] == "permission_error"
+    status, body = post(port, {"authorization": f"Bearer {TOKEN}"}, CHAT)
+    assert status == 200 and body["choices"][0]["message"]["content"] == " w0 w1 w2"
+    assert servicer.seen_metadata[-1]["authorization"] == f"Bearer {TOKEN}"
+
+
+def test_request_fields_become_the_schedulers_generate_request() -> None:
+    parsed = parse_chat(
+        {
+            "model": "m",
+            "messages": [
+                {"role": "developer", "content": "Be brief."},
+                {"role": "user", "content": [{"type": "text", "text": "Hi "},
+                                             {"type": "text", "text": "there"}]},
+            ],
+            "max_tokens": 5,
+            "max_completion_tokens": 9,
+            "stop": "END",
+            "seed": 42,
+            "top_p": 0.5,
+            "priority": -3,
+            "user": "someone",
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+        start_timeout_ms=1500,
+        client_request_id="key-1",
+    )  # fmt: skip
+    request = parsed.generate
+    assert [(m.role, m.content) for m in request.messages] == [
+        ("system", "Be brief."),
+        ("user", "Hi there"),
+    ]
+    assert request.sampling.max_new_tokens == 9  # max_completion_tokens wins
+    assert list(request.sampling.stop) == ["END"] and request.sampling.seed == 42
+    assert request.sampling.top_p == 0.5
+    assert request.sampling.temperature == 1.0  # OpenAI's default, not greedy
+    assert request.priority == -3 and request.start_timeout_ms == 1500
+    assert request.client_request_id == "key-1" and request.llm == "m"
+    assert parsed.stream and parsed.include_usage
+    plain = parse_completion({"model": "m", "prompt": ["one prompt"], "temperature": 0})
+    assert plain.generate.prompt == "one prompt" and plain.generate.sampling.temperature == 0
+    with pytest.raises(ApiError) as several:
+        parse_completion({"model": "m", "prompt": ["a", "b"]})
+    assert several.value.param == "prompt"
+
+
+@pytest.mark.parametrize(
+    ("code", "status"),
+    [
+        (grpc.StatusCode.INVALID_ARGUMENT, 400),
+        (grpc.StatusCode.UNAUTHENTICATED, 401),
+        (grpc.StatusCode.PERMISSION_DENIED, 403),
+        (grpc.StatusCode.NOT_FOUND, 404),
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, 429),
+        (grpc.StatusCode.UNAVAILABLE, 503),
+        (grpc.StatusCode.DEADLINE_EXCEEDED, 504),
+        (grpc.StatusCode.INTERNAL, 500),
+    ],
+)
+def test_grpc_statuses_map_to_http_statuses(code: grpc.StatusCode, status: int) -> None:
+    error = from_grpc(grpc.aio.AioRpcError(code, None, None, details="why"))
+    assert error.status == status and "why" in error.message
+    assert ("retry-after" in error.headers()) == (status in (429, 503))
