@@ -56,7 +56,10 @@ class SchedulerBackend:
         self.catalog_supported = True
 
     async def start(self) -> None:
-        self._channel = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+        # round_robin: a DNS name with several scheduler replicas (a headless Service)
+        # spreads the front's calls over all of them instead of pinning one.
+        options = [*CHANNEL_OPTIONS, ("grpc.lb_policy_name", "round_robin")]
+        self._channel = grpc.aio.insecure_channel(self.address, options=options)
         self.stub = scheduler_pb2_grpc.SchedulerStub(self._channel)
 
     async def close(self) -> None:
