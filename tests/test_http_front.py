@@ -18,6 +18,7 @@ from services.common.net import free_port
 from services.http.bench import MODEL, InstantScheduler, serve_instant
 from services.http.errors import ApiError, from_grpc
 from services.http.protocol import parse_chat, parse_completion
+from services.pb import common_pb2
 from tests.helpers import Service, start_service
 from tests.test_http_api import wait_for_http
 
@@ -32,10 +33,12 @@ def standin() -> Iterator[tuple[InstantScheduler, int]]:
     loop = asyncio.new_event_loop()
     ready = threading.Event()
 
+    servers: list[grpc.aio.Server] = []
+
     async def main() -> None:
-        server = await serve_instant(port, servicer)
+        servers.append(await serve_instant(port, servicer))
         ready.set()
-        await server.wait_for_termination()
+        await servers[0].wait_for_termination()
 
     thread = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
     thread.start()
@@ -50,7 +53,8 @@ def standin() -> Iterator[tuple[InstantScheduler, int]]:
         yield servicer, http_port
     finally:
         front.stop()
-        loop.call_soon_threadsafe(loop.stop)
+        asyncio.run_coroutine_threadsafe(servers[0].stop(None), loop).result(30)
+        thread.join(30)
 
 
 def post(port: int, headers: dict[str, str], body: dict) -> tuple[int, dict]:
@@ -121,6 +125,21 @@ def test_request_fields_become_the_schedulers_generate_request() -> None:
     assert several.value.param == "prompt"
 
 
+def test_penalties_map_to_sampling_where_the_protos_have_them() -> None:
+    body = {"model": "m", "prompt": "p", "presence_penalty": 0.5, "frequency_penalty": -1}
+    if "presence_penalty" in common_pb2.SamplingParams.DESCRIPTOR.fields_by_name:
+        sampling = parse_completion(body).generate.sampling
+        assert sampling.presence_penalty == 0.5 and sampling.frequency_penalty == -1
+    else:
+        with pytest.raises(ApiError) as refused:
+            parse_completion(body)
+        assert refused.value.param == "presence_penalty"
+    # The neutral values are always fine; out of range never is.
+    parse_completion({"model": "m", "prompt": "p", "presence_penalty": 0})
+    with pytest.raises(ApiError):
+        parse_completion({"model": "m", "prompt": "p", "frequency_penalty": 3})
+
+
 @pytest.mark.parametrize(
     ("code", "status"),
     [
@@ -128,6 +147,7 @@ def test_request_fields_become_the_schedulers_generate_request() -> None:
         (grpc.StatusCode.UNAUTHENTICATED, 401),
         (grpc.StatusCode.PERMISSION_DENIED, 403),
         (grpc.StatusCode.NOT_FOUND, 404),
+        (grpc.StatusCode.ALREADY_EXISTS, 409),
         (grpc.StatusCode.RESOURCE_EXHAUSTED, 429),
         (grpc.StatusCode.UNAVAILABLE, 503),
         (grpc.StatusCode.DEADLINE_EXCEEDED, 504),

@@ -92,6 +92,8 @@ _FROM_GRPC: dict[grpc.StatusCode, tuple[int, str, str | None]] = {
     grpc.StatusCode.UNAUTHENTICATED: (401, "authentication_error", "invalid_api_key"),
     grpc.StatusCode.PERMISSION_DENIED: (403, "permission_error", None),
     grpc.StatusCode.NOT_FOUND: (404, "invalid_request_error", "not_found"),
+    # An Idempotency-Key reused with a different request.
+    grpc.StatusCode.ALREADY_EXISTS: (409, "invalid_request_error", "conflict"),
     grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error", "queue_full"),
     grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable", "scheduler_unavailable"),
     grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout", None),

@@ -49,10 +49,17 @@ _REFUSED = {
     "audio": ((None,), "audio output is not supported"),
     "modalities": ((None, ["text"]), "only text output is supported"),
     "prediction": ((None,), "predicted outputs are not supported"),
-    # Until SamplingParams has penalties (issue 9), only their neutral value is accepted.
-    "presence_penalty": ((None, 0, 0.0), "presence_penalty is not supported yet (use 0)"),
-    "frequency_penalty": ((None, 0, 0.0), "frequency_penalty is not supported yet (use 0)"),
 }
+
+# OpenAI's penalties, and vLLM's repetition_penalty extra field, map onto SamplingParams
+# fields of the same names where this build's protos have them (issue 9 adds them); without
+# them only the neutral value is accepted. (field, lowest, highest, neutral)
+_PENALTIES = (
+    ("presence_penalty", -2.0, 2.0, 0.0),
+    ("frequency_penalty", -2.0, 2.0, 0.0),
+    ("repetition_penalty", 0.0, 10.0, 1.0),
+)
+_SAMPLING_FIELDS = frozenset(common_pb2.SamplingParams.DESCRIPTOR.fields_by_name)
 
 
 @dataclass(frozen=True)
@@ -138,6 +145,13 @@ def _sampling(body: dict[str, Any]) -> common_pb2.SamplingParams:
     seed = _integer(body, "seed", 0, 2**64 - 1)
     if seed is not None:
         sampling.seed = seed
+    for field, low, high, neutral in _PENALTIES:
+        value = _number(body, field, low, high)
+        if value is None or value == neutral:
+            continue
+        if field not in _SAMPLING_FIELDS:
+            raise invalid(f"{field} is not supported by this server (use {neutral:g})", field)
+        setattr(sampling, field, value)
     return sampling
 
 
