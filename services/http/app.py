@@ -217,7 +217,7 @@ class Front:
 
     async def models(self, request: Request) -> Response:
         try:
-            catalog = await self.backend.catalog(_metadata(request), max_age_s=0.0)
+            catalog = await self.backend.fresh_catalog(_metadata(request))
         except ApiError as error:
             return error_response(error)
         live = catalog.live if catalog is not None else []
@@ -226,7 +226,7 @@ class Front:
     async def model(self, request: Request) -> Response:
         name = request.path_params["model"]
         try:
-            catalog = await self.backend.catalog(_metadata(request), max_age_s=0.0)
+            catalog = await self.backend.fresh_catalog(_metadata(request))
         except ApiError as error:
             return error_response(error)
         for served in catalog.live if catalog is not None else []:
@@ -249,13 +249,18 @@ class Front:
 
     async def _generate(self, request: Request, kind: _Kind) -> Response:
         try:
+            too_large = ApiError(
+                413,
+                f"the request body has more than {self.config.max_body_bytes} bytes "
+                "(--max-body-bytes)",
+                type="invalid_request_error",
+            )
+            declared = request.headers.get("content-length", "0")
+            if not declared.isdigit() or int(declared) > self.config.max_body_bytes:
+                raise too_large  # refused before reading it
             body = await request.body()
             if len(body) > self.config.max_body_bytes:
-                raise ApiError(
-                    413,
-                    f"the request body has more than {self.config.max_body_bytes} bytes",
-                    type="invalid_request_error",
-                )
+                raise too_large
             parsed = kind.parse(
                 parse_body(body),
                 start_timeout_ms=self.config.start_timeout_ms,
@@ -362,6 +367,7 @@ class Front:
         ).encode()
         field = b'"delta":{"content":' if kind.chat else b'"text":'
         close = b"}" if kind.chat else b""
+        ended = False
         try:
             if kind.chat:
                 yield (
@@ -388,6 +394,7 @@ class Front:
                         )
                     )
                 elif event.HasField("summary"):
+                    ended = True
                     failed = _summary_error(event.summary)
                     if failed is not None:
                         yield b"data: " + failed.json() + b"\n\n"
@@ -408,6 +415,17 @@ class Front:
                     if parsed.include_usage:
                         counts = json.dumps(usage(event.summary), separators=(",", ":")).encode()
                         yield b"data: " + head + b'[],"usage":' + counts + b"}\n\n"
+            if not ended:
+                # The scheduler's stream ended without the job's end (a replica draining):
+                # the job goes on; the client can resume it by id.
+                gone = ApiError(
+                    503,
+                    f"the scheduler ended the stream early; resume job {opened.job_id} with "
+                    "the gRPC Stream(job_id, from_index)",
+                    type="service_unavailable",
+                    code="scheduler_unavailable",
+                )
+                yield b"data: " + gone.json() + b"\n\n"
             yield _SSE_DONE
         except grpc.aio.AioRpcError as error:
             yield b"data: " + from_grpc(error).json() + b"\n\n" + _SSE_DONE

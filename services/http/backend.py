@@ -94,6 +94,25 @@ class SchedulerBackend:
             if error.code() == grpc.StatusCode.UNIMPLEMENTED:
                 self.catalog_supported = False
                 return None
+            if error.code() in (
+                grpc.StatusCode.UNAUTHENTICATED,
+                grpc.StatusCode.PERMISSION_DENIED,
+            ):
+                # The refresh ran with one client's credentials and is shared by concurrent
+                # requests: a refusal of those credentials is not theirs to answer. Skip the
+                # check; Generate, under each request's own credentials, answers 401/403.
+                return None
+            raise from_grpc(error) from None
+        return self._catalog
+
+    async def fresh_catalog(self, metadata: Metadata) -> Catalog | None:
+        """The scheduler's list now, asked with this request's own credentials (its refusal
+        is this request's 401/403); it also renews the shared cache."""
+        try:
+            self._catalog = await self.list_models(metadata)
+        except grpc.aio.AioRpcError as error:
+            if error.code() == grpc.StatusCode.UNIMPLEMENTED:
+                return None
             raise from_grpc(error) from None
         return self._catalog
 
