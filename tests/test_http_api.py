@@ -21,6 +21,7 @@ import redis
 from transformers import AutoTokenizer
 
 from services.common.grpc_server import CHANNEL_OPTIONS
+from services.common.health import wait_for_http
 from services.common.net import free_port
 from services.common.redis_store import RedisServerProcess
 from services.pb import common_pb2, scheduler_pb2, scheduler_pb2_grpc
@@ -73,16 +74,13 @@ class HttpStack:
         return reply.queues[0]
 
 
-def wait_for_http(port: int, service: Service, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert service.process.poll() is None, service.log()
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1).read()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise AssertionError(f"the HTTP front did not start:\n{service.log()}")
+def wait_for_front(port: int, service: Service, timeout: float = 60) -> None:
+    try:
+        wait_for_http(
+            f"http://127.0.0.1:{port}/health", timeout, alive=lambda: service.process.poll() is None
+        )
+    except (RuntimeError, TimeoutError) as error:
+        raise AssertionError(f"the HTTP front did not start ({error}):\n{service.log()}") from None
 
 
 def wait_until(condition: Callable[[], bool], timeout: float = 60.0) -> None:
@@ -121,7 +119,7 @@ def stack(redis_server: RedisServerProcess) -> Iterator[HttpStack]:
     try:
         for address in (predictor, scheduler, worker):
             wait_for_health(address, timeout=180)
-        wait_for_http(int(port(http)), services[3])
+        wait_for_front(int(port(http)), services[3])
         yield HttpStack(
             base_url=f"http://{http}/v1",
             port=int(port(http)),

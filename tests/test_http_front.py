@@ -20,7 +20,7 @@ from services.http.errors import ApiError, from_grpc
 from services.http.protocol import parse_chat, parse_completion
 from services.pb import common_pb2
 from tests.helpers import REPO_ROOT, Service, start_service, wait_for_health
-from tests.test_http_api import wait_for_http
+from tests.test_http_api import wait_for_front
 
 TOKEN = "s3cret"
 
@@ -40,7 +40,7 @@ def front_port() -> Iterator[int]:
     )  # fmt: skip
     try:
         wait_for_health(f"127.0.0.1:{standin_port}", timeout=60)
-        wait_for_http(http_port, front)
+        wait_for_front(http_port, front)
         yield http_port
     finally:
         front.stop()

@@ -35,7 +35,7 @@ from typing import Any
 import grpc
 
 from services.common.grpc_server import CHANNEL_OPTIONS
-from services.common.health import wait_for_serving
+from services.common.health import wait_for_http, wait_for_serving
 from services.common.net import free_port
 from services.common.paths import CHECKOUT_ROOT
 from services.pb import common_pb2, scheduler_pb2, scheduler_pb2_grpc
@@ -256,23 +256,10 @@ def start_front(scheduler: str, log: Path) -> tuple[subprocess.Popen[bytes], int
          "--host", "127.0.0.1", "--scheduler", scheduler],
         log,
     )  # fmt: skip
-    wait_for_http(port, process)
+    wait_for_http(
+        f"http://127.0.0.1:{port}/health", timeout=60, alive=lambda: process.poll() is None
+    )
     return process, port
-
-
-def wait_for_http(port: int, process: subprocess.Popen[bytes], timeout_s: float = 60) -> None:
-    import urllib.request
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError("the HTTP front exited; see its log")
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1).read()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise TimeoutError("the HTTP front did not start")
 
 
 def front_capacity(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:

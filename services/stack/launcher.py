@@ -16,7 +16,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO
 
-from services.common.health import wait_for_serving
+from services.common.health import wait_for_http, wait_for_serving
 from services.common.net import free_port
 from services.common.redis_store import EmbeddedRedis
 
@@ -140,7 +140,11 @@ class LocalStack:
             )
             log.info("service ready", extra={"service": child.name, "address": child.address})
         if front is not None:
-            _wait_for_http(front, cfg.ready_timeout_s)
+            wait_for_http(
+                f"http://{front.address}/health",
+                timeout=cfg.ready_timeout_s,
+                alive=lambda: front.process.poll() is None,
+            )
             self.http_url = f"http://{front.address}/v1"
             log.info("service ready", extra={"service": "http", "url": self.http_url})
 
@@ -181,20 +185,3 @@ class LocalStack:
         if self._embedded_redis is not None:
             self._embedded_redis.stop()
             self._embedded_redis = None
-
-
-def _wait_for_http(child: _Child, timeout_s: float) -> None:
-    """Block until the HTTP front answers its /health."""
-    import time
-    import urllib.request
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if child.process.poll() is not None:
-            raise RuntimeError(f"{child.name} exited with code {child.process.returncode}")
-        try:
-            urllib.request.urlopen(f"http://{child.address}/health", timeout=1).read()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise TimeoutError(f"{child.name} on {child.address} did not answer in {timeout_s:.0f}s")
