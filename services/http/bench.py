@@ -200,6 +200,37 @@ def _loadgen_main(args: argparse.Namespace) -> None:
     print(json.dumps(result), flush=True)
 
 
+def _grpc_load_main(args: argparse.Namespace) -> None:
+    """The gRPC floor: the same closed loop straight to the stand-in with grpc.aio, as the
+    front's own client does, no HTTP. Prints calls and this process's CPU seconds."""
+    import uvloop
+
+    async def run() -> dict[str, float]:
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{args.port}", options=CHANNEL_OPTIONS)
+        stub = scheduler_pb2_grpc.SchedulerStub(channel)
+        request = scheduler_pb2.GenerateRequest(
+            llm=MODEL, messages=[common_pb2.ChatMessage(role="user", content="Hi")]
+        )
+        calls = 0
+        stop_at = time.perf_counter() + args.duration_s
+
+        async def client() -> None:
+            nonlocal calls
+            while time.perf_counter() < stop_at:
+                call = stub.Generate(request)
+                while await call.read() is not grpc.aio.EOF:
+                    pass
+                calls += 1
+
+        cpu_before = time.process_time()
+        await asyncio.gather(*(client() for _ in range(args.concurrency)))
+        cpu = time.process_time() - cpu_before
+        await channel.close()
+        return {"calls": calls, "cpu_s": cpu}
+
+    print(json.dumps(uvloop.run(run())), flush=True)
+
+
 def _standin_main(args: argparse.Namespace) -> None:
     async def main() -> None:
         server = await serve_instant(
@@ -309,6 +340,17 @@ def front_capacity(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
                 f"{rounds[-1]['requests_per_front_cpu_s']:.0f} req per front CPU-s",
                 flush=True,
             )
+        floor = []
+        for _ in range(args.rounds):
+            command = [
+                sys.executable, "-m", "services.http.bench", "--role", "grpcload",
+                "--port", str(standin_port), "--concurrency", str(args.concurrency),
+                "--duration-s", str(min(args.duration_s, 5.0)),
+            ]  # fmt: skip
+            result = json.loads(
+                subprocess.check_output(command, cwd=CHECKOUT_ROOT).splitlines()[-1]
+            )
+            floor.append(result["calls"] / result["cpu_s"])
         latency = added_latency(port, f"127.0.0.1:{standin_port}", args.pairs, MODEL, args.tokens)
     finally:
         front.terminate()
@@ -321,6 +363,8 @@ def front_capacity(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
         "rounds": rounds,
         "requests_per_s": mean_ci([r["requests_per_s"] for r in rounds]),
         "requests_per_front_cpu_s": mean_ci([r["requests_per_front_cpu_s"] for r in rounds]),
+        # The same streamed calls by a bare grpc.aio client: the front's ceiling in Python.
+        "grpc_client_calls_per_cpu_s": mean_ci(floor),
         "added_latency_standin": latency,
     }
 
@@ -458,6 +502,7 @@ def print_table(report: dict[str, Any]) -> None:
         rows += [
             ("front req/s (instant stand-in)", _fmt(capacity["requests_per_s"], 0)),
             ("front req per front CPU-s", _fmt(capacity["requests_per_front_cpu_s"], 0)),
+            ("bare grpc.aio calls per CPU-s", _fmt(capacity["grpc_client_calls_per_cpu_s"], 0)),
             ("added p50 ms, stand-in", _fmt(capacity["added_latency_standin"]["added_p50_ms"])),
         ]
     stack = report.get("real_stack")
@@ -479,7 +524,9 @@ def print_table(report: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("bench/results/http.json"))
-    parser.add_argument("--role", choices=["bench", "standin", "loadgen"], default="bench")
+    parser.add_argument(
+        "--role", choices=["bench", "standin", "loadgen", "grpcload"], default="bench"
+    )
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--tokens", type=int, default=16, help="tokens per stand-in answer")
     parser.add_argument("--concurrency", type=int, default=32, help="connections per loadgen")
@@ -498,6 +545,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.role == "loadgen":
         _loadgen_main(args)
+        return 0
+    if args.role == "grpcload":
+        _grpc_load_main(args)
         return 0
     log_dir = args.out.parent / "http-logs"
     log_dir.mkdir(parents=True, exist_ok=True)
