@@ -378,7 +378,17 @@ def added_latency(
         payload = http_request_bytes(
             f"127.0.0.1:{http_port}", "/v1/chat/completions", chat_payload(model, max_tokens)
         )
-        reader, writer = await asyncio.open_connection("127.0.0.1", http_port)
+        connection = [await asyncio.open_connection("127.0.0.1", http_port)]
+
+        async def http_once() -> None:
+            reader, writer = connection[0]
+            if reader.at_eof():  # the server closed the idle keep-alive connection
+                connection[0] = await asyncio.open_connection("127.0.0.1", http_port)
+                reader, writer = connection[0]
+            writer.write(payload)
+            status, _ = await read_response(reader)
+            assert status == 200, status
+
         channel = grpc.aio.insecure_channel(scheduler, options=CHANNEL_OPTIONS)
         stub = scheduler_pb2_grpc.SchedulerStub(channel)
         request = scheduler_pb2.GenerateRequest(
@@ -392,16 +402,14 @@ def added_latency(
             for which in order:
                 start = time.perf_counter()
                 if which == 0:
-                    writer.write(payload)
-                    status, _ = await read_response(reader)
-                    assert status == 200, status
+                    await http_once()
                 else:
                     async for _ in stub.Generate(request):
                         pass
                 elapsed = time.perf_counter() - start
                 if index >= 5:
                     (http_s if which == 0 else grpc_s).append(elapsed)
-        writer.close()
+        connection[0][1].close()
         await channel.close()
         return http_s, grpc_s
 
@@ -416,10 +424,52 @@ def added_latency(
     }
 
 
+def _redis_server(log: Path) -> tuple[subprocess.Popen[bytes] | None, str | None]:
+    """A redis-server of the benchmark's own on a free port when one is installed (None: the
+    launcher's embedded one)."""
+    import shutil
+
+    import redis
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        return None, None
+    port = free_port()
+    process = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            redis.Redis.from_url(url).ping()
+            return process, url
+        except redis.ConnectionError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server did not start; see {log}") from None
+            time.sleep(0.1)
+
+
 def real_stack(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
+
+    redis_process, redis_url = _redis_server(log_dir / "redis.log")
+    try:
+        return _measure_real_stack(args, log_dir, redis_url)
+    finally:
+        if redis_process is not None:
+            redis_process.terminate()
+            redis_process.wait(30)
+
+
+def _measure_real_stack(
+    args: argparse.Namespace, log_dir: Path, redis_url: str | None
+) -> dict[str, Any]:
     from services.stack.launcher import LocalStack, StackConfig
 
     config = StackConfig(
+        redis_url=redis_url,
         port=0,
         workers=1,
         served_model_name="tiny",
@@ -549,8 +599,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.role == "grpcload":
         _grpc_load_main(args)
         return 0
-    log_dir = args.out.parent / "http-logs"
-    log_dir.mkdir(parents=True, exist_ok=True)
+    import tempfile
+
+    log_dir = Path(tempfile.mkdtemp(prefix="ssjf-bench-http-"))
+    print(f"service logs in {log_dir}", flush=True)
     report: dict[str, Any] = {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "load_average_start": os.getloadavg(),

@@ -44,6 +44,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_option(
         parser,
+        "--keep-alive-s",
+        type=float,
+        default=75.0,
+        help="how long an idle keep-alive connection stays open (as nginx's default)",
+    )
+    add_option(
+        parser,
         "--backlog",
         type=int,
         default=2048,

@@ -29,6 +29,7 @@ def run(args: argparse.Namespace) -> int:
         loop="uvloop",
         http="httptools",
         backlog=args.backlog,
+        timeout_keep_alive=args.keep_alive_s,
         access_log=False,
         log_config=None,  # keep the ssjf log format (services/common/logs.py)
         timeout_graceful_shutdown=10,
