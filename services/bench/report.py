@@ -23,7 +23,7 @@ import numpy as np
 from services.bench import stats
 from services.common.paths import CHECKOUT_ROOT
 
-POLICY_ORDER = ("fcfs", "ssjf", "ssjf:noguard", "hrrn", "sjf-prompt", "sjf-oracle")
+POLICY_ORDER = ("fcfs", "ssjf", "hrrn", "sjf-prompt", "sjf-oracle")
 BASELINE, ORACLE = "fcfs", "sjf-oracle"
 BATCHING_ORDER = ("none", "dynamic", "continuous")
 # The paper's headline (Qiu et al., AIOps'24, arXiv:2404.08509), against FCFS.
@@ -80,11 +80,14 @@ def summarize(
     }
 
 
-def _policy_rank(policy: str) -> int:
-    return POLICY_ORDER.index(policy) if policy in POLICY_ORDER else 99
+def _policy_rank(policy: str) -> tuple[int, int, str]:
+    """Policies in POLICY_ORDER, guard variants (``ssjf:guard=10``) right after theirs."""
+    name = policy.split(":")[0]
+    base = POLICY_ORDER.index(name) if name in POLICY_ORDER else 99
+    return (base, 0 if name == policy else 1, policy)
 
 
-def _sort_key(run: dict[str, Any]) -> tuple[int, float, int]:
+def _sort_key(run: dict[str, Any]) -> tuple[int, float, tuple[int, int, str]]:
     batching = run["batching"]
     policy = run["policy"]
     return (
@@ -397,7 +400,7 @@ def plot_jct_cdf(
     figure, axes = plt.subplots(1, len(batchings), figsize=(5 * len(batchings), 4), squeeze=False)
     for axis, batching in zip(axes[0], batchings, strict=True):
         load = max(key[2] for key in jcts if key[1] == batching)
-        for policy in POLICY_ORDER:
+        for policy in sorted({key[0] for key in jcts}, key=_policy_rank):
             values = jcts.get((policy, batching, load))
             if values is None or len(values) == 0:
                 continue
@@ -425,7 +428,7 @@ def plot_mean_jct_vs_load(runs: Sequence[dict[str, Any]], path: Path, title: str
     batchings = [b for b in BATCHING_ORDER if any(run["batching"] == b for run in runs)]
     figure, axes = plt.subplots(1, len(batchings), figsize=(5 * len(batchings), 4), squeeze=False)
     for axis, batching in zip(axes[0], batchings, strict=True):
-        for policy in POLICY_ORDER:
+        for policy in sorted({run["policy"] for run in runs}, key=_policy_rank):
             points = sorted(
                 (float(run["load"]), run["mean_jct_s"])
                 for run in runs
@@ -451,3 +454,46 @@ def _save(figure: Any, title: str, path: Path) -> Path:
 
     plt.close(figure)
     return path
+
+
+def plot_ratios(rows: Sequence[dict[str, Any]], path: Path, title: str) -> Path:
+    """Top row: each policy's mean JCT / FCFS against load; bottom row: its fraction of the
+    oracle's gain; 95% intervals as error bars; one column per batching mode."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batchings = [b for b in BATCHING_ORDER if any(row["batching"] == b for row in rows)]
+    figure, axes = plt.subplots(
+        2, len(batchings), figsize=(5 * len(batchings), 7), squeeze=False, sharex=True
+    )
+    panels = (("mean_jct_over_fcfs", "mean JCT / FCFS"), ("oracle_gain_fraction", "oracle gain"))
+    for column, batching in enumerate(batchings):
+        here = sorted((r for r in rows if r["batching"] == batching), key=lambda r: r["load"])
+        policies = sorted({p for r in here for p in r["policies"]}, key=_policy_rank)
+        for row_index, (key, label) in enumerate(panels):
+            axis = axes[row_index][column]
+            for offset, policy in enumerate(policies):
+                points = [
+                    (r["load"], r["policies"][policy][key])
+                    for r in here
+                    if key in r["policies"].get(policy, {})
+                ]
+                if not points:
+                    continue
+                loads = np.array([load for load, _ in points]) + 0.004 * offset
+                values = np.array([entry["value"] for _, entry in points])
+                low = values - np.array([entry["ci_low"] for _, entry in points])
+                high = np.array([entry["ci_high"] for _, entry in points]) - values
+                axis.errorbar(loads, values, yerr=[low, high], marker="o", capsize=3, label=policy)
+            axis.axhline(1.0 if key == "mean_jct_over_fcfs" else 0.0, color="grey", lw=0.8)
+            if key == "oracle_gain_fraction":
+                axis.axhline(1.0, color="grey", lw=0.8, ls="--")
+            axis.set_title(f"batching={batching}")
+            axis.set_ylabel(label)
+            axis.grid(True, alpha=0.3)
+            if row_index == 1:
+                axis.set_xlabel("target load")
+        axes[0][column].legend(loc="lower left", fontsize=8)
+    return _save(figure, title, path)

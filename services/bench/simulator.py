@@ -35,25 +35,47 @@ from services.scheduler.policies import (
 BATCHING_MODES = ("none", "dynamic", "continuous")
 # Policies only the simulator serves (no static score: see HrrnQueue).
 SIMULATOR_ONLY_POLICIES = ("hrrn",)
-# A policy name with this suffix runs without the starvation guard (max_wait_s 0), so one
-# grid can hold SSJF with and without it: ``ssjf:noguard``.
+# A grid entry is a policy name, optionally with its own starvation guard: ``ssjf:noguard``
+# (max_wait_s 0) or ``ssjf:guard=10`` (10 s), so one grid holds SSJF with and without it.
 NO_GUARD = ":noguard"
+GUARD_PREFIX = ":guard="
+
+
+def parse_policy(spec: str) -> tuple[str, float | None]:
+    """``ssjf:guard=10`` -> ("ssjf", 10.0); ``ssjf:noguard`` -> ("ssjf", 0.0); ``ssjf`` ->
+    ("ssjf", None): the grid's --max-wait-s."""
+    if spec.endswith(NO_GUARD):
+        return spec.removesuffix(NO_GUARD), 0.0
+    name, sep, seconds = spec.partition(GUARD_PREFIX)
+    if not sep:
+        return spec, None
+    try:
+        guard = float(seconds)
+    except ValueError:
+        raise ValueError(f"{spec!r}: the guard must be seconds, e.g. ssjf:guard=10") from None
+    if not math.isfinite(guard) or guard < 0:
+        raise ValueError(f"{spec!r}: the guard must be seconds >= 0")
+    return name, guard
 
 
 def base_policy(spec: str) -> str:
     """The policy a grid entry runs: ``ssjf:noguard`` runs ``ssjf``."""
-    return spec.removesuffix(NO_GUARD)
+    return parse_policy(spec)[0]
 
 
 def guard_for(spec: str, max_wait_s: float) -> float:
-    """The max-wait guard a grid entry runs with: off for ``NAME:noguard``."""
-    return 0.0 if spec.endswith(NO_GUARD) else max_wait_s
+    """The max-wait guard a grid entry runs with: its own, else the grid's."""
+    guard = parse_policy(spec)[1]
+    return max_wait_s if guard is None else guard
 
 
 def known_policy(spec: str, simulated: bool) -> bool:
     """Whether a grid entry names a policy (the scheduler's registry, and for the simulator
-    its own extra ones), optionally with ``:noguard``."""
-    name = base_policy(spec)
+    its own extra ones) with a well-formed guard."""
+    try:
+        name = base_policy(spec)
+    except ValueError:
+        return False
     return name in POLICIES or (simulated and name in SIMULATOR_ONLY_POLICIES)
 
 
