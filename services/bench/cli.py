@@ -433,7 +433,7 @@ def _run_simulate(args: argparse.Namespace) -> int:
 
         study = size_study(config, args.size_study)
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "sizing.json").write_text(json.dumps(study, indent=2) + "\n")
+        (args.out / "sizing.json").write_text(json.dumps(study, indent=2, default=str) + "\n")
         print(f"wrote {args.out}/sizing.json")
         return 0
     result = run_simulations(config)

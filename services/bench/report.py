@@ -129,14 +129,21 @@ def interval_comparisons(
             statistics[f"{policy}|p99"] = stats.quantile_ratio(policy, BASELINE, 99)
             if ORACLE in present and policy != ORACLE:
                 statistics[f"{policy}|gain"] = stats.oracle_gain_fraction(policy, BASELINE, ORACLE)
-        intervals = stats.paired_bootstrap(rounds, statistics, resamples=resamples, seed=seed)
+        unit = stats.bootstrap_unit(len(rounds))
+        intervals = stats.paired_bootstrap(
+            rounds, statistics, resamples=resamples, seed=seed, unit=unit
+        )
         row: dict[str, Any] = {
             "batching": batching,
             "load": load,
             "rounds": len(rounds),
             "jobs_per_policy": int(sum(len(r[BASELINE]) for r in rounds)),
-            "interval": "95% paired moving-block bootstrap over jobs within rounds, "
-            f"{resamples} resamples",
+            "interval": (
+                "95% paired bootstrap over whole rounds"
+                if unit == "rounds"
+                else "95% paired moving-block bootstrap over jobs within rounds"
+            )
+            + f", {resamples} resamples",
             "policies": {},
         }
         for key, interval in intervals.items():

@@ -605,6 +605,24 @@ def read_jobs(path: Path) -> list[RequestResult]:
         ]
 
 
+def round_models(
+    summary: dict[str, Any], run: dict[str, Any], first: LatencyModel
+) -> list[LatencyModel]:
+    """The latency model each round of ``run`` was calibrated to: the saved (first) model
+    rescaled by that round's measured level (``latency_models.<batching>.recalibrated``)."""
+    entries = [
+        entry
+        for entry in summary.get("latency_models", {})
+        .get(run["batching"], {})
+        .get("recalibrated", [])
+        if float(entry["load"]) == float(run["load"])
+    ]
+    base = first.source.get("load_factor")
+    if not entries or not base or len(entries) != int(run.get("rounds", len(entries))):
+        return [first] * int(run.get("rounds", 1))
+    return [first.scaled(float(entry["load_factor"]) / float(base)) for entry in entries]
+
+
 def revalidate(run_dir: Path) -> list[dict[str, Any]]:
     """Replay every run of a finished ``ssjf bench`` output in the simulator again (with the
     current simulator code) and update its summary.json; returns the runs."""
@@ -627,7 +645,8 @@ def revalidate(run_dir: Path) -> list[dict[str, Any]]:
             [r for r in results if r.round == index] for index in sorted({r.round for r in results})
         ]
         latency = LatencyModel.load(run_dir / f"latency_{run['batching']}.json")
-        run.update(validate(rounds, latency, run["policy"], run["batching"], config))
+        run.update(validate(rounds, round_models(summary, run, latency), run["policy"],
+                            run["batching"], config))  # fmt: skip
     meta = {
         k: v for k, v in summary.items() if k not in {"runs", "comparisons", "paper", "targets"}
     }
