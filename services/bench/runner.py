@@ -351,6 +351,7 @@ class Calibrator:
             base_policy(self.policy),
             self.batching,
             config.max_batch_size,
+            config.workers,
         )
         capacity = capacity_rps(
             latency, self.scaled * 4, self.batching, config.max_batch_size, config.workers
