@@ -62,7 +62,8 @@ bench: bench-sim bench-stack  ## headline: simulator grid with CIs, then the rea
 
 bench-sim: $(STAMP)  ## simulator headline grid with 95% CIs -> bench/results/sim/headline (~5 min)
 	$(BENCH_SIM) --out bench/results/sim/headline --policies $(BENCH_POLICIES),hrrn \
-		--loads 0.5,0.7,0.9,0.95 --requests 40000 --rounds 20 --max-wait-s 0 $(BENCH_SIM_FLAGS)
+		--loads 0.5,0.7,0.9,0.95 --requests 40000 --rounds 20 --max-wait-s 0 --resamples 500 \
+		$(BENCH_SIM_FLAGS)
 
 bench-stack: $(STAMP)  ## real-stack headline grid with CIs -> bench/results/stack (~25 min)
 	$(BIN)/ssjf bench --out bench/results/stack --policies $(BENCH_POLICIES) \

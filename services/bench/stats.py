@@ -75,6 +75,32 @@ def block_indices(jobs: int, block: int, rng: np.random.Generator) -> np.ndarray
     return positions.ravel()[:jobs]
 
 
+class Pooled(dict[str, np.ndarray]):
+    """Each policy's pooled values (NaN dropped), with each policy's mean and percentiles
+    computed once however many statistics ask for them (a bootstrap asks thousands of
+    times)."""
+
+    def __init__(self, values: Mapping[str, np.ndarray]) -> None:
+        super().__init__(values)
+        self._cache: dict[tuple[str, float], float] = {}
+
+    def mean(self, name: str) -> float:
+        key = (name, -1.0)
+        if key not in self._cache:
+            self._cache[key] = float(self[name].mean())
+        return self._cache[key]
+
+    def percentile(self, name: str, q: float) -> float:
+        key = (name, q)
+        if key not in self._cache:
+            self._cache[key] = float(np.percentile(self[name], q))
+        return self._cache[key]
+
+
+def _pooled(values: Mapping[str, np.ndarray]) -> Pooled:
+    return values if isinstance(values, Pooled) else Pooled(values)
+
+
 Statistic = Callable[[Mapping[str, np.ndarray]], float]
 
 
@@ -106,8 +132,10 @@ def paired_bootstrap(
         if len(lengths) != 1:
             raise ValueError(f"the policies of a round must have the same jobs, got {lengths}")
     names = list(arrays[0])
+    # Rounds resampled whole need their failed jobs dropped only once.
+    finite = [{name: v[~np.isnan(v)] for name, v in one_round.items()} for one_round in arrays]
 
-    def pooled(selections: Sequence[np.ndarray | None]) -> dict[str, np.ndarray]:
+    def pooled(selections: Sequence[np.ndarray | None]) -> Pooled:
         out = {}
         for name in names:
             parts = [
@@ -116,7 +144,7 @@ def paired_bootstrap(
             ]
             joined = np.concatenate(parts)
             out[name] = joined[~np.isnan(joined)]
-        return out
+        return Pooled(out)
 
     whole = pooled([None] * len(arrays))
     values = {key: statistic(whole) for key, statistic in statistics.items()}
@@ -153,7 +181,8 @@ def mean_ratio(numerator: str, denominator: str) -> Statistic:
     """mean(numerator) / mean(denominator), e.g. SSJF's mean JCT over FCFS's."""
 
     def statistic(values: Mapping[str, np.ndarray]) -> float:
-        return float(values[numerator].mean() / values[denominator].mean())
+        pooled = _pooled(values)
+        return pooled.mean(numerator) / pooled.mean(denominator)
 
     return statistic
 
@@ -162,7 +191,8 @@ def quantile_ratio(numerator: str, denominator: str, q: float) -> Statistic:
     """The ratio of the two policies' ``q``-th percentiles (e.g. p99 JCT)."""
 
     def statistic(values: Mapping[str, np.ndarray]) -> float:
-        return float(np.percentile(values[numerator], q) / np.percentile(values[denominator], q))
+        pooled = _pooled(values)
+        return pooled.percentile(numerator, q) / pooled.percentile(denominator, q)
 
     return statistic
 
@@ -176,9 +206,10 @@ def oracle_gain_fraction(
     reordering) differs. Undefined (NaN) when the oracle gains nothing."""
 
     def statistic(values: Mapping[str, np.ndarray]) -> float:
-        base = values[baseline].mean()
-        room = base - values[oracle].mean()
-        return float((base - values[policy].mean()) / room) if room > 0 else math.nan
+        pooled = _pooled(values)
+        base = pooled.mean(baseline)
+        room = base - pooled.mean(oracle)
+        return (base - pooled.mean(policy)) / room if room > 0 else math.nan
 
     return statistic
 
