@@ -82,6 +82,8 @@ class BenchConfig:
     data_dir: Path | None = None
     server: str | None = None
     timeout_s: float = 600.0
+    # How long a stack may take to come up: on a loaded 2-core machine, minutes.
+    stack_ready_timeout_s: float = 600.0
     extra_scheduler_args: list[str] = field(default_factory=list)
     extra_worker_args: list[str] = field(default_factory=list)
 
@@ -123,6 +125,7 @@ def stack_for(config: BenchConfig, policy: str, batching: str) -> Iterator[str]:
         predictor_args=["--threads", "1"],
         worker_args=config.extra_worker_args,
         log_dir=config.out_dir / "logs" / f"{file_safe(policy)}_{batching}",
+        ready_timeout_s=config.stack_ready_timeout_s,
         log_level="warning",
     )
     with LocalStack(stack_config) as stack:
