@@ -273,3 +273,39 @@ def test_simulate_summary_schema(tmp_path: Path) -> None:
         assert (tmp_path / plot).read_bytes()[:4] == b"\x89PNG"
     assert "oracle gain" in report.format_intervals(summary["comparisons"])
     assert "ssjf:noguard" in report.format_starvation(summary["runs"])
+
+
+def test_bench_and_simulate_accept_their_own_policies() -> None:
+    from services.cli import build_parser
+
+    parser = build_parser()
+    simulate = parser.parse_args(["simulate", "--policies", "fcfs,hrrn,ssjf:guard=20"])
+    assert simulate.policies == ["fcfs", "hrrn", "ssjf:guard=20"]
+    bench = parser.parse_args(["bench", "--policies", "fcfs,sjf-prompt,ssjf:noguard"])
+    assert bench.policies == ["fcfs", "sjf-prompt", "ssjf:noguard"]
+    for bad in (["bench", "--policies", "hrrn"], ["simulate", "--policies", "ssjf,ssjf"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(bad)
+
+
+def test_revalidation_rebuilds_each_rounds_calibration() -> None:
+    from services.bench.runner import file_safe, round_models
+
+    first = UNIT.scaled(2.0, load_factor=2.0)
+    summary = {
+        "latency_models": {
+            "none": {
+                "recalibrated": [
+                    {"load": 0.9, "round": 0, "load_factor": 2.0},
+                    {"load": 0.9, "round": 1, "load_factor": 3.0},
+                    {"load": 0.5, "round": 0, "load_factor": 9.0},
+                ]
+            }
+        }
+    }
+    run = {"batching": "none", "load": 0.9, "rounds": 2}
+    models = round_models(summary, run, first)
+    assert [m.step_s(1) for m in models] == pytest.approx([0.2, 0.3])
+    # An older summary without per-round calibrations: the saved model for every round.
+    assert round_models({}, run, first) == [first, first]
+    assert file_safe("ssjf:guard=20") == "ssjf-guard20"
