@@ -59,24 +59,23 @@ def _policies(simulated: bool):
     return parse
 
 
-def _loads(text: str) -> list[float]:
-    try:
-        loads = [float(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"loads must be numbers, got {text!r}") from None
-    if not loads or any(load <= 0 for load in loads):
-        raise argparse.ArgumentTypeError("loads must be positive, e.g. 0.5,0.9")
-    return loads
+def _number_list(convert: type, example: str):
+    """A comma-separated list of positive numbers (``convert``: float or int)."""
+
+    def parse(text: str) -> list:
+        try:
+            values = [convert(part) for part in text.split(",") if part.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected numbers, got {text!r}") from None
+        if not values or any(value <= 0 for value in values):
+            raise argparse.ArgumentTypeError(f"expected positive numbers, e.g. {example}")
+        return values
+
+    return parse
 
 
-def _positive_ints(text: str) -> list[int]:
-    try:
-        values = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected integers, got {text!r}") from None
-    if not values or any(v <= 0 for v in values):
-        raise argparse.ArgumentTypeError("expected positive integers, e.g. 500,1000,2000")
-    return values
+_loads = _number_list(float, "0.5,0.9")
+_positive_ints = _number_list(int, "500,1000,2000")
 
 
 def _add_workload_options(

@@ -371,6 +371,23 @@ class Calibrator:
         return self.current
 
 
+@contextlib.contextmanager
+def stacks_for(
+    config: BenchConfig, batching: str, items: Sequence[PromptLength]
+) -> Iterator[tuple[dict[str, str], Calibrator]]:
+    """Every policy's stack for ``batching``, up at once, and the mode's calibrator (on the
+    first policy's stack). The runs interleave the policies: a shared machine's speed
+    drifts, and so every policy meets the same drift instead of one getting the slow
+    minutes."""
+    with contextlib.ExitStack() as stacks:
+        addresses = {
+            policy: stacks.enter_context(stack_for(config, policy, batching))
+            for policy in config.policies
+        }
+        first = config.policies[0]
+        yield addresses, Calibrator(config, addresses[first], first, batching, items)
+
+
 def _job_jcts(results: Sequence[RequestResult], count: int) -> np.ndarray:
     """Per-job JCT by the job's index in its round (NaN: failed), for the paired intervals."""
     values = np.full(count, np.nan)
@@ -416,16 +433,7 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
     versions: set[str] = set()
     compared: list[dict[str, Any]] = []
     for batching in config.batchings:
-        with contextlib.ExitStack() as stacks:
-            # One stack per policy, all up at once, and the runs interleave the policies at
-            # each load: a shared machine's speed drifts, and so every policy meets the same
-            # drift instead of one policy getting the slow minutes.
-            addresses = {
-                policy: stacks.enter_context(stack_for(config, policy, batching))
-                for policy in config.policies
-            }
-            first = config.policies[0]
-            calibrator = Calibrator(config, addresses[first], first, batching, items)
+        with stacks_for(config, batching, items) as (addresses, calibrator):
             calibrator.current.latency.save(out / f"latency_{batching}.json")
             meta["latency_models"][batching] = {
                 **calibrator.current.latency.to_dict(),
@@ -508,13 +516,7 @@ def run_slo_search(config: BenchConfig) -> dict[str, Any]:
     meta = _meta(config, items, source)
     results_by_batching: dict[str, Any] = {}
     for batching in config.batchings:
-        with contextlib.ExitStack() as stacks:
-            addresses = {
-                policy: stacks.enter_context(stack_for(config, policy, batching))
-                for policy in config.policies
-            }
-            first = config.policies[0]
-            calibrator = Calibrator(config, addresses[first], first, batching, items)
+        with stacks_for(config, batching, items) as (addresses, calibrator):
             latency, capacity = calibrator.current.latency, calibrator.current.capacity_rps
             unloaded = float(np.mean([latency.solo_jct_s(t) for t in calibrator.scaled]))
             slo = config.slo_factor * unloaded
