@@ -187,6 +187,7 @@ class SchedulerCore:
             predicted_tokens=self.config.fallback_tokens if fallback else predicted,
             oracle_tokens=request.oracle_output_tokens,
             priority=request.priority,
+            prompt_chars=len(request.prompt),
         )
         record = JobRecord(
             job_id=new_job_id(),
