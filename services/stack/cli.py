@@ -134,7 +134,7 @@ def _run_up(args: argparse.Namespace) -> int:
             flush=True,
         )
         if stack.http_url:
-            print(openai_examples(stack.http_url, args.served_model_name), flush=True)
+            print(openai_examples(stack.http_url, served_model_name), flush=True)
         print("Ctrl-C stops the stack.\n", flush=True)
         while not stop.wait(1.0):
             if not stack.alive():
