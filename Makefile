@@ -9,7 +9,7 @@ PROTOS := $(wildcard protos/ssjf/v1/*.proto)
 PB_DIR := services/pb
 
 .PHONY: help venv proto proto-check lint test run predictor bench bench-predictor \
-        bench-scheduler bench-worker clean bench-sim bench-stack bench-stack-starvation \
+        bench-scheduler bench-worker bench-http clean bench-sim bench-stack bench-stack-starvation \
         bench-stack-workers bench-stack-slo bench-sim-full
 
 help:  ## list targets
@@ -118,6 +118,9 @@ bench-scheduler: $(STAMP)  ## dispatch latency, submissions/s, 1e3-1e6 queued vs
 
 bench-worker: $(STAMP)  ## worker engine: tok/s + step latency per batching mode, prefill cost -> bench/results/worker.json
 	$(BIN)/python -m services.worker.bench
+
+bench-http: $(STAMP)  ## OpenAI HTTP front: added p50 latency vs gRPC, req/s per front process -> bench/results/http.json
+	$(BIN)/python -m services.http.bench --out bench/results/http.json
 
 clean:  ## remove the virtualenv and caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache
