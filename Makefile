@@ -50,8 +50,9 @@ runs/predictor/comparison.json: | $(STAMP)
 # The benchmark grids (docs/bench.md). `make bench` is the headline (~30 min on this 2-core box):
 # the simulator grid with 95% intervals (40,000 jobs per point, ~5 min), then the real-stack
 # grid (4 policies x 3 batching modes x 2 loads, 3 interleaved rounds recalibrated each round,
-# ~25 min, estimated: not yet timed on a quiet machine). Larger grids sit behind their own targets; BENCH_STACK_FLAGS / BENCH_SIM_FLAGS add
-# or override flags (e.g. BENCH_STACK_FLAGS="--duration-s 600 --rounds 6" for tighter intervals).
+# ~25 min, estimated: not yet timed on a quiet machine). Larger grids sit behind their own
+# targets; BENCH_STACK_FLAGS / BENCH_SIM_FLAGS add or override flags (e.g.
+# BENCH_STACK_FLAGS="--duration-s 600 --rounds 6" for tighter intervals).
 BENCH_POLICIES    ?= fcfs,ssjf,sjf-prompt,sjf-oracle
 BENCH_COMMON      := --length-scale 16 --max-batch-size 4
 BENCH_STACK_FLAGS ?=
