@@ -187,7 +187,8 @@ class SchedulerCore:
             predicted_tokens=self.config.fallback_tokens if fallback else predicted,
             oracle_tokens=request.oracle_output_tokens,
             priority=request.priority,
-            prompt_chars=len(request.prompt),
+            # What the worker will prefill: the prompt, or every turn of a conversation.
+            prompt_chars=len(request.prompt) + sum(len(m.content) for m in request.messages),
         )
         record = JobRecord(
             job_id=new_job_id(),
