@@ -89,6 +89,8 @@ class JobRequest:
     priority: int = 0
     oracle_output_tokens: int = 0
     start_timeout_ms: int = 0
+    # The submitting tenant ("" without auth): owns the job and scopes client_request_id.
+    tenant: str = ""
 
 
 @dataclass(frozen=True)
@@ -118,6 +120,7 @@ class JobRecord:
     generated_tokens: int = 0
     finish_reason: FinishReason = FinishReason.UNSPECIFIED
     error: str = ""
+    tenant: str = ""  # the owner: other tenants are told the job does not exist
 
     @property
     def queue_wait_s(self) -> float:
@@ -130,6 +133,15 @@ class JobRecord:
     @property
     def completion_s(self) -> float:
         return self.finished_at - self.submitted_at if self.finished_at else 0.0
+
+
+def scoped_request_id(tenant: str, client_request_id: str) -> str:
+    """The idempotency key of ``client_request_id`` within ``tenant``: two tenants using the
+    same id get two jobs. Tenant names hold no "/", so the pair is unambiguous; without auth
+    (tenant "") the key is the id itself, as before tenants existed."""
+    if not client_request_id or not tenant:
+        return client_request_id
+    return f"{tenant}/{client_request_id}"
 
 
 @dataclass(frozen=True)

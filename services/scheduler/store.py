@@ -49,6 +49,7 @@ from services.scheduler.models import (
     Stop,
     StopReason,
     Token,
+    scoped_request_id,
 )
 
 PREFIX = "ssjf:"
@@ -239,6 +240,7 @@ def _record_json(record: JobRecord, deadline_at: float) -> str:
             "deadline_at": repr(deadline_at),
             "lease_id": "",
             "lease_expires_at": "0",
+            "tenant": record.tenant,
         },
         ensure_ascii=False,
     )
@@ -268,13 +270,14 @@ def _parse_record(fields: dict[str, str]) -> JobRecord:
         generated_tokens=int(fields["generated_tokens"]),
         finish_reason=FinishReason(fields["finish_reason"]),
         error=fields["error"],
+        tenant=fields.get("tenant", ""),
     )
 
 
 def _submit_args(record: JobRecord, deadline_at: float, max_queue_depth: int) -> list:
     return [
         record.job_id,
-        record.client_request_id,
+        scoped_request_id(record.tenant, record.client_request_id),
         record.llm,
         repr(record.score),
         repr(record.submitted_at),

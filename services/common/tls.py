@@ -1,0 +1,133 @@
+"""TLS for every gRPC hop: server credentials that follow certificate rotation, and one
+helper that every SSJF client (worker, scheduler -> predictor, ``ssjf generate``, benches,
+health checks) dials with.
+
+Server side: ``--tls-cert-file``/``--tls-key-file`` turn TLS on; ``--tls-client-ca-file``
+also requires and verifies a client certificate (mutual TLS). The files are read again
+whenever their modification time changes, on the next handshake, so a rotated certificate
+(a renewed Kubernetes secret, a cert-manager renewal) is served without a restart;
+established connections keep the certificate they were opened with.
+
+Client side (environment variables, or the same-named flags where a command has them):
+
+* ``SSJF_TLS_CA_FILE``: CA bundle that signs the servers' certificates; setting it turns
+  TLS on. ``SSJF_TLS=true`` turns it on with the system's roots instead.
+* ``SSJF_TLS_CLIENT_CERT_FILE``/``SSJF_TLS_CLIENT_KEY_FILE``: a client certificate (mTLS).
+* ``SSJF_TLS_SERVER_NAME``: the name to expect in the server's certificate when it differs
+  from the host dialled (e.g. dialling an IP).
+* ``SSJF_TOKEN_FILE`` (a mounted secret) or ``SSJF_TOKEN``: the bearer token sent as
+  ``authorization: Bearer ...`` (a client's tenant token, or a worker's token).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from services.common.config import add_option, parse_bool
+from services.common.principals import read_secret
+
+TOKEN_FILE_ENV = "SSJF_TOKEN_FILE"
+TOKEN_ENV = "SSJF_TOKEN"
+
+
+@dataclass(frozen=True)
+class ServerTls:
+    cert_file: Path
+    key_file: Path
+    # Set: clients must present a certificate signed by this CA (mutual TLS).
+    client_ca_file: Path | None = None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ServerTls | None:
+        cert, key = getattr(args, "tls_cert_file", ""), getattr(args, "tls_key_file", "")
+        client_ca = getattr(args, "tls_client_ca_file", "")
+        if not cert and not key:
+            if client_ca:
+                raise SystemExit("--tls-client-ca-file needs --tls-cert-file and --tls-key-file")
+            return None
+        if not (cert and key):
+            raise SystemExit("--tls-cert-file and --tls-key-file go together")
+        return cls(Path(cert), Path(key), Path(client_ca) if client_ca else None)
+
+    def files(self) -> list[Path]:
+        return [
+            self.cert_file,
+            self.key_file,
+            *([self.client_ca_file] if self.client_ca_file else []),
+        ]
+
+
+def add_server_tls_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    add_option(parser, "--tls-cert-file", default="",
+               help="PEM certificate chain of this server; with --tls-key-file turns TLS on "
+               "(re-read when the file changes)")  # fmt: skip
+    add_option(parser, "--tls-key-file", default="", help="PEM private key of --tls-cert-file")
+    add_option(parser, "--tls-client-ca-file", default="",
+               help="require client certificates signed by this CA (mutual TLS)")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ChannelSecurity:
+    """How to dial an SSJF server: TLS (and a client certificate), and a bearer token."""
+
+    tls: bool = False
+    ca_file: str = ""
+    client_cert_file: str = ""
+    client_key_file: str = ""
+    server_name: str = ""
+    token: str = ""
+
+    @classmethod
+    def from_env(cls) -> ChannelSecurity:
+        return cls(
+            tls=parse_bool(os.environ.get("SSJF_TLS", ""))
+            or bool(os.environ.get("SSJF_TLS_CA_FILE")),
+            ca_file=os.environ.get("SSJF_TLS_CA_FILE", ""),
+            client_cert_file=os.environ.get("SSJF_TLS_CLIENT_CERT_FILE", ""),
+            client_key_file=os.environ.get("SSJF_TLS_CLIENT_KEY_FILE", ""),
+            server_name=os.environ.get("SSJF_TLS_SERVER_NAME", ""),
+            token=read_secret(TOKEN_FILE_ENV, TOKEN_ENV),
+        )
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ChannelSecurity:
+        """From ``add_client_security_options``'s flags (which default to the variables)."""
+        token = Path(args.token_file).read_text().strip() if args.token_file else ""
+        return cls(
+            tls=args.tls or bool(args.tls_ca_file),
+            ca_file=args.tls_ca_file,
+            client_cert_file=args.tls_client_cert_file,
+            client_key_file=args.tls_client_key_file,
+            server_name=args.tls_server_name,
+            token=token or os.environ.get(TOKEN_ENV, "").strip(),
+        )
+
+    def options(self, options: list[tuple[str, Any]] | None = None) -> list[tuple[str, Any]]:
+        from services.common.grpc_server import CHANNEL_OPTIONS
+
+        extra = [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
+        return [*(CHANNEL_OPTIONS if options is None else options), *extra]
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.token}"),) if self.token else ()
+
+
+def add_client_security_options(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup, *, what: str = "the server"
+) -> None:
+    """Flags for dialling ``what`` securely; credentials themselves only from files/env."""
+    add_option(parser, "--tls", default=False, type=parse_bool,
+               help=f"dial {what} over TLS with the system's CA roots")  # fmt: skip
+    add_option(parser, "--tls-ca-file", default="",
+               help=f"CA bundle that signed {what}'s certificate; turns TLS on")  # fmt: skip
+    add_option(parser, "--tls-client-cert-file", default="",
+               help="client certificate to present (mutual TLS)")  # fmt: skip
+    add_option(parser, "--tls-client-key-file", default="", help="key of --tls-client-cert-file")
+    add_option(parser, "--tls-server-name", default="",
+               help=f"name expected in {what}'s certificate if not the host dialled")  # fmt: skip
+    add_option(parser, "--token-file", default="", env=TOKEN_FILE_ENV,
+               help=f"file holding the bearer token for {what} (or set {TOKEN_ENV})")  # fmt: skip
