@@ -27,7 +27,12 @@ from typing import Any
 
 import grpc
 
-from services.common.errors import PermissionDenied, ResourceExhausted, Unauthenticated
+from services.common.errors import (
+    PermissionDenied,
+    ResourceExhausted,
+    ServiceError,
+    Unauthenticated,
+)
 from services.common.grpc_server import Behaviour, rewrap_handler
 from services.common.principals import (
     ANONYMOUS,
@@ -146,18 +151,27 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 def _before(
     behaviour: Behaviour, streaming: bool, check: Callable[[grpc.aio.ServicerContext], None]
 ) -> Behaviour:
-    """``behaviour`` that first runs ``check`` (which raises to refuse the call)."""
+    """``behaviour`` that first runs ``check`` (which raises to refuse the call). Refusals
+    abort here: reflection, which is guarded too, is outside the error interceptor."""
+
+    async def admit(context: grpc.aio.ServicerContext) -> None:
+        try:
+            check(context)
+        except ServiceError as refused:
+            log.info("call refused", extra={"code": refused.status, "why": str(refused)})
+            await context.abort(getattr(grpc.StatusCode, refused.status), str(refused))
+
     if streaming:
 
         async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            check(context)
+            await admit(context)
             async for item in behaviour(request, context):
                 yield item
 
         return stream
 
     async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        check(context)
+        await admit(context)
         return await behaviour(request, context)
 
     return unary
