@@ -19,8 +19,10 @@ import pytest
 import redis
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from services.common.channels import dial_aio
 from services.common.net import free_port
-from services.pb import common_pb2, scheduler_pb2
+from services.common.tls import ChannelSecurity
+from services.pb import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from tests.scheduler_support import ReportSession, progress, request
 from tests.security_support import (
     CertificateAuthority,
@@ -469,3 +471,16 @@ def test_scheduler_uses_redis_over_tls_with_an_acl_user(
     assert stored.hget(f"ssjf:job:{job_id}", "state") == "QUEUED"
     # The password is nowhere on the process's command line.
     assert "s3cret" not in " ".join(node.service.process.args)
+
+
+async def test_dial_aio_sends_the_token_on_every_kind_of_call(secured, tokens) -> None:
+    """The worker's own channel helper: unary Lease and the bidirectional Report stream."""
+    security = ChannelSecurity(token=tokens.worker)
+    async with dial_aio(secured.worker_address, security) as channel:
+        gateway = scheduler_pb2_grpc.WorkerGatewayStub(channel)
+        assert list((await gateway.Lease(lease_request(), timeout=20)).jobs) == []
+        report = gateway.Report(timeout=20)
+        await report.write(scheduler_pb2.WorkerReport(worker_id="w"))
+        directive = await report.read()
+        assert list(directive.stop) == []
+        await report.done_writing()

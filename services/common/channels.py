@@ -67,12 +67,7 @@ def channel_credentials(security: ChannelSecurity) -> grpc.ChannelCredentials:
     )
 
 
-class _AttachToken(
-    grpc.aio.UnaryUnaryClientInterceptor,
-    grpc.aio.UnaryStreamClientInterceptor,
-    grpc.aio.StreamUnaryClientInterceptor,
-    grpc.aio.StreamStreamClientInterceptor,
-):
+class _TokenInterceptor:
     """Adds the bearer token to every call (works with and without TLS, unlike gRPC's call
     credentials, which refuse plaintext channels)."""
 
@@ -82,25 +77,39 @@ class _AttachToken(
     def _with_token(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
         return details._replace(metadata=(*(details.metadata or ()), *self._metadata))
 
+
+# grpc.aio files each interceptor under the first call kind it implements: one class each.
+class _TokenUnaryUnary(_TokenInterceptor, grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(
         self, continuation: Callable, details: Any, request: Any
     ) -> Any:
         return await continuation(self._with_token(details), request)
 
+
+class _TokenUnaryStream(_TokenInterceptor, grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(
         self, continuation: Callable, details: Any, request: Any
     ) -> Any:
         return await continuation(self._with_token(details), request)
 
+
+class _TokenStreamUnary(_TokenInterceptor, grpc.aio.StreamUnaryClientInterceptor):
     async def intercept_stream_unary(
         self, continuation: Callable, details: Any, requests: Any
     ) -> Any:
         return await continuation(self._with_token(details), requests)
 
+
+class _TokenStreamStream(_TokenInterceptor, grpc.aio.StreamStreamClientInterceptor):
     async def intercept_stream_stream(
         self, continuation: Callable, details: Any, requests: Any
     ) -> Any:
         return await continuation(self._with_token(details), requests)
+
+
+def _token_interceptors(metadata: tuple[tuple[str, str], ...]) -> list[Any]:
+    kinds = (_TokenUnaryUnary, _TokenUnaryStream, _TokenStreamUnary, _TokenStreamStream)
+    return [kind(metadata) for kind in kinds]
 
 
 class _AttachTokenSync(
@@ -153,7 +162,7 @@ def dial_aio(
     """An asyncio channel to ``address``: TLS and token per ``security`` (default: the
     SSJF_TLS_* / SSJF_TOKEN* environment)."""
     security = security if security is not None else ChannelSecurity.from_env()
-    interceptors = [_AttachToken(security.metadata())] if security.token else None
+    interceptors = _token_interceptors(security.metadata()) if security.token else None
     if security.tls:
         return grpc.aio.secure_channel(
             address, channel_credentials(security), options=security.options(options),
