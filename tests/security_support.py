@@ -1,10 +1,8 @@
-"""Helpers for the security tests: a certificate authority made in the test (the
-``cryptography`` package), credentials files, and scheduler processes with TLS and auth."""
+"""Helpers for the security tests: credentials files, and scheduler processes with TLS and
+auth; certificates come from a CA made in the test (services/common/pki.py)."""
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import secrets
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -12,92 +10,15 @@ from pathlib import Path
 
 import grpc
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from services.common.channels import dial
 from services.common.health import wait_for_serving
 from services.common.net import free_port
+from services.common.pki import Issued
 from services.common.principals import token_digest
 from services.common.tls import ChannelSecurity
 from services.pb import scheduler_pb2_grpc
 from tests.helpers import Service, start_service
-
-
-@dataclass(frozen=True)
-class Issued:
-    cert: Path
-    key: Path
-
-
-class CertificateAuthority:
-    """A throw-away CA that signs server and client certificates into ``directory``."""
-
-    def __init__(self, directory: Path, name: str = "ssjf-test-ca") -> None:
-        self.directory = directory
-        directory.mkdir(parents=True, exist_ok=True)
-        self._key = ec.generate_private_key(ec.SECP256R1())
-        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-        now = datetime.datetime.now(datetime.UTC)
-        self._name = subject
-        self._cert = (
-            x509.CertificateBuilder()
-            .subject_name(subject)
-            .issuer_name(subject)
-            .public_key(self._key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(self._key, hashes.SHA256())
-        )
-        self.cert = directory / f"{name}.pem"
-        self.cert.write_bytes(self._cert.public_bytes(serialization.Encoding.PEM))
-
-    def issue(self, common_name: str, *, server: bool = True, file_stem: str = "") -> Issued:
-        """A certificate for ``common_name``; servers also get localhost/127.0.0.1 names."""
-        key = ec.generate_private_key(ec.SECP256R1())
-        now = datetime.datetime.now(datetime.UTC)
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
-            .issuer_name(self._name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-        )
-        if server:
-            builder = builder.add_extension(
-                x509.SubjectAlternativeName(
-                    [
-                        x509.DNSName("localhost"),
-                        x509.DNSName(common_name),
-                        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-                    ]
-                ),
-                critical=False,
-            ).add_extension(
-                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
-            )
-        else:
-            builder = builder.add_extension(
-                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
-            )
-        cert = builder.sign(self._key, hashes.SHA256())
-        stem = file_stem or common_name
-        issued = Issued(self.directory / f"{stem}.crt", self.directory / f"{stem}.key")
-        issued.key.write_bytes(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-        )
-        issued.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        return issued
 
 
 @dataclass

@@ -11,6 +11,7 @@ import shutil
 import socket
 import ssl
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -21,11 +22,12 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from services.common.channels import dial_aio
 from services.common.net import free_port
+from services.common.pki import CertificateAuthority
 from services.common.tls import ChannelSecurity
 from services.pb import common_pb2, scheduler_pb2, scheduler_pb2_grpc
+from tests.helpers import REPO_ROOT
 from tests.scheduler_support import ReportSession, progress, request
 from tests.security_support import (
-    CertificateAuthority,
     Tokens,
     start_secure_scheduler,
     write_auth_file,
@@ -53,6 +55,7 @@ def pki(tmp_path: Path) -> dict:
         "server": ca.issue("scheduler"),
         "worker": ca.issue("ssjf-worker", server=False),
         "stranger": ca.issue("someone-else", server=False),
+        "rogue_ca": rogue,
         "rogue_worker": rogue.issue("ssjf-worker", server=False, file_stem="rogue-worker"),
     }
 
@@ -86,7 +89,7 @@ def test_tls_handshake_with_a_test_ca_and_plaintext_refused(
     # Plaintext to a TLS port, and TLS trusting another CA, both fail the handshake.
     plain = node.scheduler(tokens.acme, tls=False, ca_file="")
     assert code_of(plain.Submit, request()) == grpc.StatusCode.UNAVAILABLE
-    rogue_ca = str(pki["rogue_worker"].cert.parent / "rogue-ca.pem")
+    rogue_ca = str(pki["rogue_ca"].cert)
     wrong_ca = node.scheduler(tokens.acme, ca_file=rogue_ca)
     assert code_of(wrong_ca.Submit, request()) == grpc.StatusCode.UNAVAILABLE
 
@@ -484,3 +487,27 @@ async def test_dial_aio_sends_the_token_on_every_kind_of_call(secured, tokens) -
         directive = await report.read()
         assert list(directive.stop) == []
         await report.done_writing()
+
+
+def test_generated_secrets_secure_a_scheduler(start_secure_scheduler, tmp_path) -> None:
+    """``ssjf secrets`` output, used as SECURITY.md says: TLS, tenant and worker tokens."""
+    out = tmp_path / "secrets"
+    command = [sys.executable, "-m", "services.cli", "secrets", "--out", str(out)]
+    made = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
+    assert made.returncode == 0, made.stderr
+    assert oct((out / "scheduler.key").stat().st_mode & 0o777) == "0o600"
+    again = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
+    assert again.returncode == 1 and "--force" in again.stdout  # never overwritten by accident
+    node = start_secure_scheduler(
+        "--tls-cert-file", str(out / "scheduler.crt"), "--tls-key-file", str(out / "scheduler.key"),
+        "--auth-file", str(out / "auth.toml"),
+        ca=out / "ca.crt",
+    )  # fmt: skip
+    client_token = (out / "tokens" / "demo.token").read_text().strip()
+    worker_token = (out / "tokens" / "worker.token").read_text().strip()
+    assert node.scheduler(client_token).Submit(request(), timeout=20).job_id
+    [job] = node.gateway(worker_token).Lease(lease_request(), timeout=20).jobs
+    assert job.prompt == request().prompt
+    assert code_of(node.gateway(client_token).Lease, lease_request()) == (
+        grpc.StatusCode.PERMISSION_DENIED
+    )

@@ -18,9 +18,10 @@ import pytest
 
 from services.common.health import wait_for_serving
 from services.common.net import free_port
+from services.common.pki import CertificateAuthority
 from services.common.tls import ChannelSecurity
 from tests.helpers import REPO_ROOT, start_service
-from tests.security_support import CertificateAuthority, Tokens, write_auth_file
+from tests.security_support import Tokens, write_auth_file
 
 pytestmark = pytest.mark.slow
 LLM = "vicuna-13b"
