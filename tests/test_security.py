@@ -7,6 +7,8 @@ Every scheduler here is a real ``ssjf scheduler`` process on the test's own Redi
 
 from __future__ import annotations
 
+import asyncio
+import os
 import shutil
 import socket
 import ssl
@@ -511,3 +513,25 @@ def test_generated_secrets_secure_a_scheduler(start_secure_scheduler, tmp_path) 
     assert code_of(node.gateway(client_token).Lease, lease_request()) == (
         grpc.StatusCode.PERMISSION_DENIED
     )
+
+
+async def test_a_rotated_token_file_is_used_without_restart(secured, tokens, tmp_path) -> None:
+    token_file = tmp_path / "worker.token"
+    token_file.write_text("revoked-or-wrong\n")
+    security = ChannelSecurity(token="revoked-or-wrong", token_file=str(token_file))
+    async with dial_aio(secured.worker_address, security) as channel:
+        gateway = scheduler_pb2_grpc.WorkerGatewayStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await gateway.Lease(lease_request(), timeout=20)
+        assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        token_file.write_text(tokens.worker + "\n")
+        os.utime(token_file, ns=(time.time_ns(), time.time_ns() + 10**9))
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                await gateway.Lease(lease_request(), timeout=20)
+                break
+            except grpc.aio.AioRpcError as error:
+                assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+                assert time.monotonic() < deadline, "the new token was never sent"
+                await asyncio.sleep(0.2)

@@ -13,7 +13,7 @@ from typing import Any
 
 import grpc
 
-from services.common.tls import ChannelSecurity, ServerTls
+from services.common.tls import ChannelSecurity, ServerTls, TokenSource
 
 log = logging.getLogger(__name__)
 
@@ -71,11 +71,11 @@ class _TokenInterceptor:
     """Adds the bearer token to every call (works with and without TLS, unlike gRPC's call
     credentials, which refuse plaintext channels)."""
 
-    def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
-        self._metadata = metadata
+    def __init__(self, tokens: TokenSource) -> None:
+        self._tokens = tokens
 
     def _with_token(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
-        return details._replace(metadata=(*(details.metadata or ()), *self._metadata))
+        return details._replace(metadata=(*(details.metadata or ()), *self._tokens.metadata()))
 
 
 # grpc.aio files each interceptor under the first call kind it implements: one class each.
@@ -107,9 +107,9 @@ class _TokenStreamStream(_TokenInterceptor, grpc.aio.StreamStreamClientIntercept
         return await continuation(self._with_token(details), requests)
 
 
-def _token_interceptors(metadata: tuple[tuple[str, str], ...]) -> list[Any]:
+def _token_interceptors(tokens: TokenSource) -> list[Any]:
     kinds = (_TokenUnaryUnary, _TokenUnaryStream, _TokenStreamUnary, _TokenStreamStream)
-    return [kind(metadata) for kind in kinds]
+    return [kind(tokens) for kind in kinds]
 
 
 class _AttachTokenSync(
@@ -118,14 +118,16 @@ class _AttachTokenSync(
     grpc.StreamUnaryClientInterceptor,
     grpc.StreamStreamClientInterceptor,
 ):
-    def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
-        self._metadata = metadata
+    """The blocking API's token interceptor (which, unlike grpc.aio, takes all four kinds)."""
+
+    def __init__(self, tokens: TokenSource) -> None:
+        self._tokens = tokens
 
     def _with_token(self, details: Any) -> Any:
         return _SyncDetails(
             details.method,
             details.timeout,
-            (*(details.metadata or ()), *self._metadata),
+            (*(details.metadata or ()), *self._tokens.metadata()),
             details.credentials,
             details.wait_for_ready,
             details.compression,
@@ -162,7 +164,7 @@ def dial_aio(
     """An asyncio channel to ``address``: TLS and token per ``security`` (default: the
     SSJF_TLS_* / SSJF_TOKEN* environment)."""
     security = security if security is not None else ChannelSecurity.from_env()
-    interceptors = _token_interceptors(security.metadata()) if security.token else None
+    interceptors = _token_interceptors(TokenSource(security)) if security.token else None
     if security.tls:
         return grpc.aio.secure_channel(
             address, channel_credentials(security), options=security.options(options),
@@ -187,5 +189,5 @@ def dial(
     else:
         channel = grpc.insecure_channel(address, options=security.options(options))
     if security.token:
-        return grpc.intercept_channel(channel, _AttachTokenSync(security.metadata()))
+        return grpc.intercept_channel(channel, _AttachTokenSync(TokenSource(security)))
     return channel

@@ -32,6 +32,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--if-missing", action="store_true", help="do nothing when --out already has a CA"
     )
     parser.add_argument("--force", action="store_true", help="overwrite existing secrets")
+    parser.add_argument(
+        "--owner",
+        type=int,
+        default=-1,
+        help="give the files to this uid (run as root in a set-up container whose services "
+        "run as another user); -1: leave them to the current user",
+    )
     parser.set_defaults(run=_run_secrets)
 
 

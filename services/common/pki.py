@@ -203,6 +203,9 @@ def run(args: argparse.Namespace) -> int:
         days=args.days,
         ca_path_in_container=args.ca_path,
     )
+    if args.owner >= 0:
+        for path in [args.out, *args.out.rglob("*")]:
+            os.chown(path, args.owner, args.owner)
     print(f"wrote {len(written)} files to {args.out} (never commit them):")
     for path in written:
         print(f"  {path.relative_to(args.out)}")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,8 @@ class ChannelSecurity:
     client_key_file: str = ""
     server_name: str = ""
     token: str = ""
+    # The file ``token`` was read from: read again when it changes (token rotation).
+    token_file: str = ""
 
     @classmethod
     def from_env(cls) -> ChannelSecurity:
@@ -91,6 +94,7 @@ class ChannelSecurity:
             client_key_file=os.environ.get("SSJF_TLS_CLIENT_KEY_FILE", ""),
             server_name=os.environ.get("SSJF_TLS_SERVER_NAME", ""),
             token=read_secret(TOKEN_FILE_ENV, TOKEN_ENV),
+            token_file=os.environ.get(TOKEN_FILE_ENV, ""),
         )
 
     @classmethod
@@ -104,6 +108,7 @@ class ChannelSecurity:
             client_key_file=args.tls_client_key_file,
             server_name=args.tls_server_name,
             token=token or os.environ.get(TOKEN_ENV, "").strip(),
+            token_file=args.token_file,
         )
 
     def options(self, options: list[tuple[str, Any]] | None = None) -> list[tuple[str, Any]]:
@@ -114,6 +119,38 @@ class ChannelSecurity:
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
         return (("authorization", f"Bearer {self.token}"),) if self.token else ()
+
+
+class TokenSource:
+    """The bearer-token metadata of ``security``, following its token file: checked at most
+    once per ``recheck_s``, re-read when its modification time changes."""
+
+    def __init__(self, security: ChannelSecurity, recheck_s: float = 1.0) -> None:
+        self._security = security
+        self._metadata = security.metadata()
+        self._path = Path(security.token_file) if security.token_file else None
+        self._recheck_s = recheck_s
+        self._checked_at = time.monotonic()
+        self._stamp = self._mtime()
+
+    def _mtime(self) -> int:
+        try:
+            return self._path.stat().st_mtime_ns if self._path else 0
+        except OSError:
+            return 0
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        now = time.monotonic()
+        if self._path is None or now - self._checked_at < self._recheck_s:
+            return self._metadata
+        self._checked_at = now
+        stamp = self._mtime()
+        if stamp and stamp != self._stamp:
+            token = self._path.read_text().strip()
+            if token:
+                self._stamp = stamp
+                self._metadata = (("authorization", f"Bearer {token}"),)
+        return self._metadata
 
 
 def add_client_security_options(

@@ -70,6 +70,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     health.add_argument("address", help="HOST:PORT of any SSJF service")
     add_option(health, "--timeout-s", type=float, default=3.0, help="give up after this")
+    add_client_security_options(health, what="the service")
     health.set_defaults(run=_run_health)
 
 
@@ -139,7 +140,9 @@ def _run_health(args: argparse.Namespace) -> int:
     from services.common.health import wait_for_serving
 
     try:
-        wait_for_serving(args.address, timeout=args.timeout_s)
+        wait_for_serving(
+            args.address, timeout=args.timeout_s, security=ChannelSecurity.from_args(args)
+        )
     except TimeoutError as error:
         print(error, file=sys.stderr)
         return 1
