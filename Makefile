@@ -9,7 +9,7 @@ PROTOS := $(wildcard protos/ssjf/v1/*.proto)
 PB_DIR := services/pb
 
 .PHONY: help venv proto proto-check lint test run predictor bench bench-predictor \
-        bench-scheduler bench-worker clean
+        bench-scheduler bench-worker bench-security clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -64,6 +64,9 @@ bench-scheduler: $(STAMP)  ## dispatch latency, submissions/s, 1e3-1e6 queued vs
 
 bench-worker: $(STAMP)  ## worker engine: tok/s + step latency per batching mode, prefill cost -> bench/results/worker.json
 	$(BIN)/python -m services.worker.bench
+
+bench-security: $(STAMP)  ## TLS + tokens vs plaintext: per Submit, per streamed token, per connection -> bench/results/security.json
+	$(BIN)/python -m services.scheduler.security_bench --out bench/results/security.json
 
 clean:  ## remove the virtualenv and caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache
