@@ -16,7 +16,7 @@ import redis.asyncio as aioredis
 
 from services.common.errors import ResourceExhausted
 from services.scheduler.models import JobState
-from services.scheduler.store import PREFIX, job_key
+from services.scheduler.store import job_key
 
 # ARGV: limit, member, score, ttl. Returns the count after adding, or -count when full.
 _RESERVE = """
@@ -32,8 +32,12 @@ _IN_FLIGHT_S = 60.0
 RETRY_AFTER_S = 2.0
 
 
+# Beside the scheduler's other keys (ssjf:...), named here: no lifecycle script touches it.
+TENANT_JOBS_PREFIX = "ssjf:tenant-jobs:"
+
+
 def tenant_jobs_key(tenant: str) -> str:
-    return f"{PREFIX}tenant-jobs:{tenant}"
+    return TENANT_JOBS_PREFIX + tenant
 
 
 class TenantJobs:
