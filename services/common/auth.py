@@ -110,6 +110,11 @@ class Authenticator:
         )
 
 
+def _service_of(method: str) -> str:
+    """``/pkg.Service/Method`` -> ``pkg.Service``."""
+    return method.split("/")[1] if method.count("/") >= 2 else ""
+
+
 def _peer_common_names(context: grpc.aio.ServicerContext) -> list[str]:
     """Common names of the verified client certificate (empty without mutual TLS)."""
     names = context.auth_context().get("x509_common_name", [])
@@ -130,7 +135,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
-        service = details.method.split("/")[1] if details.method.count("/") >= 2 else ""
+        service = _service_of(details.method)
         if handler is None or service == HEALTH_SERVICE:
             return handler
         needed = self.required.get(service)
@@ -206,17 +211,13 @@ class QuotaInterceptor(grpc.aio.ServerInterceptor):
         self._buckets: dict[str, _Bucket] = {}
         self._streams: dict[str, int] = {}
 
-    def open_streams(self, tenant: str) -> int:
-        return self._streams.get(tenant, 0)
-
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
-        service = details.method.split("/")[1] if details.method.count("/") >= 2 else ""
-        if handler is None or service not in self.services:
+        if handler is None or _service_of(details.method) not in self.services:
             return handler
         return rewrap_handler(handler, details.method, self._limit)
 
