@@ -1,5 +1,5 @@
-"""Property-based tests (hypothesis) of request validation on a real scheduler process:
-whatever a client or worker sends, the answer is OK or a status that names the problem —
+"""Property-based tests (hypothesis) of request validation on real scheduler and predictor
+processes: whatever a client or worker sends, the answer is OK or a status that names the problem —
 never UNKNOWN or INTERNAL (a crash in a servicer), and the server keeps serving.
 
 Inputs are drawn over every field of every request: odd unicode, huge and negative numbers,
@@ -14,7 +14,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from services.pb import common_pb2, scheduler_pb2, scheduler_pb2_grpc
+from services.common.health import wait_for_serving
+from services.common.net import free_port
+from services.pb import (
+    common_pb2,
+    predictor_pb2,
+    predictor_pb2_grpc,
+    scheduler_pb2,
+    scheduler_pb2_grpc,
+)
+from tests.helpers import start_service
 from tests.scheduler_support import start_scheduler
 from tests.security_support import Tokens, start_secure_scheduler, write_auth_file
 
@@ -179,5 +188,31 @@ def test_any_authorization_header_is_answered_unauthenticated(
                 assert error.code() == grpc.StatusCode.UNAUTHENTICATED, error.details()
             else:
                 raise AssertionError(f"{value!r} was let in")
+
+    check()
+
+
+@pytest.fixture
+def predictor_stub():
+    """A real ``ssjf predictor`` process (the shipped ONNX artifact)."""
+    port = free_port()
+    service = start_service(["predictor", "--host", "127.0.0.1", "--port", str(port)])
+    try:
+        wait_for_serving(f"127.0.0.1:{port}", 180, alive=lambda: service.process.poll() is None)
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            yield predictor_pb2_grpc.PredictorStub(channel)
+    finally:
+        service.stop()
+
+
+def test_predictor_never_crashes(predictor_stub) -> None:
+    prompts = st.one_of(texts, st.text(max_size=3000))
+
+    @PROPERTY
+    @given(prompts, texts, st.lists(st.tuples(prompts, texts), max_size=40))
+    def check(prompt: str, llm: str, batch: list[tuple[str, str]]) -> None:
+        status(predictor_stub.Predict, predictor_pb2.PredictRequest(prompt=prompt, llm=llm))
+        requests = [predictor_pb2.PredictRequest(prompt=p, llm=name) for p, name in batch]
+        status(predictor_stub.PredictBatch, predictor_pb2.PredictBatchRequest(requests=requests))
 
     check()
