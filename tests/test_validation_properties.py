@@ -1,6 +1,6 @@
 """Property-based tests (hypothesis) of request validation on real scheduler and predictor
-processes: whatever a client or worker sends, the answer is OK or a status that names the problem —
-never UNKNOWN or INTERNAL (a crash in a servicer), and the server keeps serving.
+processes: whatever a client or worker sends, the answer is OK or a status that names the
+problem — never UNKNOWN or INTERNAL (a crash in a servicer), and the server keeps serving.
 
 Inputs are drawn over every field of every request: odd unicode, huge and negative numbers,
 NaN and infinities, empty and oversized strings, ids of jobs that do not exist or belong to
