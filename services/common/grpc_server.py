@@ -54,7 +54,7 @@ Behaviour = Callable[[Any, grpc.aio.ServicerContext], Any]
 BehaviourWrapper = Callable[[Behaviour, str, bool], Behaviour]
 
 
-def rewrap_handler(
+def _rewrap(
     handler: grpc.RpcMethodHandler, method: str, wrap: BehaviourWrapper
 ) -> grpc.RpcMethodHandler:
     """The same handler with its behaviour wrapped, whichever of the four RPC kinds it is."""
@@ -88,7 +88,7 @@ class _WrappingInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or handler_call_details.method.startswith("/grpc."):
             return handler
-        return rewrap_handler(handler, handler_call_details.method, type(self).wrap)
+        return _rewrap(handler, handler_call_details.method, type(self).wrap)
 
 
 def _map_errors(behaviour: Behaviour, method: str, streaming: bool) -> Behaviour:
@@ -126,6 +126,10 @@ class ErrorInterceptor(_WrappingInterceptor):
     """Turns domain errors into gRPC statuses, so servicers stay free of status plumbing."""
 
     wrap = staticmethod(_map_errors)
+
+
+# For interceptors elsewhere (services/common/auth.py) that wrap handlers the same way.
+rewrap_handler = _rewrap
 
 
 def _status_of(context: grpc.aio.ServicerContext, error: BaseException | None) -> str:
