@@ -535,3 +535,61 @@ async def test_a_rotated_token_file_is_used_without_restart(secured, tokens, tmp
                 assert error.code() == grpc.StatusCode.UNAUTHENTICATED
                 assert time.monotonic() < deadline, "the new token was never sent"
                 await asyncio.sleep(0.2)
+
+
+def test_mutual_tls_on_the_worker_port_only(start_secure_scheduler, pki, tokens, tmp_path):
+    server, worker = pki["server"], pki["worker"]
+    auth = write_auth_file(tmp_path / "auth.toml", tokens, worker_cert_cn="ssjf-worker")
+    node = start_secure_scheduler(
+        "--tls-cert-file", str(server.cert), "--tls-key-file", str(server.key),
+        "--worker-tls-client-ca-file", str(pki["ca"].cert), "--auth-file", str(auth),
+        ca=pki["ca"].cert, worker_port=True,
+    )  # fmt: skip
+    # Clients need no certificate on the client port...
+    assert node.scheduler(tokens.acme).Submit(request(), timeout=20).job_id
+    # ...while the worker port takes no connection without one, even with a worker token.
+    assert code_of(node.gateway(tokens.worker).Lease, lease_request()) == (
+        grpc.StatusCode.UNAVAILABLE
+    )
+    certified = node.gateway(client_cert_file=str(worker.cert), client_key_file=str(worker.key))
+    assert len(certified.Lease(lease_request(), timeout=20).jobs) == 1
+
+
+def test_revoking_a_token_takes_effect_without_restart(start_secure_scheduler, tokens, tmp_path):
+    auth = write_auth_file(tmp_path / "auth.toml", tokens)
+    node = start_secure_scheduler("--auth-file", str(auth))
+    acme = node.scheduler(tokens.acme)
+    stats = scheduler_pb2.QueueStatsRequest()
+    acme.QueueStats(stats, timeout=20)
+    revoked = Tokens(acme=Tokens.new().acme, globex=tokens.globex, worker=tokens.worker)
+    write_auth_file(tmp_path / "auth.toml.new", revoked).rename(auth)
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            acme.QueueStats(stats, timeout=20)
+        except grpc.RpcError as error:
+            assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+            break
+        assert time.monotonic() < deadline, "the revoked token still works"
+        time.sleep(0.2)
+    node.scheduler(tokens.globex).QueueStats(stats, timeout=20)  # the others still work
+    # A broken file keeps the last good credentials (and says why in the log).
+    auth.write_text("this is [not toml")
+    time.sleep(1.5)
+    node.scheduler(tokens.globex).QueueStats(stats, timeout=20)
+    assert "cannot reload credentials" in node.service.log()
+
+
+def test_a_malformed_credentials_file_stops_the_scheduler_with_a_reason(
+    redis_url, tmp_path
+) -> None:
+    auth = tmp_path / "auth.toml"
+    auth.write_text('[[clients]]\ntenant = "has space"\ntoken_sha256 = "00"\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "services.cli", "scheduler", "--port", str(free_port()),
+         "--host", "127.0.0.1", "--auth-file", str(auth)],
+        cwd=REPO_ROOT, env={**os.environ, "REDIS_URL": redis_url},
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "--auth-file" in result.stderr and "tenant 'has space'" in result.stderr
