@@ -216,3 +216,20 @@ def test_predictor_never_crashes(predictor_stub) -> None:
         status(predictor_stub.PredictBatch, predictor_pb2.PredictBatchRequest(requests=requests))
 
     check()
+
+
+def test_submit_never_crashes_with_auth_and_tenant_limits(start_secure_scheduler, tmp_path):
+    """The same requests through authentication, the quota interceptor, the priority
+    ceiling and the queued-jobs limit: refused or accepted, never UNKNOWN."""
+    tokens = Tokens.new()
+    limits = "best_priority = 0\nmax_queued_jobs = 5\nmax_streams = 2\nrequests_per_s = 1000"
+    auth = write_auth_file(tmp_path / "a", tokens, acme_limits=limits)
+    node = start_secure_scheduler("--auth-file", str(auth), "--max-prompt-chars", "1000")
+    scheduler = scheduler_pb2_grpc.SchedulerStub(node.channel(tokens.acme))
+
+    @PROPERTY
+    @given(generate_requests())
+    def check(request: scheduler_pb2.GenerateRequest) -> None:
+        status(scheduler.Submit, request)
+
+    check()
