@@ -100,7 +100,8 @@ class ChannelSecurity:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ChannelSecurity:
         """From ``add_client_security_options``'s flags (which default to the variables)."""
-        token = Path(args.token_file).read_text().strip() if args.token_file else ""
+        token_file = getattr(args, "token_file", "")
+        token = Path(token_file).read_text().strip() if token_file else ""
         return cls(
             tls=args.tls or bool(args.tls_ca_file),
             ca_file=args.tls_ca_file,
@@ -108,7 +109,7 @@ class ChannelSecurity:
             client_key_file=args.tls_client_key_file,
             server_name=args.tls_server_name,
             token=token or os.environ.get(TOKEN_ENV, "").strip(),
-            token_file=args.token_file,
+            token_file=token_file,
         )
 
     def options(self, options: list[tuple[str, Any]] | None = None) -> list[tuple[str, Any]]:
@@ -154,9 +155,13 @@ class TokenSource:
 
 
 def add_client_security_options(
-    parser: argparse.ArgumentParser | argparse._ArgumentGroup, *, what: str = "the server"
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    *,
+    what: str = "the server",
+    token: bool = True,
 ) -> None:
-    """Flags for dialling ``what`` securely; credentials themselves only from files/env."""
+    """Flags for dialling ``what`` securely; credentials themselves only from files/env.
+    ``token=False``: no --token-file (a caller that forwards its own callers' tokens)."""
     add_option(parser, "--tls", default=False, type=parse_bool,
                help=f"dial {what} over TLS with the system's CA roots")  # fmt: skip
     add_option(parser, "--tls-ca-file", default="",
@@ -166,5 +171,7 @@ def add_client_security_options(
     add_option(parser, "--tls-client-key-file", default="", help="key of --tls-client-cert-file")
     add_option(parser, "--tls-server-name", default="",
                help=f"name expected in {what}'s certificate if not the host dialled")  # fmt: skip
+    if not token:
+        return
     add_option(parser, "--token-file", default="", env=TOKEN_FILE_ENV,
                help=f"file holding the bearer token for {what} (or set {TOKEN_ENV})")  # fmt: skip
