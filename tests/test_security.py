@@ -15,6 +15,8 @@ import ssl
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -27,7 +29,7 @@ from services.common.net import free_port
 from services.common.pki import CertificateAuthority
 from services.common.tls import ChannelSecurity
 from services.pb import common_pb2, scheduler_pb2, scheduler_pb2_grpc
-from tests.helpers import REPO_ROOT
+from tests.helpers import REPO_ROOT, start_service
 from tests.scheduler_support import ReportSession, progress, request
 from tests.security_support import (
     Tokens,
@@ -593,3 +595,48 @@ def test_a_malformed_credentials_file_stops_the_scheduler_with_a_reason(
     )  # fmt: skip
     assert result.returncode != 0
     assert "--auth-file" in result.stderr and "tenant 'has space'" in result.stderr
+
+
+def test_http_front_over_https_forwards_the_callers_token(
+    start_secure_scheduler, pki, tokens, tmp_path
+) -> None:
+    """HTTPS in front, TLS behind, and the caller's own token decides (the front has none)."""
+    server = pki["server"]
+    auth = write_auth_file(tmp_path / "auth.toml", tokens)
+    node = start_secure_scheduler(
+        "--tls-cert-file", str(server.cert), "--tls-key-file", str(server.key),
+        "--auth-file", str(auth), ca=pki["ca"].cert,
+    )  # fmt: skip
+    front_cert = pki["ca"].issue("http")
+    port = free_port()
+    front = start_service(
+        ["http", "--host", "127.0.0.1", "--port", str(port), "--scheduler", node.address,
+         "--tls-cert-file", str(front_cert.cert), "--tls-key-file", str(front_cert.key)],
+        env={"SSJF_TLS_CA_FILE": str(pki["ca"].cert), "SSJF_TOKEN": tokens.worker},
+    )  # fmt: skip
+    context = ssl.create_default_context(cafile=str(pki["ca"].cert))
+
+    def get(path: str, token: str = "") -> int:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        request = urllib.request.Request(f"https://127.0.0.1:{port}{path}", headers=headers)
+        try:
+            with urllib.request.urlopen(request, context=context, timeout=20) as reply:
+                return reply.status
+        except urllib.error.HTTPError as error:
+            return error.code
+
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                assert get("/health") == 200
+                break
+            except (urllib.error.URLError, ConnectionError, AssertionError):
+                assert time.monotonic() < deadline, front.log()
+                time.sleep(0.3)
+        assert get("/v1/models", tokens.acme) == 200
+        # No token, or a worker's: refused by the scheduler, whatever the front's env holds.
+        assert get("/v1/models") == 401
+        assert get("/v1/models", tokens.worker) == 403
+    finally:
+        front.stop()
