@@ -9,8 +9,8 @@ PROTOS := $(wildcard protos/ssjf/v1/*.proto)
 PB_DIR := services/pb
 
 .PHONY: help venv proto proto-check lint test run predictor bench bench-predictor \
-        bench-scheduler bench-worker bench-http clean bench-sim bench-stack bench-stack-starvation \
-        bench-stack-workers bench-stack-slo bench-sim-full
+        bench-scheduler bench-worker bench-http bench-security clean bench-sim bench-stack \
+        bench-stack-starvation bench-stack-workers bench-stack-slo bench-sim-full
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -122,6 +122,9 @@ bench-worker: $(STAMP)  ## worker engine: tok/s + step latency per batching mode
 
 bench-http: $(STAMP)  ## OpenAI HTTP front: added p50 latency vs gRPC, req/s per front process -> bench/results/http.json
 	$(BIN)/python -m services.http.bench --out bench/results/http.json
+
+bench-security: $(STAMP)  ## TLS + tokens vs plaintext: per Submit, per streamed token, per connection -> bench/results/security.json
+	$(BIN)/python -m services.scheduler.security_bench --out bench/results/security.json
 
 clean:  ## remove the virtualenv and caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache
