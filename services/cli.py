@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "services.bench.cli",  # bench, simulate
     "services.collect.cli",  # collect
     "services.http.cli",  # http
+    "services.common.cli",  # secrets
 )
 
 

@@ -121,7 +121,7 @@ def write_lengths(records: list[dict[str, Any]], label: str, out: Path) -> None:
 def settings_of(config: CollectConfig) -> dict[str, Any]:
     """What each answer records of how it was asked for."""
     settings = asdict(config.request)
-    for name in ("server", "prompt", "request_id", "timeout_s", "priority"):
+    for name in ("server", "prompt", "request_id", "timeout_s", "priority", "security"):
         settings.pop(name)
     return settings
 
