@@ -9,7 +9,7 @@ PROTOS := $(wildcard protos/ssjf/v1/*.proto)
 PB_DIR := services/pb
 
 .PHONY: help venv proto proto-check lint test run predictor bench bench-predictor \
-        bench-scheduler bench-worker clean
+        bench-scheduler bench-worker clean images stubs test-compose
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -64,6 +64,19 @@ bench-scheduler: $(STAMP)  ## dispatch latency, submissions/s, 1e3-1e6 queued vs
 
 bench-worker: $(STAMP)  ## worker engine: tok/s + step latency per batching mode, prefill cost -> bench/results/worker.json
 	$(BIN)/python -m services.worker.bench
+
+images:  ## build the container images, offline if need be (deploy/docker/build-images.sh)
+	deploy/docker/build-images.sh ssjf valkey
+
+images-monitoring:  ## build Prometheus + Grafana images from Debian packages (offline hosts)
+	deploy/docker/build-images.sh monitoring
+
+stubs:  ## generate Node.js, Go and C++ gRPC stubs from protos/ into clients/gen (not committed)
+	clients/generate-stubs.sh
+
+test-compose: $(STAMP)  ## the compose stack end to end in real containers (needs a Docker engine)
+	$(MAKE) images
+	SSJF_COMPOSE_TEST=1 $(BIN)/python -m pytest -q -rs -s tests/test_compose.py
 
 clean:  ## remove the virtualenv and caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache

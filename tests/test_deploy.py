@@ -107,6 +107,8 @@ def test_compose_services_start_as_processes_and_serve(redis_url: str):
             env = dict(services[name]["environment"])
             env["SSJF_PORT"] = str(ports[name])
             env["SSJF_HOST"] = "127.0.0.1"
+            if "SSJF_METRICS_PORT" in env:  # one port per container there, shared here
+                env["SSJF_METRICS_PORT"] = str(free_port())
             for key, value in env.items():
                 if value == "redis://redis:6379/0":
                     env[key] = redis_url
