@@ -9,7 +9,7 @@ PROTOS := $(wildcard protos/ssjf/v1/*.proto)
 PB_DIR := services/pb
 
 .PHONY: help venv proto proto-check lint test run predictor bench bench-predictor \
-        bench-scheduler bench-worker clean images stubs test-compose
+        bench-scheduler bench-worker clean images images-monitoring stubs test-compose
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -68,7 +68,7 @@ bench-worker: $(STAMP)  ## worker engine: tok/s + step latency per batching mode
 images:  ## build the container images, offline if need be (deploy/docker/build-images.sh)
 	deploy/docker/build-images.sh ssjf valkey
 
-images-monitoring:  ## build Prometheus + Grafana images from Debian packages (offline hosts)
+images-monitoring:  ## build a Prometheus image from Debian's package (offline hosts; Grafana is pull-only)
 	deploy/docker/build-images.sh monitoring
 
 stubs:  ## generate Node.js, Go and C++ gRPC stubs from protos/ into clients/gen (not committed)

@@ -28,9 +28,7 @@ def node() -> str:
 
 def test_node_client_generates_streams_and_cancels(node: str, redis_url: str):
     port = free_port()
-    up = start_service(
-        ["up", "--port", str(port), "--workers", "1"], {"REDIS_URL": redis_url}
-    )
+    up = start_service(["up", "--port", str(port), "--workers", "1"], {"REDIS_URL": redis_url})
     try:
         wait_for_health(f"127.0.0.1:{port}", timeout=240)
         deadline = time.monotonic() + 240

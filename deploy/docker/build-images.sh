@@ -2,6 +2,7 @@
 # Build the SSJF images on a host that may have no registry access (`make images`).
 #
 #   deploy/docker/build-images.sh [ssjf] [valkey] [monitoring]   (default: ssjf valkey)
+#   monitoring: Prometheus from Debian's package (Grafana is pull-only: docs/deploy.md)
 #
 # Environment (all optional):
 #   BASE_IMAGE   image the Dockerfiles start FROM. Default: python:3.11-slim-bookworm when it
@@ -114,9 +115,8 @@ for target in "${targets[@]}"; do
   case $target in
     ssjf) build "ssjf:$TAG" deploy/docker/Dockerfile ssjf ;;
     valkey) build ssjf-valkey:local deploy/docker/Dockerfile.valkey valkey ;;
-    monitoring)
-      build ssjf-prometheus:local deploy/docker/Dockerfile.prometheus prometheus
-      build ssjf-grafana:local deploy/docker/Dockerfile.grafana grafana ;;
+    # Grafana has no Debian package and no offline build here: it stays pull-only.
+    monitoring) build ssjf-prometheus:local deploy/docker/Dockerfile.prometheus prometheus ;;
     *) echo "unknown image $target (ssjf, valkey, monitoring)"; exit 2 ;;
   esac
 done

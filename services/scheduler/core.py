@@ -26,6 +26,7 @@ from services.common.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from services.scheduler.metrics import observe_finished_jobs
 from services.scheduler.models import (
     JobEnd,
     JobRecord,
@@ -288,7 +289,9 @@ class SchedulerCore:
         return wake.done() and not wake.cancelled() and wake.result()
 
     async def report(self, progress: list[Progress]) -> list[Stop]:
-        return await self.store.apply_progress(progress, time.time())
+        stops = await self.store.apply_progress(progress, time.time())
+        await observe_finished_jobs(self, progress)  # JCT/TTFT/prediction-error histograms
+        return stops
 
     # Background ------------------------------------------------------------------------
 
