@@ -16,8 +16,8 @@ from pathlib import Path
 
 from services.common.alpaca import LengthDataset, Prompt, write_dataset
 from services.common.redis_store import connect
+from services.scheduler.keys import COMPLETIONS_KEY
 from services.scheduler.models import FinishReason
-from services.scheduler.store import COMPLETIONS_KEY
 
 # Replayed lengths are the benchmark's choice, not the LLM's: they would teach the proxy
 # model the trace, not the model.

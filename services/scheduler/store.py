@@ -1,19 +1,6 @@
 """The job store: every piece of scheduler state, in Redis, changed by atomic Lua scripts.
 
-Redis layout (``ssjf:`` prefix; see docs/scheduler.md):
-
-* ``job:<id>``          hash, the job record (JobRecord fields plus lease and index fields)
-* ``events:<id>``       stream, the job's token batches then an ``end`` marker
-* ``idem:<client id>``  string -> job id (idempotent submission)
-* ``queue:<llm>``       sorted set, job id by policy score (lower first)
-* ``arrivals:<llm>``    sorted set, job id by submission time (the max-wait guard)
-* ``running:<llm>``     set, leased job ids
-* ``notify:<llm>``      list, one wake-up per queued job for workers blocked in BLPOP
-* ``leases``            sorted set, leased job id by lease expiry (the reaper's index)
-* ``deadlines``         sorted set, never-started job id by start deadline
-* ``metrics:<llm>``     hash, counters (submitted, prediction_fallback, completed, ...)
-* ``llms``              set, LLM names that have had a queue
-* ``completions``       capped stream: (prompt, llm, generated_tokens) of finished jobs
+Key names and the Redis layout: keys.py (their one definition, shared with the Lua scripts).
 
 Each state change is one script (lua/*.lua, sharing lua/lib.lua), so any number of
 scheduler replicas can share one Redis: a job is claimed, renewed, requeued or finished
@@ -37,6 +24,18 @@ from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from services.common.errors import Unavailable
+from services.scheduler.keys import (
+    LLMS_KEY,
+    arrivals_key,
+    events_key,
+    idempotency_key,
+    job_key,
+    lua_prelude,
+    metrics_key,
+    notify_key,
+    queue_key,
+    running_key,
+)
 from services.scheduler.models import (
     FinishReason,
     JobEnd,
@@ -51,44 +50,9 @@ from services.scheduler.models import (
     Token,
 )
 
-PREFIX = "ssjf:"
-LLMS_KEY = PREFIX + "llms"
-COMPLETIONS_KEY = PREFIX + "completions"  # written by lua/progress.lua
 _LUA_DIR = Path(__file__).with_name("lua")
 _STREAM_READ_COUNT = 512
 _Method = TypeVar("_Method", bound=Callable[..., Awaitable[Any]])
-
-
-def job_key(job_id: str) -> str:
-    return f"{PREFIX}job:{job_id}"
-
-
-def events_key(job_id: str) -> str:
-    return f"{PREFIX}events:{job_id}"
-
-
-def idempotency_key(client_request_id: str) -> str:
-    return f"{PREFIX}idem:{client_request_id}"
-
-
-def queue_key(llm: str) -> str:
-    return f"{PREFIX}queue:{llm}"
-
-
-def arrivals_key(llm: str) -> str:
-    return f"{PREFIX}arrivals:{llm}"
-
-
-def running_key(llm: str) -> str:
-    return f"{PREFIX}running:{llm}"
-
-
-def notify_key(llm: str) -> str:
-    return f"{PREFIX}notify:{llm}"
-
-
-def metrics_key(llm: str) -> str:
-    return f"{PREFIX}metrics:{llm}"
 
 
 @dataclass(frozen=True)
@@ -140,7 +104,7 @@ class BatchedScript:
     """
 
     def __init__(self, redis: aioredis.Redis, name: str) -> None:
-        library = (_LUA_DIR / "lib.lua").read_text()
+        library = lua_prelude() + (_LUA_DIR / "lib.lua").read_text()
         self._redis = redis
         self._script = redis.register_script(
             library + "\n" + (_LUA_DIR / f"{name}.lua").read_text()

@@ -71,7 +71,7 @@ local function apply(base)
     -- Training data for the proxy model: the prompt and the length the LLM really answered.
     local llm, prompt, predicted, fallback = unpack(redis.call('HMGET', key, 'llm', 'prompt',
       'predicted_output_tokens', 'prediction_fallback'))
-    redis.call('XADD', PREFIX .. 'completions', 'MAXLEN', '~', completions_maxlen, '*',
+    redis.call('XADD', COMPLETIONS, 'MAXLEN', '~', completions_maxlen, '*',
       'job_id', id, 'llm', llm, 'prompt', prompt, 'generated_tokens', next_index,
       'finish_reason', reason, 'predicted_output_tokens', predicted,
       'prediction_fallback', fallback, 'finished_at', now)
