@@ -51,6 +51,9 @@ class ComposeStack:
         offline = os.environ.get("SSJF_COMPOSE_OFFLINE", "auto")
         if offline == "1" or (offline == "auto" and not _image_exists("redis:7.2-alpine")):
             self.files.append("docker-compose.offline.yml")
+        # SSJF_COMPOSE_MODEL=default: the model baked into the image instead of tiny-llama.
+        if os.environ.get("SSJF_COMPOSE_MODEL") != "default":
+            self.files.append("tests/compose/worker-model.yml")
         self.port = free_port()
         self.env = {**os.environ, "SSJF_SCHEDULER_PORT": str(self.port)}
 
