@@ -170,7 +170,7 @@ async def call_throughput(address: str, seconds: float, in_flight: int, rpc: str
 
 def _bench_record(i: int, now: float) -> JobRecord:
     return JobRecord(
-        job_id=new_job_id(),
+        job_id=new_job_id(LLM),
         client_request_id="",
         llm=LLM,
         state=JobState.QUEUED,

@@ -26,6 +26,7 @@ from services.common.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from services.scheduler.keys import llm_tag
 from services.scheduler.metrics import observe_finished_jobs
 from services.scheduler.models import (
     JobEnd,
@@ -71,10 +72,11 @@ class SchedulerConfig:
     reap_interval_s: float = 1.0
 
 
-def new_job_id() -> str:
-    """Time-ordered (nanosecond clock in fixed-width hex, then randomness): Redis breaks score
-    ties by member, so equal scores are served in arrival order."""
-    return f"{time.time_ns():016x}{secrets.token_hex(4)}"
+def new_job_id(llm: str = "") -> str:
+    """The LLM queue's hash tag (keys.py: the job's keys share its queue's Redis Cluster
+    slot), then time-ordered (nanosecond clock in fixed-width hex, then randomness): Redis
+    breaks score ties by member, so equal scores are served in arrival order."""
+    return f"{llm_tag(llm) if llm else ''}{time.time_ns():016x}{secrets.token_hex(4)}"
 
 
 class SchedulerCore:
@@ -151,7 +153,7 @@ class SchedulerCore:
             raise Unavailable("this scheduler replica is shutting down; retry on another")
         llm = self._validate(request)
         if request.client_request_id:
-            earlier = await self.store.job_for_client_id(request.client_request_id)
+            earlier = await self.store.job_for_client_id(llm, request.client_request_id)
             if earlier is not None:
                 record = await self.store.get(earlier)
                 if record is not None:
@@ -172,7 +174,7 @@ class SchedulerCore:
             priority=request.priority,
         )
         record = JobRecord(
-            job_id=new_job_id(),
+            job_id=new_job_id(llm),
             client_request_id=request.client_request_id,
             llm=llm,
             state=JobState.QUEUED,

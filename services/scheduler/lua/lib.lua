@@ -1,5 +1,5 @@
 -- Shared by every SSJF script (prepended to each one by store.py, so they stay atomic
--- single-script calls). Key names (job_key, queue_key, LEASES, ...) come from the prelude
+-- single-script calls). Key names (job_key, queue_key, leases_key, ...) come from the prelude
 -- store.py generates from services/scheduler/keys.py, their one definition.
 local NOTIFY_CAP = 1024
 
@@ -29,14 +29,14 @@ local function finish(id, state, reason, err, now, ttl)
     'finished_at', now, 'lease_id', '', 'lease_expires_at', 0)
   redis.call('ZREM', queue_key(llm), id)
   redis.call('ZREM', arrivals_key(llm), id)
-  redis.call('ZREM', DEADLINES, id)
-  redis.call('ZREM', LEASES, id)
+  redis.call('ZREM', deadlines_key(llm), id)
+  redis.call('ZREM', leases_key(llm), id)
   redis.call('SREM', running_key(llm), id)
   redis.call('XADD', events_key(id), '*', 'k', 'end')
   redis.call('EXPIRE', key, ttl)
   redis.call('EXPIRE', events_key(id), ttl)
   if crid and crid ~= '' then
-    redis.call('EXPIRE', idempotency_key(crid), ttl)
+    redis.call('EXPIRE', idempotency_key(llm, crid), ttl)
   end
   count(llm, FINISH_COUNTER[state])
   if reason == 'DEADLINE' then count(llm, 'deadline_missed') end
