@@ -34,16 +34,19 @@ class RedisClusterProcesses:
     def __init__(self, masters: int = 3) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="ssjf-cluster-"))
         self.ports = [free_port() for _ in range(masters)]
+        # The cluster bus defaults to port + 10000, which a free port may not have room for.
+        self.bus_ports = [free_port() for _ in range(masters)]
         self.processes: list[subprocess.Popen] = []
 
     def start(self) -> None:
-        for port in self.ports:
+        for port, bus_port in zip(self.ports, self.bus_ports, strict=True):
             node_dir = self.dir / str(port)
             node_dir.mkdir()
             self.processes.append(
                 subprocess.Popen(
                     ["redis-server", "--port", str(port), "--bind", "127.0.0.1",
-                     "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                     "--cluster-enabled", "yes", "--cluster-port", str(bus_port),
+                     "--cluster-config-file", "nodes.conf",
                      "--dir", str(node_dir), "--save", "", "--appendonly", "no"],
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,

@@ -13,6 +13,7 @@ import asyncio
 import functools
 import json
 import secrets
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +57,7 @@ _LUA_DIR = Path(__file__).with_name("lua")
 _STREAM_READ_COUNT = 512
 _Method = TypeVar("_Method", bound=Callable[..., Awaitable[Any]])
 _Item = TypeVar("_Item")
+_RELIST_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -283,7 +285,9 @@ class JobStore:
         self._reap = BatchedScript(redis, "reap")
         # Redis Cluster: calls whose keys live in different slots go as separate scripts.
         self._cluster = isinstance(redis, RedisCluster)
-        self._listed_llms: set[str] = set()  # LLMs this process has added to LLMS_KEY
+        # LLM -> when this process last added it to LLMS_KEY (re-added every few seconds, so
+        # a Redis that lost the set, e.g. restarted without persistence, gets it back).
+        self._listed_llms: dict[str, float] = {}
 
     def _by_slot(self, items: list[_Item], key: Callable[[_Item], str]) -> list[list[_Item]]:
         """``items`` grouped by the cluster slot of ``key(item)``, in first-seen order; one
@@ -296,11 +300,20 @@ class JobStore:
         return list(groups.values())
 
     async def _list_llms(self, llms: list[str]) -> None:
-        """Add LLM names to LLMS_KEY (a global key: kept out of the per-LLM-slot scripts)."""
-        new = [llm for llm in llms if llm not in self._listed_llms]
-        if new:
-            await self.redis.sadd(LLMS_KEY, *new)
-            self._listed_llms.update(new)
+        """Add LLM names to LLMS_KEY (a global key: kept out of the per-LLM-slot scripts);
+        at most once per LLM every _RELIST_S per process, so submits rarely pay for it."""
+        now = time.monotonic()
+        due = [llm for llm in llms if now - self._listed_llms.get(llm, -_RELIST_S) >= _RELIST_S]
+        if not due:
+            return
+        # Marked before the round trip: concurrent submits do not all send the same SADD.
+        self._listed_llms.update(dict.fromkeys(due, now))
+        try:
+            await self.redis.sadd(LLMS_KEY, *due)
+        except BaseException:
+            for llm in due:
+                self._listed_llms.pop(llm, None)
+            raise
 
     @_unavailable_without_redis
     async def submit(
