@@ -194,9 +194,13 @@ def test_k8s_worker_autoscales_on_a_metric_the_scheduler_exports():
 
     autoscaler = dict(k8s_documents())["worker-autoscaler.yaml#HorizontalPodAutoscaler/worker"]
     metric = autoscaler["spec"]["metrics"][0]["external"]["metric"]
+    # The queue it watches is the one the workers serve.
+    worker = next(c for c in k8s_containers() if c["name"] == "worker")
+    served = {item["name"]: item["value"] for item in worker["env"]}["SSJF_SERVED_MODEL_NAME"]
+    assert metric["selector"]["matchLabels"] == {"llm": served}
     collector = QueueCollector()
     collector.snapshot = [
-        QueueStats(llm="vicuna-13b", queued=3, running=1, oldest_wait_s=0.5, counters={})
+        QueueStats(llm=served, queued=3, running=1, oldest_wait_s=0.5, counters={})
     ]
     exported = {
         (family.name, tuple(sorted(sample.labels.items())))
