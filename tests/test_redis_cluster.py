@@ -122,6 +122,27 @@ def llms_on_every_master(cluster: RedisClusterProcesses, per_master: int = 2) ->
     raise AssertionError(f"could not place LLMs on every master: {counts}")
 
 
+def test_a_job_and_its_queue_share_one_slot_and_llms_spread():
+    from redis.crc import key_slot
+
+    from services.scheduler import keys
+    from services.scheduler.core import new_job_id
+
+    slots = set()
+    for llm in ("vicuna-13b", "gpt4_0314", "meta-llama/Llama-3.1-8B-Instruct", "x"):
+        job_id = new_job_id(llm)
+        names = [
+            keys.job_key(job_id),
+            keys.events_key(job_id),
+            keys.idempotency_key(llm, "client-1"),
+            *(getattr(keys, name)(llm) for name in keys.PER_LLM),
+        ]
+        assert len({key_slot(name.encode()) for name in names}) == 1, names
+        assert keys.job_id_of_key(keys.job_key(job_id)) == job_id
+        slots.add(key_slot(keys.queue_key(llm).encode()))
+    assert len(slots) == 4
+
+
 def test_scheduler_on_a_three_master_cluster_spreads_llm_queues(cluster: RedisClusterProcesses):
     placement = llms_on_every_master(cluster)
     llms = sorted(placement)

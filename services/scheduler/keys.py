@@ -78,6 +78,12 @@ def events_key(job_id: str) -> str:
     return _per_job(PER_JOB["events_key"], job_id)
 
 
+def job_id_of_key(key: str) -> str:
+    """The job id a job_key()/events_key() names (the inverse of their tagging)."""
+    rest = key.removeprefix(PREFIX).split(":", 1)[1]
+    return rest.replace("{", "", 1).replace("}", "", 1)
+
+
 def idempotency_key(llm: str, client_request_id: str) -> str:
     return f"{PREFIX}{PER_LLM_ITEM['idempotency_key']}{{{llm_tag(llm)}}}{client_request_id}"
 
