@@ -21,6 +21,9 @@ Layout (``ssjf:`` prefix; see docs/scheduler.md):
 * ``deadlines:{T}<llm>``      sorted set, never-started job id by start deadline
 * ``completions:{T}<llm>``    capped stream: (prompt, llm, generated_tokens) of finished jobs
 * ``llms``                    set, LLM names that have had a queue (written outside scripts)
+* ``worker:<id>``             string, a live worker's LLM names (JSON), expiring with it
+* ``workers``                 sorted set, worker id by registration expiry (index of worker:<id>)
+* ``llms_seen``               sorted set, LLM name by the last time a worker registered it
 """
 
 from __future__ import annotations
@@ -52,9 +55,12 @@ PER_LLM = {
 # Lua function name (of llm, client id) -> key part before the LLM's tag and the client id.
 PER_LLM_ITEM = {"idempotency_key": "idem:"}
 # Lua constant name -> key part. Only read or written outside the scripts (cluster-safe).
-GLOBAL = {"LLMS": "llms"}
+GLOBAL = {"LLMS": "llms", "WORKERS": "workers", "LLMS_SEEN": "llms_seen"}
 
 LLMS_KEY = PREFIX + GLOBAL["LLMS"]
+# The live-worker registry (written by plain commands, never by the scripts).
+WORKERS_KEY = PREFIX + GLOBAL["WORKERS"]
+LLMS_SEEN_KEY = PREFIX + GLOBAL["LLMS_SEEN"]
 
 
 def llm_tag(llm: str) -> str:
@@ -76,6 +82,10 @@ def job_key(job_id: str) -> str:
 
 def events_key(job_id: str) -> str:
     return _per_job(PER_JOB["events_key"], job_id)
+
+
+def worker_key(worker_id: str) -> str:
+    return f"{PREFIX}worker:{worker_id}"
 
 
 def job_id_of_key(key: str) -> str:
