@@ -10,7 +10,8 @@ PB_DIR := services/pb
 
 .PHONY: help venv proto proto-check lint test run predictor bench bench-predictor \
         bench-scheduler bench-worker bench-http bench-security clean bench-sim bench-stack \
-        bench-stack-starvation bench-stack-workers bench-stack-slo bench-sim-full
+        bench-stack-starvation bench-stack-workers bench-stack-slo bench-sim-full \
+        images images-monitoring stubs test-compose
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -121,6 +122,18 @@ bench-scheduler: $(STAMP)  ## dispatch latency, submissions/s, 1e3-1e6 queued vs
 bench-worker: $(STAMP)  ## worker engine: tok/s + step latency per batching mode, prefill cost -> bench/results/worker.json
 	$(BIN)/python -m services.worker.bench
 
+images:  ## build the container images, offline if need be (deploy/docker/build-images.sh)
+	deploy/docker/build-images.sh ssjf valkey
+
+images-monitoring:  ## build a Prometheus image from Debian's package (offline hosts; Grafana is pull-only)
+	deploy/docker/build-images.sh monitoring
+
+stubs:  ## generate Node.js, Go and C++ gRPC stubs from protos/ into clients/gen (not committed)
+	clients/generate-stubs.sh
+
+test-compose: $(STAMP)  ## the compose stack end to end in real containers (needs a Docker engine)
+	$(MAKE) images
+	SSJF_COMPOSE_TEST=1 $(BIN)/python -m pytest -q -rs -s tests/test_compose.py
 bench-http: $(STAMP)  ## OpenAI HTTP front: added p50 latency vs gRPC, req/s per front process -> bench/results/http.json
 	$(BIN)/python -m services.http.bench --out bench/results/http.json
 

@@ -94,6 +94,8 @@ def test_compose_file_is_valid_for_docker_compose():
 def test_dockerfiles_run_real_commands():
     for dockerfile in (REPO_ROOT / "deploy" / "docker").glob("Dockerfile*"):
         text = dockerfile.read_text()
+        if "COPY services" not in text:
+            continue  # not an SSJF image (e.g. Dockerfile.valkey)
         assert "torch==2.13.0" in text, f"{dockerfile.name} must pin torch"
         for line in text.splitlines():
             if line.startswith("RUN ssjf "):
@@ -123,6 +125,8 @@ def test_compose_services_start_as_processes_and_serve(redis_url: str, tmp_path)
             env["SSJF_HOST"] = "127.0.0.1"
             if "SSJF_WORKER_PORT" in env:
                 env["SSJF_WORKER_PORT"] = str(worker_port)
+            if "SSJF_METRICS_PORT" in env:  # one port per container there, shared here
+                env["SSJF_METRICS_PORT"] = str(free_port())
             for key, value in env.items():
                 env[key] = value.replace("/secrets/", f"{secrets}/").replace(
                     f"scheduler:{scheduler_env['SSJF_WORKER_PORT']}", f"127.0.0.1:{worker_port}"
@@ -158,3 +162,81 @@ def test_compose_services_start_as_processes_and_serve(redis_url: str, tmp_path)
     finally:
         for service in reversed(started):
             service.stop()
+
+
+# Kubernetes releases the manifests must be valid for: the oldest still commonly run and the
+# newest the validator knows.
+K8S_VERSIONS = ["1.29.0", "latest"]
+
+
+def k8s_documents() -> list[tuple[str, dict[str, Any]]]:
+    """(file#kind/name, document) of every Kubernetes resource kustomization.yaml applies."""
+    kustomization = yaml.safe_load((K8S_DIR / "kustomization.yaml").read_text())
+    found = []
+    for name in kustomization["resources"]:
+        for document in yaml.safe_load_all((K8S_DIR / name).read_text()):
+            if document:
+                found.append(
+                    (f"{name}#{document['kind']}/{document['metadata']['name']}", document)
+                )
+    return found
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_k8s_manifests_validate_against_the_kubernetes_schemas(version: str):
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    if version == "latest":
+        version = kubernetes_validate.latest_version()
+    documents = k8s_documents()
+    assert {path for path, _ in documents} >= {
+        "redis.yaml#StatefulSet/redis",
+        "worker-autoscaler.yaml#HorizontalPodAutoscaler/worker",
+        "disruption-budgets.yaml#PodDisruptionBudget/worker",
+    }
+    for where, document in documents:
+        try:
+            kubernetes_validate.validate(document, version, strict=True)
+        except kubernetes_validate.ValidationError as error:
+            pytest.fail(f"{where} is not a valid Kubernetes {version} resource: {error.message}")
+
+
+def test_k8s_redis_persists_and_every_tier_has_a_disruption_budget():
+    documents = dict(k8s_documents())
+    redis_set = documents["redis.yaml#StatefulSet/redis"]
+    args = redis_set["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--appendonly") + 1] == "yes"
+    claim = redis_set["spec"]["volumeClaimTemplates"][0]["metadata"]["name"]
+    mounts = redis_set["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
+    assert {"name": claim, "mountPath": "/data"} in mounts
+    budgets = {
+        d["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"]
+        for d in documents.values()
+        if d["kind"] == "PodDisruptionBudget"
+    }
+    assert budgets == {"scheduler", "predictor", "worker"}
+
+
+def test_k8s_worker_autoscales_on_a_metric_the_scheduler_exports():
+    from services.scheduler.metrics import QueueCollector
+    from services.scheduler.models import QueueStats
+
+    autoscaler = dict(k8s_documents())["worker-autoscaler.yaml#HorizontalPodAutoscaler/worker"]
+    metric = autoscaler["spec"]["metrics"][0]["external"]["metric"]
+    # The queue it watches is the one the workers serve.
+    worker = next(c for c in k8s_containers() if c["name"] == "worker")
+    served = {item["name"]: item["value"] for item in worker["env"]}["SSJF_SERVED_MODEL_NAME"]
+    assert metric["selector"]["matchLabels"] == {"llm": served}
+    collector = QueueCollector()
+    collector.snapshot = [
+        QueueStats(llm=served, queued=3, running=1, oldest_wait_s=0.5, counters={})
+    ]
+    exported = {
+        (family.name, tuple(sorted(sample.labels.items())))
+        for family in collector.collect()
+        for sample in family.samples
+    }
+    wanted = (metric["name"], tuple(sorted(metric["selector"]["matchLabels"].items())))
+    assert wanted in exported, f"the scheduler exports no {wanted}: {sorted(exported)}"
+    # Every scheduler pod serves /metrics for Prometheus (and through it the adapter).
+    scheduler = next(c for c in k8s_containers() if c["name"] == "scheduler")
+    assert {"name": "SSJF_METRICS_PORT", "value": "9400"} in scheduler["env"]

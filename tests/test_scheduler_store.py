@@ -7,6 +7,7 @@ import time
 
 from services.common.redis_store import connect
 from services.scheduler.core import new_job_id
+from services.scheduler.keys import queue_key
 from services.scheduler.models import FinishReason, JobRecord, JobState, SamplingParams
 from services.scheduler.store import JobStore, Rejected, StoreSettings
 
@@ -16,7 +17,7 @@ SETTINGS = StoreSettings(job_ttl_s=60, lease_ttl_s=60, max_attempts=3, completio
 def _record(index: int) -> JobRecord:
     now = time.time()
     return JobRecord(
-        job_id=new_job_id(), client_request_id=f"client-{index % 40}", llm="m",
+        job_id=new_job_id("m"), client_request_id=f"client-{index % 40}", llm="m",
         state=JobState.QUEUED, priority=0, predicted_output_tokens=float(index),
         prediction_fallback=False, predictor_version="", policy="ssjf", score=float(index),
         sampling=SamplingParams(), prompt=f"prompt {index}", submitted_at=now, queued_at=now,
@@ -40,7 +41,7 @@ def test_concurrent_submits_keep_depth_and_idempotency_exact(redis_url: str) -> 
         redis = connect(redis_url)
         store = JobStore(redis, SETTINGS)
         results = await asyncio.gather(*(_submit(store, _record(i), 25) for i in range(80)))
-        assert await redis.zcard("ssjf:queue:m") == 25
+        assert await redis.zcard(queue_key("m")) == 25
         await redis.aclose()
         return list(results)
 

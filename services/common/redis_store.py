@@ -14,6 +14,7 @@ import subprocess
 import time
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 
 from services.common.net import free_port
 
@@ -22,10 +23,22 @@ log = logging.getLogger(__name__)
 REDIS_URL_ENV = "REDIS_URL"
 
 
+CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
+
+
 def connect(url: str) -> aioredis.Redis:
-    """An asyncio client for ``url`` that returns str, not bytes."""
+    """An asyncio client for ``url`` that returns str, not bytes. ``redis+cluster://HOST:PORT``
+    (any one node) connects to a Redis Cluster instead (the scheduler's keys are hash-tagged
+    per LLM queue for it: services/scheduler/keys.py)."""
     # No socket read timeout: blocking reads (XREAD BLOCK, BLPOP) legitimately wait longer
     # than redis-py's 5 s default; the health check catches dead connections instead.
+    if url.startswith(CLUSTER_SCHEMES):
+        return RedisCluster.from_url(  # type: ignore[return-value]
+            url.replace("+cluster", "", 1),
+            decode_responses=True,
+            health_check_interval=30,
+            socket_timeout=None,
+        )
     return aioredis.from_url(
         url, decode_responses=True, health_check_interval=30, socket_timeout=None
     )

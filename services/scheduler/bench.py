@@ -45,6 +45,7 @@ from services.common.paths import CHECKOUT_ROOT
 from services.common.redis_store import RedisServerProcess, connect
 from services.pb import scheduler_pb2, scheduler_pb2_grpc
 from services.scheduler.core import new_job_id
+from services.scheduler.keys import arrivals_key, queue_key
 from services.scheduler.models import JobRecord, JobState, SamplingParams
 from services.scheduler.store import JobStore, StoreSettings
 
@@ -169,7 +170,7 @@ async def call_throughput(address: str, seconds: float, in_flight: int, rpc: str
 
 def _bench_record(i: int, now: float) -> JobRecord:
     return JobRecord(
-        job_id=new_job_id(),
+        job_id=new_job_id(LLM),
         client_request_id="",
         llm=LLM,
         state=JobState.QUEUED,
@@ -188,7 +189,7 @@ def _bench_record(i: int, now: float) -> JobRecord:
 
 async def fill_queue(store: JobStore, target: int) -> None:
     """Top the queue up to ``target`` jobs through the real submit script, pipelined."""
-    current = await store.redis.zcard(f"ssjf:queue:{LLM}")
+    current = await store.redis.zcard(queue_key(LLM))
     missing = target - current
     with tqdm(total=missing, desc=f"filling queue to {target:.0e}", unit="job") as progress:
         while missing > 0:
@@ -234,7 +235,7 @@ async def dispatch_at_depth(
         for _ in range(min(samples, depth // 2)):
             await store.claim("bench", [LLM], max_jobs=1, now=time.time(), max_wait_s=300)
         redis_usec = (await store.redis.info("commandstats"))["cmdstat_evalsha"]["usec_per_call"]
-    queued = await store.redis.zcard(f"ssjf:queue:{LLM}")
+    queued = await store.redis.zcard(queue_key(LLM))
     return {
         "claim_script_redis_usec_per_call": redis_usec,
         "depth": depth,
@@ -360,7 +361,7 @@ async def run(args: argparse.Namespace) -> dict:
                 )
             ],
         }
-        await redis.delete(f"ssjf:queue:{LLM}", f"ssjf:arrivals:{LLM}")
+        await redis.delete(queue_key(LLM), arrivals_key(LLM))
         results["dispatch_by_depth"] = [
             await dispatch_at_depth(stack.address, store, depth, args.samples)
             for depth in args.depths

@@ -149,7 +149,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--completions-maxlen",
         default=100_000,
         type=int,
-        help="finished (prompt, llm, generated tokens) kept in ssjf:completions",
+        help="finished (prompt, llm, generated tokens) kept in each LLM's completions stream",
     )
     add_option(
         parser,
@@ -187,7 +187,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     export = subparsers.add_parser(
         "export-completions",
         help="write finished jobs' (prompt, LLM, generated tokens) as proxy-model training data",
-        description="Read the scheduler's ssjf:completions stream and write prompts.jsonl + "
+        description="Read the scheduler's completions streams and write prompts.jsonl + "
         "lengths.csv (the shared data format) for `ssjf train-predictor --data DIR` or "
         "`ssjf eval-predictor`. Replayed (benchmark) jobs are left out.",
     )

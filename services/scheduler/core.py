@@ -30,6 +30,8 @@ from services.common.errors import (
 from services.common.penalties import check_penalties
 from services.common.principals import UNLIMITED, TenantLimits
 from services.scheduler.conversation import last_user_turn, validate_messages
+from services.scheduler.keys import llm_tag
+from services.scheduler.metrics import observe_finished_jobs
 from services.scheduler.models import (
     JobEnd,
     JobRecord,
@@ -85,10 +87,11 @@ class SchedulerConfig:
     reap_interval_s: float = 1.0
 
 
-def new_job_id() -> str:
-    """Time-ordered (nanosecond clock in fixed-width hex, then randomness): Redis breaks score
-    ties by member, so equal scores are served in arrival order."""
-    return f"{time.time_ns():016x}{secrets.token_hex(4)}"
+def new_job_id(llm: str = "") -> str:
+    """The LLM queue's hash tag (keys.py: the job's keys share its queue's Redis Cluster
+    slot), then time-ordered (nanosecond clock in fixed-width hex, then randomness): Redis
+    breaks score ties by member, so equal scores are served in arrival order."""
+    return f"{llm_tag(llm) if llm else ''}{time.time_ns():016x}{secrets.token_hex(4)}"
 
 
 class SchedulerCore:
@@ -180,7 +183,7 @@ class SchedulerCore:
             )
         if request.client_request_id:
             earlier = await self.store.job_for_client_id(
-                scoped_request_id(request.tenant, request.client_request_id)
+                llm, scoped_request_id(request.tenant, request.client_request_id)
             )
             if earlier is not None:
                 record = await self.store.get(earlier)
@@ -207,7 +210,7 @@ class SchedulerCore:
             prompt_chars=len(request.prompt) + sum(len(m.content) for m in request.messages),
         )
         record = JobRecord(
-            job_id=new_job_id(),
+            job_id=new_job_id(llm),
             client_request_id=request.client_request_id,
             llm=llm,
             state=JobState.QUEUED,
@@ -348,7 +351,9 @@ class SchedulerCore:
     async def report(self, progress: list[Progress], worker_id: str = "") -> list[Stop]:
         if 0 < len(worker_id) <= MAX_WORKER_ID_CHARS:
             await self._refresh_worker(worker_id)
-        return await self.store.apply_progress(progress, time.time())
+        stops = await self.store.apply_progress(progress, time.time())
+        await observe_finished_jobs(self, progress)  # JCT/TTFT/prediction-error histograms
+        return stops
 
     # Live-worker registry ----------------------------------------------------------------
 

@@ -1,22 +1,6 @@
 """The job store: every piece of scheduler state, in Redis, changed by atomic Lua scripts.
 
-Redis layout (``ssjf:`` prefix; see docs/scheduler.md):
-
-* ``job:<id>``          hash, the job record (JobRecord fields plus lease and index fields)
-* ``events:<id>``       stream, the job's token batches then an ``end`` marker
-* ``idem:<client id>``  string -> job id (idempotent submission)
-* ``queue:<llm>``       sorted set, job id by policy score (lower first)
-* ``arrivals:<llm>``    sorted set, job id by submission time (the max-wait guard)
-* ``running:<llm>``     set, leased job ids
-* ``notify:<llm>``      list, one wake-up per queued job for workers blocked in BLPOP
-* ``leases``            sorted set, leased job id by lease expiry (the reaper's index)
-* ``deadlines``         sorted set, never-started job id by start deadline
-* ``metrics:<llm>``     hash, counters (submitted, prediction_fallback, completed, ...)
-* ``llms``              set, LLM names that have had a queue
-* ``completions``       capped stream: (prompt, llm, generated_tokens) of finished jobs
-* ``worker:<id>``       string, a live worker's LLM names (JSON); expires with its registration
-* ``workers``           sorted set, worker id by registration expiry (index of worker:<id>)
-* ``llms_seen``         sorted set, LLM name by the last time a worker registered it
+Key names and the Redis layout: keys.py (their one definition, shared with the Lua scripts).
 
 Each state change is one script (lua/*.lua, sharing lua/lib.lua), so any number of
 scheduler replicas can share one Redis: a job is claimed, renewed, requeued or finished
@@ -29,17 +13,35 @@ import asyncio
 import functools
 import json
 import secrets
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from services.common.errors import Unavailable
+from services.scheduler.keys import (
+    LLMS_KEY,
+    LLMS_SEEN_KEY,
+    WORKERS_KEY,
+    arrivals_key,
+    events_key,
+    idempotency_key,
+    job_key,
+    lua_prelude,
+    metrics_key,
+    notify_key,
+    queue_key,
+    running_key,
+    worker_key,
+)
 from services.scheduler.models import (
     FinishReason,
     JobEnd,
@@ -57,53 +59,14 @@ from services.scheduler.models import (
     scoped_request_id,
 )
 
-PREFIX = "ssjf:"
-LLMS_KEY = PREFIX + "llms"
-COMPLETIONS_KEY = PREFIX + "completions"  # written by lua/progress.lua
-WORKERS_KEY = PREFIX + "workers"
-LLMS_SEEN_KEY = PREFIX + "llms_seen"
 # Index entries of workers gone this long are pruned (long enough for replicas' clock skew;
 # the worker:<id> key's own Redis expiry is what decides liveness).
 _WORKER_INDEX_GRACE_S = 60.0
 _LUA_DIR = Path(__file__).with_name("lua")
 _STREAM_READ_COUNT = 512
 _Method = TypeVar("_Method", bound=Callable[..., Awaitable[Any]])
-
-
-def job_key(job_id: str) -> str:
-    return f"{PREFIX}job:{job_id}"
-
-
-def events_key(job_id: str) -> str:
-    return f"{PREFIX}events:{job_id}"
-
-
-def idempotency_key(client_request_id: str) -> str:
-    return f"{PREFIX}idem:{client_request_id}"
-
-
-def queue_key(llm: str) -> str:
-    return f"{PREFIX}queue:{llm}"
-
-
-def arrivals_key(llm: str) -> str:
-    return f"{PREFIX}arrivals:{llm}"
-
-
-def running_key(llm: str) -> str:
-    return f"{PREFIX}running:{llm}"
-
-
-def notify_key(llm: str) -> str:
-    return f"{PREFIX}notify:{llm}"
-
-
-def metrics_key(llm: str) -> str:
-    return f"{PREFIX}metrics:{llm}"
-
-
-def worker_key(worker_id: str) -> str:
-    return f"{PREFIX}worker:{worker_id}"
+_Item = TypeVar("_Item")
+_RELIST_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -148,6 +111,9 @@ def _unavailable_without_redis(method: _Method) -> _Method:
 class BatchedScript:
     """One Lua script whose concurrent calls share pipelined round trips.
 
+    Each call names one key of the slot its keys live in (``route``): a Redis Cluster client
+    sends the script to that slot's master; a single Redis ignores it.
+
     A call made while no round trip is in flight goes at once, by itself; calls made while
     one is in flight queue up and go together in the next one. Under load, one send and one
     read carry dozens of scripts (each still atomic on its own: Redis runs every script to
@@ -155,23 +121,23 @@ class BatchedScript:
     """
 
     def __init__(self, redis: aioredis.Redis, name: str) -> None:
-        library = (_LUA_DIR / "lib.lua").read_text()
+        library = lua_prelude() + (_LUA_DIR / "lib.lua").read_text()
         self._redis = redis
         self._script = redis.register_script(
             library + "\n" + (_LUA_DIR / f"{name}.lua").read_text()
         )
         self._busy = False  # a round trip is in flight
-        self._pending: list[tuple[list[Any], asyncio.Future[Any]]] = []
+        self._pending: list[tuple[tuple[str, list[Any]], asyncio.Future[Any]]] = []
         self._flusher: asyncio.Task[None] | None = None
 
-    async def __call__(self, args: list[Any]) -> Any:
+    async def __call__(self, route: str, args: list[Any]) -> Any:
         if self._busy:
             future = asyncio.get_running_loop().create_future()
-            self._pending.append((args, future))
+            self._pending.append(((route, args), future))
             return await future
         self._busy = True
         try:
-            [reply] = await self.run_many([args])
+            [reply] = await self.run_many([(route, args)])
         finally:
             self._next_round_trip()
         if isinstance(reply, Exception):
@@ -188,7 +154,7 @@ class BatchedScript:
     async def _flush(self) -> None:
         batch, self._pending = self._pending, []
         try:
-            replies = await self.run_many([args for args, _ in batch])
+            replies = await self.run_many([call for call, _ in batch])
         except Exception as error:  # handed to every caller of the batch
             replies = [error] * len(batch)
         finally:
@@ -201,24 +167,32 @@ class BatchedScript:
             else:
                 future.set_result(reply)
 
-    async def run_many(self, calls: list[list[Any]]) -> list[Any]:
-        """Run the script once per argument list, in one pipelined round trip; a failed call
-        gives its exception in place of its reply."""
+    async def run_many(self, calls: list[tuple[str, list[Any]]]) -> list[Any]:
+        """Run the script once per (route, arguments), in one pipelined round trip; a failed
+        call gives its exception in place of its reply."""
         if len(calls) == 1:
+            route, args = calls[0]
             try:
-                return [await self._script(args=calls[0])]
+                return [await self._script(keys=[route], args=args)]
             except ResponseError as error:
                 return [error]
+        if isinstance(self._redis, RedisCluster):
+            # A cluster pipeline refuses EVALSHA: concurrent calls, each to its slot's master.
+            return await asyncio.gather(
+                *(self._script(keys=[route], args=args) for route, args in calls),
+                return_exceptions=True,
+            )
         async with self._redis.pipeline(transaction=False) as pipe:
-            for args in calls:
-                pipe.evalsha(self._script.sha, 0, *args)
+            for route, args in calls:
+                pipe.evalsha(self._script.sha, 1, route, *args)
             replies = await pipe.execute(raise_on_error=False)
         if any(isinstance(reply, NoScriptError) for reply in replies):
-            # Redis restarted or flushed its script cache: load and run these again.
-            await self._redis.script_load(self._script.script)
+            # Redis restarted or flushed its script cache: run these again (Script loads it).
             replies = [
-                await self._script(args=args) if isinstance(reply, NoScriptError) else reply
-                for args, reply in zip(calls, replies, strict=True)
+                await self._script(keys=[route], args=args)
+                if isinstance(reply, NoScriptError)
+                else reply
+                for (route, args), reply in zip(calls, replies, strict=True)
             ]
         return replies
 
@@ -323,6 +297,37 @@ class JobStore:
         self._progress = BatchedScript(redis, "progress")
         self._cancel = BatchedScript(redis, "cancel")
         self._reap = BatchedScript(redis, "reap")
+        # Redis Cluster: calls whose keys live in different slots go as separate scripts.
+        self._cluster = isinstance(redis, RedisCluster)
+        # LLM -> when this process last added it to LLMS_KEY (re-added every few seconds, so
+        # a Redis that lost the set, e.g. restarted without persistence, gets it back).
+        self._listed_llms: dict[str, float] = {}
+
+    def _by_slot(self, items: list[_Item], key: Callable[[_Item], str]) -> list[list[_Item]]:
+        """``items`` grouped by the cluster slot of ``key(item)``, in first-seen order; one
+        group on a single Redis (where every key is in reach of one script)."""
+        if not self._cluster:
+            return [items] if items else []
+        groups: dict[int, list[_Item]] = {}
+        for item in items:
+            groups.setdefault(key_slot(key(item).encode()), []).append(item)
+        return list(groups.values())
+
+    async def _list_llms(self, llms: list[str]) -> None:
+        """Add LLM names to LLMS_KEY (a global key: kept out of the per-LLM-slot scripts);
+        at most once per LLM every _RELIST_S per process, so submits rarely pay for it."""
+        now = time.monotonic()
+        due = [llm for llm in llms if now - self._listed_llms.get(llm, -_RELIST_S) >= _RELIST_S]
+        if not due:
+            return
+        # Marked before the round trip: concurrent submits do not all send the same SADD.
+        self._listed_llms.update(dict.fromkeys(due, now))
+        try:
+            await self.redis.sadd(LLMS_KEY, *due)
+        except BaseException:
+            for llm in due:
+                self._listed_llms.pop(llm, None)
+            raise
 
     @_unavailable_without_redis
     async def submit(
@@ -330,7 +335,10 @@ class JobStore:
     ) -> tuple[str, bool]:
         """Queue ``record`` at its score. Returns (job_id, deduplicated): an earlier job's id
         when its client_request_id was seen. Raises Rejected when the queue is full."""
-        reply = await self._submit(_submit_args(record, deadline_at, max_queue_depth))
+        await self._list_llms([record.llm])
+        reply = await self._submit(
+            queue_key(record.llm), _submit_args(record, deadline_at, max_queue_depth)
+        )
         return _submit_result(reply)
 
     @_unavailable_without_redis
@@ -340,8 +348,12 @@ class JobStore:
         """``submit`` for many jobs in one pipelined round trip (bulk loads, benchmarks);
         each job is still its own atomic script. No start deadlines. A full queue gives a
         Rejected in that job's place."""
+        await self._list_llms(sorted({record.llm for record in records}))
         replies = await self._submit.run_many(
-            [_submit_args(record, 0.0, max_queue_depth) for record in records]
+            [
+                (queue_key(record.llm), _submit_args(record, 0.0, max_queue_depth))
+                for record in records
+            ]
         )
         results: list[tuple[str, bool] | Exception] = []
         for reply in replies:
@@ -352,8 +364,8 @@ class JobStore:
         return results
 
     @_unavailable_without_redis
-    async def job_for_client_id(self, client_request_id: str) -> str | None:
-        return await self.redis.get(idempotency_key(client_request_id))
+    async def job_for_client_id(self, llm: str, client_request_id: str) -> str | None:
+        return await self.redis.get(idempotency_key(llm, client_request_id))
 
     @_unavailable_without_redis
     async def get(self, job_id: str) -> JobRecord | None:
@@ -370,20 +382,30 @@ class JobStore:
         now: float,
         max_wait_s: float,
     ) -> list[LeasedJob]:
-        """Atomically lease up to ``max_jobs`` of the best queued jobs of ``llms``."""
+        """Atomically lease up to ``max_jobs`` of the best queued jobs of ``llms``.
+
+        On Redis Cluster, LLMs whose queues live on different slots are claimed one slot
+        after the other (best-first within each, starting at a random one)."""
         lease_prefix = secrets.token_hex(6)
-        rows = await self._claim(
-            [
-                worker_id,
-                lease_prefix,
-                repr(now),
-                self.settings.lease_ttl_s,
-                max_jobs,
-                max_wait_s,
-                self.settings.job_ttl_s,
-                *llms,
-            ]
-        )
+        groups = self._by_slot(llms, queue_key)
+        start = secrets.randbelow(len(groups)) if len(groups) > 1 else 0
+        rows: list[list[Any]] = []
+        for number, group in enumerate(groups[start:] + groups[:start]):
+            if len(rows) >= max_jobs:
+                break
+            rows += await self._claim(
+                queue_key(group[0]),
+                [
+                    worker_id,
+                    f"{lease_prefix}{number or ''}",
+                    repr(now),
+                    self.settings.lease_ttl_s,
+                    max_jobs - len(rows),
+                    max_wait_s,
+                    self.settings.job_ttl_s,
+                    *group,
+                ],
+            )
         resumed = [row[0] for row in rows if int(row[7]) > 0]
         resume_ids = await self._token_ids(resumed) if resumed else {}
         return [
@@ -423,15 +445,36 @@ class JobStore:
         A wake-up may be stale (another worker took the job): callers claim and wait again.
         """
         # Redis reads a timeout that rounds to 0 ms as "block forever": never send one.
-        timeout = max(0.001, round(timeout_s, 3))
-        reply = await self.redis.blpop([notify_key(llm) for llm in llms], timeout=timeout)
-        return reply is not None
+        groups = self._by_slot(llms, notify_key)
+        # On a cluster one BLPOP cannot span slots: wait on each slot's lists in turn.
+        timeout = max(0.001, round(timeout_s / len(groups), 3))
+        for group in groups:
+            if await self.redis.blpop([notify_key(llm) for llm in group], timeout=timeout):
+                return True
+        return False
 
     @_unavailable_without_redis
     async def apply_progress(self, progress: list[Progress], now: float) -> list[Stop]:
         """Apply a worker report; returns the jobs the worker must stop."""
         if not progress:
             return []
+        groups = self._by_slot(progress, lambda item: job_key(item.job_id))
+        replies = await asyncio.gather(
+            *(
+                self._progress(job_key(group[0].job_id), self._progress_args(group, now))
+                for group in groups
+            )
+        )
+        status_of: dict[int, str] = {}
+        for group, reply in zip(groups, replies, strict=True):
+            status_of.update({id(item): status for item, status in zip(group, reply, strict=True)})
+        return [
+            Stop(item.job_id, _STOP_FOR_STATUS[status_of[id(item)]])
+            for item in progress
+            if status_of[id(item)] in _STOP_FOR_STATUS
+        ]
+
+    def _progress_args(self, progress: list[Progress], now: float) -> list[str | int | float]:
         args: list[str | int | float] = [
             repr(now),
             self.settings.lease_ttl_s,
@@ -459,17 +502,12 @@ class JobStore:
                     repr(outcome.prefill_s),
                     repr(outcome.decode_s),
                 ]
-        statuses = await self._progress(args)
-        return [
-            Stop(item.job_id, _STOP_FOR_STATUS[status])
-            for item, status in zip(progress, statuses, strict=True)
-            if status in _STOP_FOR_STATUS
-        ]
+        return args
 
     @_unavailable_without_redis
     async def cancel(self, job_id: str, now: float) -> tuple[JobState, bool] | None:
         """Cancel a live job. Returns (state after, cancelled by this call), None if unknown."""
-        reply = await self._cancel([job_id, repr(now), self.settings.job_ttl_s])
+        reply = await self._cancel(job_key(job_id), [job_id, repr(now), self.settings.job_ttl_s])
         if not reply:
             return None
         return JobState(reply[0]), reply[1] == 1
@@ -477,16 +515,20 @@ class JobStore:
     @_unavailable_without_redis
     async def reap(self, now: float) -> tuple[int, int, int]:
         """Requeue or fail jobs whose lease expired; fail queued jobs past their deadline.
-        Returns (requeued, failed, deadline_missed)."""
-        requeued, failed, missed = await self._reap(
-            [
-                repr(now),
-                self.settings.max_attempts,
-                self.settings.job_ttl_s,
-                self.settings.reap_batch,
-            ]
+        Returns (requeued, failed, deadline_missed). One script per LLM (one slot each)."""
+        llms = sorted(await self.redis.smembers(LLMS_KEY))
+        if not llms:
+            return 0, 0, 0
+        args = [repr(now), self.settings.max_attempts, self.settings.job_ttl_s]
+        replies = await self._reap.run_many(
+            [(queue_key(llm), [*args, self.settings.reap_batch, llm]) for llm in llms]
         )
-        return requeued, failed, missed
+        totals = [0, 0, 0]
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+            totals = [total + count for total, count in zip(totals, reply, strict=True)]
+        return totals[0], totals[1], totals[2]
 
     async def events(
         self, job_id: str, from_index: int, block_ms: int = 5000

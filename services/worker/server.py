@@ -25,6 +25,7 @@ from services.common.tls import ChannelSecurity
 from services.pb import worker_pb2, worker_pb2_grpc
 from services.worker.engine import Batching, Engine
 from services.worker.gateway import GatewayClient
+from services.worker.metrics import step_observer
 from services.worker.model import load_model
 from services.worker.runner import EngineRunner
 from services.worker.servicer import WorkerIdentity, WorkerServicer
@@ -66,7 +67,12 @@ async def serve(args: argparse.Namespace) -> None:
     await host.start()
     model = await asyncio.to_thread(load_model, args.model, args.device, args.dtype)
     identity.device, identity.dtype = str(model.device), str(model.dtype).removeprefix("torch.")
-    engine = Engine(model, Batching(args.batching), args.max_batch_size)
+    engine = Engine(
+        model,
+        Batching(args.batching),
+        args.max_batch_size,
+        on_step=step_observer(identity.llms, args.batching, identity.max_batch_size),
+    )
     await asyncio.to_thread(engine.warm_up)
     runner = EngineRunner(engine)
     identity.runner = runner

@@ -58,12 +58,12 @@ while #leased < max_jobs do
       finish(id, 'FAILED', 'DEADLINE', 'no worker started the job before its start deadline',
         now, job_ttl)
     else
-      redis.call('ZREM', DEADLINES, id)
+      redis.call('ZREM', deadlines_key(llm), id)
       local lease_id = lease_prefix .. '-' .. (#leased + 1)
       attempts = attempts + 1
       redis.call('HSET', key, 'state', 'LEASED', 'lease_id', lease_id, 'worker_id', worker,
         'leased_at', now, 'lease_expires_at', now + ttl, 'attempts', attempts)
-      redis.call('ZADD', LEASES, now + ttl, id)
+      redis.call('ZADD', leases_key(llm), now + ttl, id)
       redis.call('SADD', running_key(llm), id)
       leased[#leased + 1] = {id, lease_id, attempts, llm, prompt, sampling, predicted, next_index,
         messages or ''}

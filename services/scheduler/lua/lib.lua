@@ -1,19 +1,10 @@
 -- Shared by every SSJF script (prepended to each one by store.py, so they stay atomic
--- single-script calls). Keys: see docs/scheduler.md "Redis layout".
-local PREFIX = 'ssjf:'
+-- single-script calls). Key names (job_key, queue_key, leases_key, ...) come from the prelude
+-- store.py generates from services/scheduler/keys.py, their one definition.
 local NOTIFY_CAP = 1024
 
-local function job_key(id) return PREFIX .. 'job:' .. id end
-local function events_key(id) return PREFIX .. 'events:' .. id end
-local function queue_key(llm) return PREFIX .. 'queue:' .. llm end
-local function arrivals_key(llm) return PREFIX .. 'arrivals:' .. llm end
-local function running_key(llm) return PREFIX .. 'running:' .. llm end
-local function notify_key(llm) return PREFIX .. 'notify:' .. llm end
-local LEASES = PREFIX .. 'leases'
-local DEADLINES = PREFIX .. 'deadlines'
-
 local function count(llm, name)
-  redis.call('HINCRBY', PREFIX .. 'metrics:' .. llm, name, 1)
+  redis.call('HINCRBY', metrics_key(llm), name, 1)
 end
 
 -- Wakes one worker blocked in BLPOP on this LLM; the cap bounds tokens nobody waits for.
@@ -38,14 +29,14 @@ local function finish(id, state, reason, err, now, ttl)
     'finished_at', now, 'lease_id', '', 'lease_expires_at', 0)
   redis.call('ZREM', queue_key(llm), id)
   redis.call('ZREM', arrivals_key(llm), id)
-  redis.call('ZREM', DEADLINES, id)
-  redis.call('ZREM', LEASES, id)
+  redis.call('ZREM', deadlines_key(llm), id)
+  redis.call('ZREM', leases_key(llm), id)
   redis.call('SREM', running_key(llm), id)
   redis.call('XADD', events_key(id), '*', 'k', 'end')
   redis.call('EXPIRE', key, ttl)
   redis.call('EXPIRE', events_key(id), ttl)
   if crid and crid ~= '' then
-    redis.call('EXPIRE', PREFIX .. 'idem:' .. crid, ttl)
+    redis.call('EXPIRE', idempotency_key(llm, crid), ttl)
   end
   count(llm, FINISH_COUNTER[state])
   if reason == 'DEADLINE' then count(llm, 'deadline_missed') end

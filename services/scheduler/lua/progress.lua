@@ -40,14 +40,14 @@ local function apply(base)
   local first_index, token_count = tonumber(ARGV[base + 2]), tonumber(ARGV[base + 3])
   local reason = ARGV[base + 6]
   local key = job_key(id)
-  local state, current_lease, next_index, first_token_at = unpack(
-    redis.call('HMGET', key, 'state', 'lease_id', 'next_index', 'first_token_at'))
+  local state, current_lease, next_index, first_token_at, llm = unpack(
+    redis.call('HMGET', key, 'state', 'lease_id', 'next_index', 'first_token_at', 'llm'))
   if not state then return 'lost' end
   if state == 'CANCELLED' then return 'cancelled' end
   if is_finished(state) then return 'finished' end
   if current_lease ~= lease_id then return 'lost' end
 
-  redis.call('ZADD', LEASES, 'XX', now + ttl, id)
+  redis.call('ZADD', leases_key(llm), 'XX', now + ttl, id)
   redis.call('HSET', key, 'lease_expires_at', now + ttl)
   next_index = tonumber(next_index)
   if token_count > 0 then
@@ -69,9 +69,9 @@ local function apply(base)
   finish(id, final, reason, ARGV[base + 7], now, job_ttl)
   if final == 'DONE' then
     -- Training data for the proxy model: the prompt and the length the LLM really answered.
-    local llm, prompt, predicted, fallback = unpack(redis.call('HMGET', key, 'llm', 'prompt',
+    local prompt, predicted, fallback = unpack(redis.call('HMGET', key, 'prompt',
       'predicted_output_tokens', 'prediction_fallback'))
-    redis.call('XADD', PREFIX .. 'completions', 'MAXLEN', '~', completions_maxlen, '*',
+    redis.call('XADD', completions_key(llm), 'MAXLEN', '~', completions_maxlen, '*',
       'job_id', id, 'llm', llm, 'prompt', prompt, 'generated_tokens', next_index,
       'finish_reason', reason, 'predicted_output_tokens', predicted,
       'prediction_fallback', fallback, 'finished_at', now)

@@ -3,9 +3,11 @@
 --    arrival (so aging and the max-wait guard still count its first submission), or fails
 --    once it has been leased max_attempts times.
 -- 2. Queued jobs past their start deadline fail with DEADLINE.
--- ARGV: now, max_attempts, job_ttl_s, batch. Returns {requeued, failed, deadline_missed}.
+-- One LLM's jobs per call (its keys share one Redis Cluster slot).
+-- ARGV: now, max_attempts, job_ttl_s, batch, llm. Returns {requeued, failed, deadline_missed}.
 local now, max_attempts = tonumber(ARGV[1]), tonumber(ARGV[2])
-local job_ttl, batch = tonumber(ARGV[3]), tonumber(ARGV[4])
+local job_ttl, batch, reaped_llm = tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
+local LEASES, DEADLINES = leases_key(reaped_llm), deadlines_key(reaped_llm)
 local requeued, failed, missed = 0, 0, 0
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', LEASES, '-inf', now, 'LIMIT', 0, batch)) do
   local key = job_key(id)

@@ -7,7 +7,7 @@
 local id, crid, llm = ARGV[1], ARGV[2], ARGV[3]
 local score, arrival, deadline_at = ARGV[4], ARGV[5], tonumber(ARGV[6])
 local max_depth, fallback = tonumber(ARGV[7]), ARGV[8]
-local idem = PREFIX .. 'idem:' .. crid
+local idem = idempotency_key(llm, crid)
 if crid ~= '' then
   local existing = redis.call('GET', idem)
   if existing then return {'dup', existing} end
@@ -24,8 +24,7 @@ end
 redis.call('HSET', job_key(id), unpack(fields))
 redis.call('ZADD', queue, score, id)
 redis.call('ZADD', arrivals_key(llm), arrival, id)
-if deadline_at > 0 then redis.call('ZADD', DEADLINES, deadline_at, id) end
-redis.call('SADD', PREFIX .. 'llms', llm)
+if deadline_at > 0 then redis.call('ZADD', deadlines_key(llm), deadline_at, id) end
 count(llm, 'submitted')
 if fallback == '1' then count(llm, 'prediction_fallback') end
 notify(llm)

@@ -1,0 +1,265 @@
+"""The compose stack end to end, in real containers (`make test-compose`).
+
+Needs a Docker engine, docker-compose and the images (`make images`), so it only runs when
+SSJF_COMPOSE_TEST=1. One test walks the whole story, because every step needs the stack the
+previous one left: healthy containers, a streamed generation from the host, three workers all
+serving, a worker stopped mid-job whose job finishes on another, and a queued job that
+survives `down` + `up` through Redis's AOF volume.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import threading
+import time
+import urllib.parse
+import urllib.request
+import uuid
+from collections.abc import Iterator
+
+import grpc
+import pytest
+
+from services.common.net import free_port
+from services.pb import common_pb2, scheduler_pb2, scheduler_pb2_grpc
+from tests.helpers import REPO_ROOT, wait_for_health
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.timeout(1800),
+    pytest.mark.skipif(
+        os.environ.get("SSJF_COMPOSE_TEST") != "1",
+        reason="needs a Docker engine and the images: make test-compose",
+    ),
+]
+
+# Jobs the workers are told to generate: long enough to outlive a `docker stop`.
+LONG_JOB_TOKENS = 1500
+
+
+def log(message: str) -> None:
+    print(f"[compose-test {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+class ComposeStack:
+    """`docker-compose -p <unique project>` over docker-compose.yml (+ the offline override)."""
+
+    def __init__(self) -> None:
+        self.project = f"ssjfct{uuid.uuid4().hex[:8]}"
+        self.files = ["docker-compose.yml"]
+        offline = os.environ.get("SSJF_COMPOSE_OFFLINE", "auto")
+        if offline == "1" or (offline == "auto" and not _image_exists("redis:7.2-alpine")):
+            self.files.append("docker-compose.offline.yml")
+        # SSJF_COMPOSE_MODEL=default: the model baked into the image instead of tiny-llama.
+        if os.environ.get("SSJF_COMPOSE_MODEL") != "default":
+            self.files.append("tests/compose/worker-model.yml")
+        self.port = free_port()
+        self.env = {**os.environ, "SSJF_SCHEDULER_PORT": str(self.port)}
+
+    def compose(self, *args: str, timeout: float = 600) -> str:
+        command = ["docker-compose", "-p", self.project]
+        for file in self.files:
+            command += ["-f", file]
+        result = subprocess.run(
+            [*command, *args],
+            cwd=REPO_ROOT,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        assert result.returncode == 0, f"docker-compose {' '.join(args)}:\n{result.stderr}"
+        return result.stdout
+
+    def containers(self, service: str | None = None) -> list[dict]:
+        """docker inspect of the project's running containers (of one service)."""
+        ids = self.compose("ps", "-q", *([service] if service else [])).split()
+        if not ids:
+            return []
+        out = subprocess.run(
+            ["docker", "inspect", *ids], capture_output=True, text=True, check=True
+        ).stdout
+        return [c for c in json.loads(out) if c["State"]["Running"]]
+
+    def wait_healthy(self, expected: int, timeout: float = 900) -> None:
+        deadline = time.monotonic() + timeout
+        states: dict[str, str] = {}
+        while time.monotonic() < deadline:
+            containers = self.containers()
+            states = {
+                c["Name"]: c["State"].get("Health", {}).get("Status", "none") for c in containers
+            }
+            if len(states) == expected and all(s in ("healthy", "none") for s in states.values()):
+                log(f"{expected} containers healthy: {sorted(states)}")
+                return
+            time.sleep(3)
+        pytest.fail(f"containers not healthy in {timeout}s: {states}\n{self.compose('logs')}")
+
+    def worker_hosts(self) -> dict[str, str]:
+        """Container hostname (the prefix of its worker ids) -> container name."""
+        return {c["Config"]["Hostname"]: c["Name"].lstrip("/") for c in self.containers("worker")}
+
+
+def _image_exists(name: str) -> bool:
+    return subprocess.run(["docker", "image", "inspect", name], capture_output=True).returncode == 0
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[ComposeStack]:
+    for tool in ("docker", "docker-compose"):
+        if shutil.which(tool) is None:
+            pytest.fail(f"{tool} is not installed (apt-get install docker.io docker-compose)")
+    stack = ComposeStack()
+    log(f"project {stack.project}, files {stack.files}, scheduler on host port {stack.port}")
+    try:
+        yield stack
+    finally:
+        stack.compose("down", "-v", "--remove-orphans", timeout=300)
+        log("down -v: stack and volumes removed")
+
+
+def request(prompt: str, tokens: int) -> scheduler_pb2.GenerateRequest:
+    return scheduler_pb2.GenerateRequest(
+        prompt=prompt,
+        # replay_output_tokens: exactly this many tokens, whatever the model would say.
+        sampling=common_pb2.SamplingParams(replay_output_tokens=tokens),
+    )
+
+
+def stream(stub: scheduler_pb2_grpc.SchedulerStub, job_id: str) -> list[scheduler_pb2.JobEvent]:
+    return list(stub.Stream(scheduler_pb2.StreamRequest(job_id=job_id), timeout=900))
+
+
+def assert_dense_and_done(events: list[scheduler_pb2.JobEvent], tokens: int) -> None:
+    indexes = [e.token.index for e in events if e.WhichOneof("event") == "token"]
+    assert indexes == list(range(tokens)), "token stream has a gap or a duplicate"
+    assert events[-1].summary.state == common_pb2.JOB_STATE_DONE, events[-1].summary
+
+
+def test_compose_stack_end_to_end(stack: ComposeStack):
+    started = time.monotonic()
+    stack.compose("up", "-d", "--scale", "worker=2", "redis", "predictor", "scheduler", "worker")
+    stack.wait_healthy(expected=5)
+    address = f"127.0.0.1:{stack.port}"
+    wait_for_health(address, timeout=120)
+    channel = grpc.insecure_channel(address)
+    stub = scheduler_pb2_grpc.SchedulerStub(channel)
+
+    # 1. A generation streamed from the host.
+    events = list(stub.Generate(request("Hello from the host", 12), timeout=300))
+    assert_dense_and_done(events, 12)
+    assert not events[-1].summary.prediction_fallback, "the predictor container did not answer"
+    log(f"streamed a 12-token generation from the host ({time.monotonic() - started:.0f}s in)")
+
+    # 2. Three workers, all serving.
+    stack.compose("up", "-d", "--no-recreate", "--scale", "worker=3", "worker")
+    stack.wait_healthy(expected=6)
+    hosts = stack.worker_hosts()
+    assert len(hosts) == 3
+    job_ids = [
+        stub.Submit(request(f"Job {i}: tell a story", 96), timeout=60).job_id for i in range(36)
+    ]
+    for job_id in job_ids:
+        assert_dense_and_done(stream(stub, job_id), 96)
+    served_by = [stub.GetJob(scheduler_pb2.GetJobRequest(job_id=j)).worker_id for j in job_ids]
+    containers = {hosts[w.split("-")[0]] for w in served_by}
+    counts = {c: sum(hosts[w.split("-")[0]] == c for w in served_by) for c in containers}
+    log(f"36 jobs served by {len(containers)} worker containers: {counts}")
+    assert containers == set(hosts.values()), f"not every worker served: {counts}"
+
+    # 3. A worker container stopped mid-job: the job finishes on another one.
+    job_id = stub.Submit(request("A long story", LONG_JOB_TOKENS), timeout=60).job_id
+    collected: list[scheduler_pb2.JobEvent] = []
+    reader = threading.Thread(target=lambda: collected.extend(stream(stub, job_id)))
+    reader.start()
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        job = stub.GetJob(scheduler_pb2.GetJobRequest(job_id=job_id))
+        if job.generated_tokens >= 20:
+            break
+        time.sleep(0.2)
+    assert job.state == common_pb2.JOB_STATE_STREAMING, job
+    first_worker = job.worker_id
+    victim = stack.worker_hosts()[first_worker.split("-")[0]]
+    # A stop whose grace period is shorter than the job: the drain cannot finish it, so the
+    # lease lapses and the scheduler hands the rest of the job to another worker.
+    subprocess.run(["docker", "stop", "--time", "2", victim], check=True, capture_output=True)
+    log(f"stopped {victim} at token {job.generated_tokens} of {LONG_JOB_TOKENS}")
+    reader.join(timeout=900)
+    assert not reader.is_alive()
+    assert_dense_and_done(collected, LONG_JOB_TOKENS)
+    job = stub.GetJob(scheduler_pb2.GetJobRequest(job_id=job_id))
+    assert job.attempts >= 2 and job.worker_id != first_worker, job
+    log(
+        f"job finished on {stack.worker_hosts().get(job.worker_id.split('-')[0], '?')} after "
+        f"{job.attempts} attempts, {LONG_JOB_TOKENS} dense tokens"
+    )
+
+    # 4. Redis's AOF volume: a queued job survives `down` and `up`.
+    stack.compose("stop", "worker", timeout=300)
+    queued_id = stub.Submit(request("Survive a restart", 8), timeout=60).job_id
+    job = stub.GetJob(scheduler_pb2.GetJobRequest(job_id=queued_id))
+    assert job.state in (
+        common_pb2.JOB_STATE_SUBMITTED,
+        common_pb2.JOB_STATE_PREDICTED,
+        common_pb2.JOB_STATE_QUEUED,
+    ), job
+    channel.close()
+    time.sleep(2)  # appendfsync everysec
+    stack.compose("down", timeout=300)
+    log("down (volumes kept) with one job queued")
+    stack.compose("up", "-d", "--scale", "worker=1", "redis", "predictor", "scheduler", "worker")
+    stack.wait_healthy(expected=4)
+    with grpc.insecure_channel(address) as channel:
+        stub = scheduler_pb2_grpc.SchedulerStub(channel)
+        assert_dense_and_done(stream(stub, queued_id), 8)
+    log(f"the queued job survived the restart and finished ({time.monotonic() - started:.0f}s)")
+
+
+def _prometheus(port: int, query: str) -> list[dict]:
+    url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": query})
+    with urllib.request.urlopen(url, timeout=10) as reply:
+        return json.load(reply)["data"]["result"]
+
+
+def test_monitoring_profile_scrapes_every_service():
+    """Prometheus of the monitoring profile finds the scheduler, predictor and worker
+    through compose DNS and sees the job and worker histograms move after a generation.
+    (Grafana is pull-only on an offline host: not started here.)"""
+    stack = ComposeStack()
+    if "docker-compose.offline.yml" in stack.files and not _image_exists("ssjf-prometheus:local"):
+        pytest.skip("no Prometheus image: make images-monitoring")
+    prometheus_port = free_port()
+    stack.env["SSJF_PROMETHEUS_PORT"] = str(prometheus_port)
+    log(f"monitoring: project {stack.project}, prometheus on host port {prometheus_port}")
+    try:
+        stack.compose(
+            "--profile", "monitoring", "up", "-d",
+            "redis", "predictor", "scheduler", "worker", "prometheus",
+        )  # fmt: skip
+        stack.wait_healthy(expected=5)  # prometheus has no health check: 4 + 1 running
+        with grpc.insecure_channel(f"127.0.0.1:{stack.port}") as channel:
+            stub = scheduler_pb2_grpc.SchedulerStub(channel)
+            assert_dense_and_done(list(stub.Generate(request("Hi", 8), timeout=300)), 8)
+        deadline = time.monotonic() + 180
+        while True:
+            up = {r["metric"]["service"]: r["value"][1] for r in _prometheus(prometheus_port, "up")}
+            done = _prometheus(prometheus_port, "sum(ssjf_job_completion_seconds_count)")
+            tokens = _prometheus(prometheus_port, "sum(ssjf_worker_generated_tokens_total)")
+            if (
+                up == {"scheduler": "1", "predictor": "1", "worker": "1"}
+                and done
+                and float(done[0]["value"][1]) >= 1
+                and tokens
+                and float(tokens[0]["value"][1]) >= 8
+            ):
+                break
+            assert time.monotonic() < deadline, f"targets {up}, jobs {done}, tokens {tokens}"
+            time.sleep(3)
+        log(f"prometheus scrapes {sorted(up)}; job and worker histograms recorded")
+    finally:
+        stack.compose("--profile", "monitoring", "down", "-v", "--remove-orphans", timeout=300)
