@@ -25,6 +25,10 @@ class ResourceExhausted(ServiceError):
     status = "RESOURCE_EXHAUSTED"
 
 
+class AlreadyExists(ServiceError):
+    status = "ALREADY_EXISTS"
+
+
 class FailedPrecondition(ServiceError):
     status = "FAILED_PRECONDITION"
 

@@ -14,6 +14,10 @@ import subprocess
 import time
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from services.common.net import free_port
 
@@ -22,12 +26,28 @@ log = logging.getLogger(__name__)
 REDIS_URL_ENV = "REDIS_URL"
 
 
-def connect(url: str) -> aioredis.Redis:
-    """An asyncio client for ``url`` that returns str, not bytes."""
+def connect(url: str, max_connections: int | None = None) -> aioredis.Redis:
+    """An asyncio client for ``url`` that returns str, not bytes, and rides through a short
+    connection loss.
+
+    Pooled connections are health-checked (a PING before reuse after 2 s idle) and a command
+    that meets a dead connection (Redis restarted, ``CLIENT KILL``, a proxy's idle timeout)
+    is retried on a fresh one with backoff, instead of each stale pooled connection failing
+    one request. Every command SSJF sends is safe to repeat: reads, and Lua scripts that
+    are idempotent by job id, lease id and token index.
+    """
     # No socket read timeout: blocking reads (XREAD BLOCK, BLPOP) legitimately wait longer
-    # than redis-py's 5 s default; the health check catches dead connections instead.
+    # than redis-py's 5 s default; keepalive and the health check catch dead connections.
     return aioredis.from_url(
-        url, decode_responses=True, health_check_interval=30, socket_timeout=None
+        url,
+        decode_responses=True,
+        health_check_interval=2,
+        socket_timeout=None,
+        socket_connect_timeout=5,
+        socket_keepalive=True,
+        retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=6),
+        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        max_connections=max_connections,
     )
 
 

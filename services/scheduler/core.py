@@ -20,6 +20,7 @@ from typing import Protocol
 from redis.exceptions import RedisError
 
 from services.common.errors import (
+    AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -37,10 +38,11 @@ from services.scheduler.models import (
     Stop,
     Submission,
     Token,
+    request_digest,
 )
 from services.scheduler.policies import PRIORITY_RANGE, JobFeatures, Policy
 from services.scheduler.predictor_client import Prediction
-from services.scheduler.store import JobStore, Rejected
+from services.scheduler.store import JobStore, KeyReused, Rejected
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +70,13 @@ class SchedulerConfig:
     fallback_tokens: float = 256.0
     allow_oracle: bool = False
     reap_interval_s: float = 1.0
+
+
+def _key_reused(job_id: str) -> AlreadyExists:
+    return AlreadyExists(
+        f"client_request_id is already used by job {job_id!r} for a different request "
+        "(prompt, llm, sampling or priority differ): use a new id for a new request"
+    )
 
 
 def new_job_id() -> str:
@@ -149,12 +158,13 @@ class SchedulerCore:
         if self._stopping.is_set():
             raise Unavailable("this scheduler replica is shutting down; retry on another")
         llm = self._validate(request)
+        request_hash = request_digest(request, llm)
         if request.client_request_id:
             earlier = await self.store.job_for_client_id(request.client_request_id)
             if earlier is not None:
                 record = await self.store.get(earlier)
                 if record is not None:
-                    return Submission(record, deduplicated=True)
+                    return Submission(self._same_request(record, request_hash), deduplicated=True)
         submitted_at = time.time()
         prediction, fallback = await self._predict(request.prompt, llm)
         if self.policy.uses_oracle:
@@ -185,6 +195,7 @@ class SchedulerCore:
             prompt=request.prompt,
             submitted_at=submitted_at,
             queued_at=time.time(),
+            request_hash=request_hash,
         )
         deadline_at = (
             submitted_at + request.start_timeout_ms / 1e3 if request.start_timeout_ms else 0.0
@@ -197,12 +208,20 @@ class SchedulerCore:
             raise ResourceExhausted(
                 f"the queue of {llm!r} is full ({full.depth} jobs, --max-queue-depth); retry later"
             ) from None
+        except KeyReused as reused:
+            raise _key_reused(reused.job_id) from None
         if deduplicated:
             earlier_record = await self.store.get(job_id)
             if earlier_record is None:
                 raise NotFound(f"job {job_id!r} of client_request_id expired; retry")
             return Submission(earlier_record, deduplicated=True)
         return Submission(record, deduplicated=False)
+
+    @staticmethod
+    def _same_request(record: JobRecord, request_hash: str) -> JobRecord:
+        if record.request_hash and record.request_hash != request_hash:
+            raise _key_reused(record.job_id)
+        return record
 
     async def _predict(self, prompt: str, llm: str) -> tuple[Prediction | None, bool]:
         """(prediction, fallback): policies that need no prediction never ask."""

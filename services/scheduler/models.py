@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -91,6 +92,22 @@ class JobRequest:
     start_timeout_ms: int = 0
 
 
+def request_digest(request: JobRequest, llm: str) -> str:
+    """What makes two requests "the same" for idempotency: everything the client chose."""
+    payload = json.dumps(
+        [
+            llm,
+            request.prompt,
+            request.sampling.to_json(),
+            request.priority,
+            request.oracle_output_tokens,
+            request.start_timeout_ms,
+        ],
+        ensure_ascii=False,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:32]
+
+
 @dataclass(frozen=True)
 class JobRecord:
     """A job as kept in Redis (the ``ssjf:job:<id>`` hash)."""
@@ -118,6 +135,9 @@ class JobRecord:
     generated_tokens: int = 0
     finish_reason: FinishReason = FinishReason.UNSPECIFIED
     error: str = ""
+    # Digest of what the client asked (request_digest): a client_request_id reused with a
+    # different request is refused instead of silently returning this job.
+    request_hash: str = ""
 
     @property
     def queue_wait_s(self) -> float:
@@ -189,6 +209,7 @@ class Progress:
 class Stop:
     job_id: str
     reason: StopReason
+    lease_id: str = ""  # the lease stopped (a newer lease of the same job keeps running)
 
 
 @dataclass(frozen=True)

@@ -102,6 +102,7 @@ async def serve(args: argparse.Namespace) -> None:
             task.cancel()
         if predictor is not None:
             await predictor.close()
+        await store.close()
         await redis.aclose()
 
 

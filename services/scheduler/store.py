@@ -23,7 +23,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from services.common.errors import Unavailable
+from services.common.errors import NotFound, Unavailable
 from services.scheduler.keys import (
     LLMS_KEY,
     arrivals_key,
@@ -49,9 +49,9 @@ from services.scheduler.models import (
     StopReason,
     Token,
 )
+from services.scheduler.streams import StreamHub
 
 _LUA_DIR = Path(__file__).with_name("lua")
-_STREAM_READ_COUNT = 512
 _Method = TypeVar("_Method", bound=Callable[..., Awaitable[Any]])
 
 
@@ -62,6 +62,14 @@ class StoreSettings:
     max_attempts: int  # leases a job may get before a lost lease fails it
     completions_maxlen: int  # approximate cap of the ssjf:completions stream
     reap_batch: int = 256  # expired leases handled per reaper script call
+
+
+class KeyReused(Exception):
+    """The client_request_id belongs to an earlier job with a different request."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(job_id)
+        self.job_id = job_id
 
 
 class Rejected(Exception):
@@ -201,6 +209,7 @@ def _record_json(record: JobRecord, deadline_at: float) -> str:
             "finish_reason": "",
             "error": "",
             "deadline_at": repr(deadline_at),
+            "request_hash": record.request_hash,
             "lease_id": "",
             "lease_expires_at": "0",
         },
@@ -232,6 +241,7 @@ def _parse_record(fields: dict[str, str]) -> JobRecord:
         generated_tokens=int(fields["generated_tokens"]),
         finish_reason=FinishReason(fields["finish_reason"]),
         error=fields["error"],
+        request_hash=fields.get("request_hash", ""),
     )
 
 
@@ -246,6 +256,7 @@ def _submit_args(record: JobRecord, deadline_at: float, max_queue_depth: int) ->
         max_queue_depth,
         int(record.prediction_fallback),
         _record_json(record, deadline_at),
+        record.request_hash,
     ]
 
 
@@ -253,6 +264,8 @@ def _submit_result(reply: list[str]) -> tuple[str, bool]:
     status, value = reply
     if status == "full":
         raise Rejected(int(value))
+    if status == "conflict":
+        raise KeyReused(value)
     return value, status == "dup"
 
 
@@ -267,6 +280,7 @@ class JobStore:
         self._progress = BatchedScript(redis, "progress")
         self._cancel = BatchedScript(redis, "cancel")
         self._reap = BatchedScript(redis, "reap")
+        self.hub = StreamHub(redis)
 
     @_unavailable_without_redis
     async def submit(
@@ -291,8 +305,8 @@ class JobStore:
         for reply in replies:
             try:
                 results.append(reply if isinstance(reply, Exception) else _submit_result(reply))
-            except Rejected as full:
-                results.append(full)
+            except (Rejected, KeyReused) as refused:
+                results.append(refused)
         return results
 
     @_unavailable_without_redis
@@ -404,7 +418,7 @@ class JobStore:
                 ]
         statuses = await self._progress(args)
         return [
-            Stop(item.job_id, _STOP_FOR_STATUS[status])
+            Stop(item.job_id, _STOP_FOR_STATUS[status], item.lease_id)
             for item, status in zip(progress, statuses, strict=True)
             if status in _STOP_FOR_STATUS
         ]
@@ -435,36 +449,52 @@ class JobStore:
         self, job_id: str, from_index: int, block_ms: int = 5000
     ) -> AsyncIterator[Token | JobEnd]:
         """A job's tokens from ``from_index``, stored ones first, then live ones as workers
-        report them (from any replica), then its JobEnd. Ends early if the record expires."""
-        stream = events_key(job_id)
-        last_entry = "0-0"
-        while True:
-            try:
-                reply = await self.redis.xread(
-                    {stream: last_entry}, count=_STREAM_READ_COUNT, block=block_ms
-                )
-            except (RedisConnectionError, RedisTimeoutError) as error:
-                raise Unavailable(
-                    f"Redis is unreachable ({error}); resume with Stream(job_id, from_index)"
-                ) from error
-            if not reply:
-                if not await self.redis.exists(job_key(job_id)):
-                    return
-                continue
-            for entry_id, fields in reply[0][1]:
-                last_entry = entry_id
-                if fields["k"] == "end":
-                    record = await self.get(job_id)
-                    if record is not None:
+        report them (from any replica), then its JobEnd. Read through the replica's one
+        multiplexed reader (streams.py), so an open stream holds no Redis connection.
+        Raises NotFound if the record expires before its end."""
+        subscription = self.hub.subscribe(events_key(job_id))
+        try:
+            while True:
+                try:
+                    batch = await asyncio.wait_for(subscription.queue.get(), block_ms / 1e3)
+                except TimeoutError:
+                    batch = []
+                if isinstance(batch, Exception) or not batch:
+                    # Quiet, or the reader lost Redis: is the job still there? (Raises
+                    # Unavailable once Redis stays unreachable past the client's retries.)
+                    if not await self._exists(job_id):
+                        raise NotFound(
+                            f"job {job_id!r} expired before its end (--job-ttl-s); "
+                            "its answer is gone"
+                        )
+                    continue
+                for _entry_id, fields in batch:
+                    if fields["k"] == "end":
+                        record = await self.get(job_id)
+                        if record is None:
+                            raise NotFound(f"job {job_id!r} expired (--job-ttl-s)")
                         yield JobEnd(record)
-                    return
-                first = int(fields["i"])
-                texts = json.loads(fields["t"])
-                for offset, (token_id, text) in enumerate(
-                    zip(fields["ids"].split(","), texts, strict=True)
-                ):
-                    if first + offset >= from_index:
-                        yield Token(first + offset, text, int(token_id))
+                        return
+                    first = int(fields["i"])
+                    texts = json.loads(fields["t"])
+                    for offset, (token_id, text) in enumerate(
+                        zip(fields["ids"].split(","), texts, strict=True)
+                    ):
+                        if first + offset >= from_index:
+                            yield Token(first + offset, text, int(token_id))
+        finally:
+            self.hub.unsubscribe(subscription)
+
+    async def _exists(self, job_id: str) -> bool:
+        try:
+            return bool(await self.redis.exists(job_key(job_id)))
+        except (RedisConnectionError, RedisTimeoutError) as error:
+            raise Unavailable(
+                f"Redis is unreachable ({error}); resume with Stream(job_id, from_index)"
+            ) from error
+
+    async def close(self) -> None:
+        await self.hub.close()
 
     @_unavailable_without_redis
     async def stats(self, llms: list[str], now: float) -> list[QueueStats]:
