@@ -47,9 +47,14 @@ from services.scheduler.store import JobStore, KeyReused, Rejected
 log = logging.getLogger(__name__)
 
 # LLM names become part of Redis keys: keep them to plain characters.
-_LLM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$")
+_LLM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}")
 MAX_CLIENT_REQUEST_ID_CHARS = 256
 MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256  # per stop string: they are matched against the tail of the answer
+# Largest answer a job may ask for (max_new_tokens or replay_output_tokens); a worker also
+# ends a job when its model's context is full.
+MAX_OUTPUT_TOKENS = 32_768
+MAX_JOB_ID_CHARS = 128
 MAX_LEASE_JOBS = 256
 MAX_LEASE_WAIT_MS = 60_000
 
@@ -70,6 +75,33 @@ class SchedulerConfig:
     fallback_tokens: float = 256.0
     allow_oracle: bool = False
     reap_interval_s: float = 1.0
+    # Start deadline of jobs that set none: a job for an LLM no worker serves (a typo, a
+    # retired model) fails with DEADLINE instead of waiting, and its Generate hanging, forever.
+    default_start_timeout_s: float = 600.0
+
+
+def shown(value: str, limit: int = 64) -> str:
+    """A client's value quoted in an error message, cut short: a message echoing a huge
+    value would itself exceed gRPC's metadata limit (and become RESOURCE_EXHAUSTED)."""
+    return repr(value) if len(value) <= limit else f"{value[:limit]!r}... ({len(value)} chars)"
+
+
+def check_llm_name(llm: str) -> None:
+    # fullmatch: with match and $, "vicuna-13b\n" passed ($ matches before a final newline).
+    if not _LLM_NAME.fullmatch(llm):
+        raise InvalidArgument(
+            f"llm {shown(llm)} is not a valid name (letters, digits and ._:/@+- only, "
+            "at most 128 characters)"
+        )
+
+
+def check_job_id(job_id: str) -> None:
+    if not job_id:
+        raise InvalidArgument("job_id must not be empty")
+    if len(job_id) > MAX_JOB_ID_CHARS:
+        raise InvalidArgument(
+            f"job_id has {len(job_id)} characters; job ids have at most {MAX_JOB_ID_CHARS}"
+        )
 
 
 def _key_reused(job_id: str) -> AlreadyExists:
@@ -103,17 +135,14 @@ class SchedulerCore:
         self.config = config
         self.predictor = predictor
         self._stopping = asyncio.Event()
+        self._background: set[asyncio.Future[object]] = set()
 
     # Client side -----------------------------------------------------------------------
 
     def _validate(self, request: JobRequest) -> str:
         """Returns the LLM the job goes to; raises InvalidArgument for a malformed request."""
         llm = request.llm or self.config.default_llm
-        if not _LLM_NAME.match(llm):
-            raise InvalidArgument(
-                f"llm {llm!r} is not a valid name (letters, digits and ._:/@+- only, "
-                "at most 128 characters)"
-            )
+        check_llm_name(llm)
         if not request.prompt.strip():
             raise InvalidArgument("prompt must not be empty")
         if len(request.prompt) > self.config.max_prompt_chars:
@@ -128,10 +157,19 @@ class SchedulerCore:
             )
         if not math.isfinite(sampling.top_p) or not 0 <= sampling.top_p <= 1:
             raise InvalidArgument(f"sampling.top_p must be within (0, 1], got {sampling.top_p}")
-        if len(sampling.stop) > MAX_STOP_STRINGS or any(not stop for stop in sampling.stop):
+        if len(sampling.stop) > MAX_STOP_STRINGS or any(
+            not stop or len(stop) > MAX_STOP_CHARS for stop in sampling.stop
+        ):
             raise InvalidArgument(
-                f"sampling.stop takes at most {MAX_STOP_STRINGS} non-empty strings"
+                f"sampling.stop takes at most {MAX_STOP_STRINGS} non-empty strings of at most "
+                f"{MAX_STOP_CHARS} characters each"
             )
+        for name in ("max_new_tokens", "replay_output_tokens"):
+            if getattr(sampling, name) > MAX_OUTPUT_TOKENS:
+                raise InvalidArgument(
+                    f"sampling.{name} must be at most {MAX_OUTPUT_TOKENS}, "
+                    f"got {getattr(sampling, name)}"
+                )
         low, high = PRIORITY_RANGE
         if not low <= request.priority <= high:
             raise InvalidArgument(
@@ -165,7 +203,7 @@ class SchedulerCore:
                 record = await self.store.get(earlier)
                 if record is not None:
                     return Submission(self._same_request(record, request_hash), deduplicated=True)
-        submitted_at = time.time()
+        submitted_at = self.store.now()
         prediction, fallback = await self._predict(request.prompt, llm)
         if self.policy.uses_oracle:
             predicted, predictor_version = float(request.oracle_output_tokens), "oracle"
@@ -194,12 +232,15 @@ class SchedulerCore:
             sampling=request.sampling,
             prompt=request.prompt,
             submitted_at=submitted_at,
-            queued_at=time.time(),
+            queued_at=self.store.now(),
             request_hash=request_hash,
         )
-        deadline_at = (
-            submitted_at + request.start_timeout_ms / 1e3 if request.start_timeout_ms else 0.0
+        start_timeout_s = (
+            request.start_timeout_ms / 1e3
+            if request.start_timeout_ms
+            else self.config.default_start_timeout_s
         )
+        deadline_at = submitted_at + start_timeout_s if start_timeout_s > 0 else 0.0
         try:
             job_id, deduplicated = await self.store.submit(
                 record, deadline_at=deadline_at, max_queue_depth=self.config.max_queue_depth
@@ -233,8 +274,7 @@ class SchedulerCore:
         return prediction, prediction is None
 
     async def get_job(self, job_id: str) -> JobRecord:
-        if not job_id:
-            raise InvalidArgument("job_id must not be empty")
+        check_job_id(job_id)
         record = await self.store.get(job_id)
         if record is None:
             raise NotFound(f"no job {job_id!r}: unknown, or finished and expired (--job-ttl-s)")
@@ -247,9 +287,8 @@ class SchedulerCore:
             yield event
 
     async def cancel(self, job_id: str) -> tuple[JobState, bool]:
-        if not job_id:
-            raise InvalidArgument("job_id must not be empty")
-        result = await self.store.cancel(job_id, time.time())
+        check_job_id(job_id)
+        result = await self.store.cancel(job_id)
         if result is None:
             raise NotFound(f"no job {job_id!r}: unknown, or finished and expired (--job-ttl-s)")
         state, cancelled = result
@@ -258,7 +297,7 @@ class SchedulerCore:
         return state, cancelled
 
     async def queue_stats(self, llm: str = "") -> list[QueueStats]:
-        return await self.store.stats([llm] if llm else [], time.time())
+        return await self.store.stats([llm] if llm else [], self.store.now())
 
     # Worker side -----------------------------------------------------------------------
 
@@ -272,19 +311,12 @@ class SchedulerCore:
         if not llms:
             raise InvalidArgument("llms must name at least one LLM the worker serves")
         for llm in llms:
-            if not _LLM_NAME.match(llm):
-                raise InvalidArgument(f"llm {llm!r} is not a valid name")
+            check_llm_name(llm)
         if not 1 <= max_jobs <= MAX_LEASE_JOBS:
             raise InvalidArgument(f"max_jobs must be within [1, {MAX_LEASE_JOBS}], got {max_jobs}")
         deadline = time.monotonic() + min(wait_ms, MAX_LEASE_WAIT_MS) / 1e3
         while not self._stopping.is_set():
-            jobs = await self.store.claim(
-                worker_id,
-                llms,
-                max_jobs=max_jobs,
-                now=time.time(),
-                max_wait_s=self.config.max_wait_s,
-            )
+            jobs = await self._claim(worker_id, llms, max_jobs)
             if jobs:
                 log.debug(
                     "leased", extra={"worker_id": worker_id, "jobs": [job.job_id for job in jobs]}
@@ -294,6 +326,26 @@ class SchedulerCore:
             if remaining <= 0 or not await self._wait_for_work(llms, remaining):
                 return []
         return []
+
+    async def _claim(self, worker_id: str, llms: list[str], max_jobs: int) -> list[LeasedJob]:
+        """Claim, even when the Lease call is cancelled meanwhile: then the jobs claimed for
+        a worker that will never hear of them are released at once, not orphaned until
+        their leases expire (each losing an attempt)."""
+        claiming = asyncio.ensure_future(
+            self.store.claim(worker_id, llms, max_jobs=max_jobs, max_wait_s=self.config.max_wait_s)
+        )
+        try:
+            return await asyncio.shield(claiming)
+        except asyncio.CancelledError:
+            claiming.add_done_callback(self._release_when_claimed)
+            raise
+
+    def _release_when_claimed(self, claiming: asyncio.Future[list[LeasedJob]]) -> None:
+        if claiming.cancelled() or claiming.exception() is not None or not claiming.result():
+            return
+        task = asyncio.ensure_future(self.store.release(claiming.result()))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _wait_for_work(self, llms: list[str], timeout_s: float) -> bool:
         """True when woken by a queued job; False on timeout or shutdown."""
@@ -307,7 +359,7 @@ class SchedulerCore:
         return wake.done() and not wake.cancelled() and wake.result()
 
     async def report(self, progress: list[Progress]) -> list[Stop]:
-        return await self.store.apply_progress(progress, time.time())
+        return await self.store.apply_progress(progress)
 
     # Background ------------------------------------------------------------------------
 
@@ -316,7 +368,8 @@ class SchedulerCore:
         one; the reap script is atomic, so they never requeue a job twice."""
         while not self._stopping.is_set():
             try:
-                requeued, failed, missed = await self.store.reap(time.time())
+                await self.store.sync_clock()
+                requeued, failed, missed = await self.store.reap()
                 if requeued or failed or missed:
                     log.info(
                         "reaped",

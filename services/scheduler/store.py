@@ -13,6 +13,7 @@ import asyncio
 import functools
 import json
 import secrets
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,11 @@ class StoreSettings:
     max_attempts: int  # leases a job may get before a lost lease fails it
     completions_maxlen: int  # approximate cap of the ssjf:completions stream
     reap_batch: int = 256  # expired leases handled per reaper script call
+
+
+def _time_arg(now: float | None) -> str:
+    """A script's time argument: '' makes the script read Redis's own clock."""
+    return "" if now is None else repr(now)
 
 
 class KeyReused(Exception):
@@ -280,7 +286,9 @@ class JobStore:
         self._progress = BatchedScript(redis, "progress")
         self._cancel = BatchedScript(redis, "cancel")
         self._reap = BatchedScript(redis, "reap")
+        self._release = BatchedScript(redis, "release")
         self.hub = StreamHub(redis)
+        self._clock_offset = 0.0
 
     @_unavailable_without_redis
     async def submit(
@@ -325,7 +333,7 @@ class JobStore:
         llms: list[str],
         *,
         max_jobs: int,
-        now: float,
+        now: float | None = None,
         max_wait_s: float,
     ) -> list[LeasedJob]:
         """Atomically lease up to ``max_jobs`` of the best queued jobs of ``llms``."""
@@ -334,7 +342,7 @@ class JobStore:
             [
                 worker_id,
                 lease_prefix,
-                repr(now),
+                _time_arg(now),
                 self.settings.lease_ttl_s,
                 max_jobs,
                 max_wait_s,
@@ -374,6 +382,30 @@ class JobStore:
         return token_ids
 
     @_unavailable_without_redis
+    async def release(self, leases: list[LeasedJob]) -> int:
+        """Give back leases their worker never received (its Lease call was cancelled after
+        the claim): the jobs are queued again, their attempts not counted."""
+        if not leases:
+            return 0
+        return await self._release(
+            [value for job in leases for value in (job.job_id, job.lease_id)]
+        )
+
+    @_unavailable_without_redis
+    async def sync_clock(self) -> float:
+        """Measure this replica's clock against Redis's; ``now`` then reads Redis's clock
+        without a round trip (submission times and aging agree with the scripts' clock)."""
+        before = time.time()
+        seconds, microseconds = await self.redis.time()
+        after = time.time()
+        self._clock_offset = seconds + microseconds / 1e6 - (before + after) / 2
+        return self._clock_offset
+
+    def now(self) -> float:
+        """Redis's clock, as last measured by ``sync_clock`` (this replica's before that)."""
+        return time.time() + self._clock_offset
+
+    @_unavailable_without_redis
     async def wait_for_work(self, llms: list[str], timeout_s: float) -> bool:
         """Block until a job is queued for one of ``llms`` (True) or the timeout (False).
 
@@ -385,12 +417,14 @@ class JobStore:
         return reply is not None
 
     @_unavailable_without_redis
-    async def apply_progress(self, progress: list[Progress], now: float) -> list[Stop]:
+    async def apply_progress(
+        self, progress: list[Progress], now: float | None = None
+    ) -> list[Stop]:
         """Apply a worker report; returns the jobs the worker must stop."""
         if not progress:
             return []
         args: list[str | int | float] = [
-            repr(now),
+            _time_arg(now),
             self.settings.lease_ttl_s,
             self.settings.job_ttl_s,
             self.settings.completions_maxlen,
@@ -424,20 +458,20 @@ class JobStore:
         ]
 
     @_unavailable_without_redis
-    async def cancel(self, job_id: str, now: float) -> tuple[JobState, bool] | None:
+    async def cancel(self, job_id: str, now: float | None = None) -> tuple[JobState, bool] | None:
         """Cancel a live job. Returns (state after, cancelled by this call), None if unknown."""
-        reply = await self._cancel([job_id, repr(now), self.settings.job_ttl_s])
+        reply = await self._cancel([job_id, _time_arg(now), self.settings.job_ttl_s])
         if not reply:
             return None
         return JobState(reply[0]), reply[1] == 1
 
     @_unavailable_without_redis
-    async def reap(self, now: float) -> tuple[int, int, int]:
+    async def reap(self, now: float | None = None) -> tuple[int, int, int]:
         """Requeue or fail jobs whose lease expired; fail queued jobs past their deadline.
         Returns (requeued, failed, deadline_missed)."""
         requeued, failed, missed = await self._reap(
             [
-                repr(now),
+                _time_arg(now),
                 self.settings.max_attempts,
                 self.settings.job_ttl_s,
                 self.settings.reap_batch,

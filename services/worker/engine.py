@@ -93,10 +93,10 @@ class _Sequence:
                 f"prompt of {len(self.input_ids)} tokens leaves no room in the model's "
                 f"context of {model.max_context} tokens"
             )
-        # Replay asks for an exact count; otherwise the context window can cut a job short.
-        self.answer_limit = self.sampling.answer_limit
-        if not self.sampling.replay:
-            self.answer_limit = min(self.answer_limit, len(request.resume_token_ids) + room)
+        # The context window cuts every job short, replayed ones too (a replay length past
+        # the context used to run on beyond it until cancelled): it then ends with LENGTH.
+        self.answer_limit = min(self.sampling.answer_limit, len(request.resume_token_ids) + room)
+        self.cut_by_context = self.answer_limit < self.sampling.answer_limit
         self.answer_tokens = len(request.resume_token_ids)
         self.stream = TextStream(
             model.decode,
@@ -481,8 +481,9 @@ class Engine:
         row.answer_tokens += 1
         update.tokens += _tokens(row.stream.push(token_id))
         if row.sampling.replay:
-            done = row.answer_tokens >= row.answer_limit
-            return FinishReason.REPLAY_LENGTH if done else None
+            if row.answer_tokens < row.answer_limit:
+                return None
+            return FinishReason.LENGTH if row.cut_by_context else FinishReason.REPLAY_LENGTH
         if row.stream.stopped:
             return FinishReason.STOP_SEQUENCE
         if row.answer_tokens >= row.answer_limit:

@@ -3,6 +3,19 @@
 -- store.py generates from services/scheduler/keys.py, their one definition.
 local NOTIFY_CAP = 1024
 
+-- Redis's clock, in seconds: leases, deadlines and aging compare times written by any
+-- replica, so they all read this one clock, not each replica's own.
+local function server_time()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1e6
+end
+
+-- A time argument: '' means "now, by Redis's clock"; tests and the simulator pass their own.
+local function time_arg(value)
+  if value == nil or value == '' then return server_time() end
+  return tonumber(value)
+end
+
 local function count(llm, name)
   redis.call('HINCRBY', metrics_key(llm), name, 1)
 end

@@ -3,8 +3,8 @@
 --    arrival (so aging and the max-wait guard still count its first submission), or fails
 --    once it has been leased max_attempts times.
 -- 2. Queued jobs past their start deadline fail with DEADLINE.
--- ARGV: now, max_attempts, job_ttl_s, batch. Returns {requeued, failed, deadline_missed}.
-local now, max_attempts = tonumber(ARGV[1]), tonumber(ARGV[2])
+-- ARGV: now ('': Redis's clock), max_attempts, job_ttl_s, batch. Returns {requeued, failed, deadline_missed}.
+local now, max_attempts = time_arg(ARGV[1]), tonumber(ARGV[2])
 local job_ttl, batch = tonumber(ARGV[3]), tonumber(ARGV[4])
 local requeued, failed, missed = 0, 0, 0
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', LEASES, '-inf', now, 'LIMIT', 0, batch)) do
