@@ -8,18 +8,12 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import socket
-import subprocess
-import time
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-
-from services.common.net import free_port
 
 log = logging.getLogger(__name__)
 
@@ -64,51 +58,17 @@ class EmbeddedRedis:
         self._server.start()
         url = self._server.connection_url
         log.info("embedded redis started", extra={"url": url})
+        log.warning(
+            "the embedded Redis keeps jobs in memory only: if it stops, every queued and "
+            "running job is lost. Set REDIS_URL to a Redis with AOF persistence "
+            "(appendonly yes, appendfsync everysec; docker compose and deploy/k8s do) to "
+            "keep jobs across a Redis restart"
+        )
         return url
 
     def stop(self) -> None:
         self._server.stop()
         log.info("embedded redis stopped")
-
-
-class RedisServerProcess:
-    """A real ``redis-server`` on a free port, for tests and benchmarks: kill and restart it
-    at will (nothing is persisted)."""
-
-    def __init__(self) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise RuntimeError("redis-server not found: install it (apt-get install redis-server)")
-        self.binary = binary
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return
-            except OSError:
-                time.sleep(0.05)
-        raise TimeoutError("redis-server did not start")
-
-    def kill(self) -> None:
-        if self.process is not None:
-            self.process.kill()
-            self.process.wait()
-            self.process = None
-
-    def restart(self) -> None:
-        self.kill()
-        self.start()
 
 
 def url_from_env() -> str | None:
