@@ -20,7 +20,15 @@ log = logging.getLogger(__name__)
 REDIS_URL_ENV = "REDIS_URL"
 
 
-def connect(url: str, max_connections: int | None = None) -> aioredis.Redis:
+# Connections one client (one replica) opens at most; more concurrent commands wait for a
+# free one (up to POOL_WAIT_S) instead of failing with "Too many connections". Open streams
+# take none (one multiplexed reader per replica); each idle worker's Lease long poll holds
+# one while it blocks in BLPOP.
+MAX_CONNECTIONS = 256
+POOL_WAIT_S = 30.0
+
+
+def connect(url: str, max_connections: int = MAX_CONNECTIONS) -> aioredis.Redis:
     """An asyncio client for ``url`` that returns str, not bytes, and rides through a short
     connection loss.
 
@@ -32,7 +40,7 @@ def connect(url: str, max_connections: int | None = None) -> aioredis.Redis:
     """
     # No socket read timeout: blocking reads (XREAD BLOCK, BLPOP) legitimately wait longer
     # than redis-py's 5 s default; keepalive and the health check catch dead connections.
-    return aioredis.from_url(
+    pool = aioredis.BlockingConnectionPool.from_url(
         url,
         decode_responses=True,
         health_check_interval=2,
@@ -42,7 +50,9 @@ def connect(url: str, max_connections: int | None = None) -> aioredis.Redis:
         retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=6),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
         max_connections=max_connections,
+        timeout=POOL_WAIT_S,
     )
+    return aioredis.Redis.from_pool(pool)  # closing the client closes the pool
 
 
 class EmbeddedRedis:
