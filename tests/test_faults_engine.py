@@ -13,17 +13,13 @@ import torch
 from services.worker import engine as engine_module
 from services.worker.engine import Batching, Engine
 from services.worker.jobs import FinishReason, GenerationRequest, Sampling
-from services.worker.model import LoadedModel, load_model
-from tests.test_worker_engine import Result, run
+from services.worker.model import LoadedModel
+from tests.test_worker_engine import Result, model, run
+
+__all__ = ["model"]  # fixture, imported for pytest
 
 PROMPTS = ["Name three colours.", "What is the capital of France?", "hi", "Count to ten."]
 LENGTH = 8
-
-
-@pytest.fixture(scope="module")
-def model() -> LoadedModel:
-    torch.set_num_threads(1)
-    return load_model("tiny-llama", device="cpu", dtype="float32")
 
 
 def jobs(model: LoadedModel, **sampling: object) -> list[GenerationRequest]:

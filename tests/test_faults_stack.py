@@ -62,6 +62,20 @@ async def wait_until(predicate, timeout_s: float = 60.0, what: str = "condition"
         await asyncio.sleep(0.05)
 
 
+def start_jobs(
+    client: Client, count: int, tokens: int
+) -> tuple[list[asyncio.Task[JobResult]], asyncio.Event]:
+    """``count`` replayed jobs followed to their end; the event is set at the first token."""
+    tokens_seen = asyncio.Event()
+    jobs = [
+        asyncio.create_task(
+            client.run(replay_request(tokens), on_token=lambda result: tokens_seen.set())
+        )
+        for _ in range(count)
+    ]
+    return jobs, tokens_seen
+
+
 def _dump_on_failure(stack: FaultStack, body):
     try:
         return body()
@@ -79,13 +93,7 @@ def test_worker_sigkill_mid_stream(stack: FaultStack) -> None:
 
     async def scenario() -> list[JobResult]:
         client = Client([scheduler])
-        tokens_seen = asyncio.Event()
-        jobs = [
-            asyncio.create_task(
-                client.run(replay_request(400), on_token=lambda r: tokens_seen.set())
-            )
-            for _ in range(4)
-        ]
+        jobs, tokens_seen = start_jobs(client, 4, 400)
         await tokens_seen.wait()
         doomed.kill()  # SIGKILL mid-stream
         stack.start_worker([scheduler], wait=False)
@@ -107,10 +115,7 @@ def test_worker_sigstop_past_its_lease_then_sigcont_has_its_late_tokens_refused(
 
     async def scenario() -> JobResult:
         client = Client([scheduler])
-        tokens_seen = asyncio.Event()
-        job = asyncio.create_task(
-            client.run(replay_request(600), on_token=lambda r: tokens_seen.set())
-        )
+        [job], tokens_seen = start_jobs(client, 1, 600)
         await tokens_seen.wait()
         signal_process(paused, signal.SIGSTOP)
         # The second worker's start-up outlasts the 3 s lease: the job is requeued to it.
@@ -138,13 +143,7 @@ def test_scheduler_sigkill_while_streaming_resumes_on_another_replica(stack: Fau
 
     async def scenario() -> list[JobResult]:
         client = Client([first, second])
-        tokens_seen = asyncio.Event()
-        jobs = [
-            asyncio.create_task(
-                client.run(replay_request(500), on_token=lambda r: tokens_seen.set())
-            )
-            for _ in range(4)
-        ]
+        jobs, tokens_seen = start_jobs(client, 4, 500)
         await tokens_seen.wait()
         stack.scheduler_service(first).kill()
         results = await asyncio.gather(*jobs)
@@ -194,13 +193,7 @@ def test_redis_connection_kill_fails_no_running_job(stack: FaultStack) -> None:
 
     async def scenario() -> tuple[list[JobResult], list[JobResult]]:
         client = Client([scheduler])
-        tokens_seen = asyncio.Event()
-        jobs = [
-            asyncio.create_task(
-                client.run(replay_request(600), on_token=lambda r: tokens_seen.set())
-            )
-            for _ in range(7)
-        ]
+        jobs, tokens_seen = start_jobs(client, 7, 600)
         await tokens_seen.wait()
         for _ in range(3):
             admin.client_kill_filter(_type="normal")
@@ -225,13 +218,7 @@ def test_redis_restart_with_aof_completes_queued_and_running_jobs(aof_stack: Fau
 
     async def scenario() -> list[JobResult]:
         client = Client([scheduler])
-        tokens_seen = asyncio.Event()
-        jobs = [
-            asyncio.create_task(
-                client.run(replay_request(300), on_token=lambda r: tokens_seen.set())
-            )
-            for _ in range(10)  # 4 run (batch of 4), 6 wait in the queue
-        ]
+        jobs, tokens_seen = start_jobs(client, 10, 300)  # 4 run (batch of 4), 6 wait in the queue
         await tokens_seen.wait()
         await asyncio.sleep(1.5)  # past one appendfsync
         await asyncio.to_thread(stack.redis.restart)

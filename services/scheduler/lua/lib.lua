@@ -31,6 +31,18 @@ local function is_finished(state)
   return state == 'DONE' or state == 'FAILED' or state == 'CANCELLED'
 end
 
+-- Puts a leased job back in its queue with its original score and arrival (aging and the
+-- max-wait guard still count its first submission); extra record fields are set too.
+local function requeue(id, llm, score, arrival, ...)
+  redis.call('ZREM', LEASES, id)
+  redis.call('SREM', running_key(llm), id)
+  redis.call('HSET', job_key(id), 'state', 'QUEUED', 'lease_id', '', 'worker_id', '',
+    'lease_expires_at', 0, ...)
+  redis.call('ZADD', queue_key(llm), score, id)
+  redis.call('ZADD', arrivals_key(llm), arrival, id)
+  notify(llm)
+end
+
 local FINISH_COUNTER = {DONE = 'completed', FAILED = 'failed', CANCELLED = 'cancelled'}
 
 -- Ends a job in any live state: out of every index, summary marker on its event stream,

@@ -18,14 +18,8 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', LEASES, '-inf', now, 'LIMIT', 0,
         attempts .. ' times, the maximum (--max-attempts)', now, job_ttl)
       failed = failed + 1
     else
-      redis.call('ZREM', LEASES, id)
-      redis.call('SREM', running_key(llm), id)
-      redis.call('HSET', key, 'state', 'QUEUED', 'lease_id', '', 'worker_id', '',
-        'lease_expires_at', 0, 'queued_at', now)
-      redis.call('ZADD', queue_key(llm), score, id)
-      redis.call('ZADD', arrivals_key(llm), arrival, id)
+      requeue(id, llm, score, arrival, 'queued_at', now)
       count(llm, 'requeued')
-      notify(llm)
       requeued = requeued + 1
     end
   else

@@ -4,21 +4,14 @@
 local released = 0
 for i = 1, #ARGV, 2 do
   local id, lease_id = ARGV[i], ARGV[i + 1]
-  local key = job_key(id)
   local state, current, llm, score, arrival, attempts, deadline_at = unpack(redis.call('HMGET',
-    key, 'state', 'lease_id', 'llm', 'score', 'submitted_at', 'attempts', 'deadline_at'))
+    job_key(id), 'state', 'lease_id', 'llm', 'score', 'submitted_at', 'attempts', 'deadline_at'))
   if state == 'LEASED' and current == lease_id then
     attempts = tonumber(attempts) - 1
-    redis.call('ZREM', LEASES, id)
-    redis.call('SREM', running_key(llm), id)
-    redis.call('HSET', key, 'state', 'QUEUED', 'lease_id', '', 'worker_id', '',
-      'lease_expires_at', 0, 'attempts', attempts)
-    redis.call('ZADD', queue_key(llm), score, id)
-    redis.call('ZADD', arrivals_key(llm), arrival, id)
+    requeue(id, llm, score, arrival, 'attempts', attempts)
     if attempts == 0 and tonumber(deadline_at) > 0 then
       redis.call('ZADD', DEADLINES, deadline_at, id)
     end
-    notify(llm)
     released = released + 1
   end
 end
