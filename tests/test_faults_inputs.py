@@ -13,7 +13,7 @@ import grpc
 import pytest
 import redis
 
-from services.pb import common_pb2, scheduler_pb2
+from services.pb import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from services.scheduler import core as core_module
 from services.scheduler.core import SchedulerConfig, SchedulerCore
 from services.scheduler.keys import events_key, job_key, notify_key
@@ -235,3 +235,25 @@ def test_resume_inside_a_multibyte_character_keeps_the_character() -> None:
     stream = TextStream(decode, already_streamed=(*b"ab", 0xC3))
     assert stream.push(0xA9) == [(3, 0xA9, "é")]
     assert stream.push(ord("x")) == [(4, ord("x"), "x")]
+
+
+def test_an_idle_stream_survives_the_clients_keepalive_pings(start_scheduler) -> None:
+    """Clients ping every 20 s (CHANNEL_OPTIONS), also while a stream is idle (a job waiting
+    in the queue); gRPC's server default answered the third such ping with GOAWAY
+    "too_many_pings", cancelling every call on the connection. A fast-pinging client shows
+    it in seconds."""
+    node = start_scheduler()
+    job_id = node.scheduler.Submit(request()).job_id
+    options = [
+        ("grpc.keepalive_time_ms", 1000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+    with grpc.insecure_channel(node.address, options=options) as channel:
+        stream = scheduler_pb2_grpc.SchedulerStub(channel).Stream(
+            scheduler_pb2.StreamRequest(job_id=job_id), timeout=60
+        )
+        time.sleep(8)  # idle, pinged about 8 times
+        node.scheduler.Cancel(scheduler_pb2.CancelRequest(job_id=job_id))
+        events = list(stream)
+    assert events[-1].summary.state == common_pb2.JOB_STATE_CANCELLED

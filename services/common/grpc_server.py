@@ -34,6 +34,15 @@ CHANNEL_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
 ]
+# Servers accept the keepalive pings CHANNEL_OPTIONS make clients send (every 20 s, also on a
+# connection whose streams are idle, e.g. a Generate waiting in the queue). gRPC's server
+# default allows one such ping per 5 minutes and then answers GOAWAY "too_many_pings",
+# which cancelled every call on the connection.
+SERVER_OPTIONS = [
+    *CHANNEL_OPTIONS,
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_ping_strikes", 0),
+]
 
 
 RPC_REQUESTS = Counter(
@@ -244,7 +253,7 @@ class ServiceHost:
         # Metrics outermost, so they see the status the error mapping produced.
         self.server = grpc.aio.server(
             interceptors=[MetricsInterceptor(), ErrorInterceptor(), *interceptors],
-            options=CHANNEL_OPTIONS,
+            options=SERVER_OPTIONS,
         )
         for register in registrars:
             register(self.server)

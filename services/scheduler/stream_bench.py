@@ -108,7 +108,12 @@ async def one_round(stack: Stack, streams: int) -> dict[str, object]:
     cancel_errors = [str(reply) for reply in replies if isinstance(reply, Exception)]
     if cancel_errors:
         print(f"{len(cancel_errors)} Cancel calls failed, e.g. {cancel_errors[0]}", flush=True)
-    await asyncio.wait_for(all_ended.wait(), timeout=300) if not cancel_errors else None
+    try:
+        await asyncio.wait_for(all_ended.wait(), timeout=300)
+    except TimeoutError:
+        print(f"only {summaries} of {streams} streams got their summary", flush=True)
+        for task in following:
+            task.cancel()
     fan_out_s = time.perf_counter() - cancelled_at
     await asyncio.gather(*following, return_exceptions=True)
     for channel in channels:
