@@ -257,3 +257,27 @@ def test_an_idle_stream_survives_the_clients_keepalive_pings(start_scheduler) ->
         node.scheduler.Cancel(scheduler_pb2.CancelRequest(job_id=job_id))
         events = list(stream)
     assert events[-1].summary.state == common_pb2.JOB_STATE_CANCELLED
+
+
+def test_a_burst_of_thousands_of_new_calls_is_served_not_cancelled(start_scheduler) -> None:
+    """gRPC's server default cancelled calls beyond 1,000-3,000 waiting to be picked up: a
+    burst of clients (reconnecting after a replica restart) got CANCELLED."""
+    node = start_scheduler()
+
+    async def burst() -> dict[str, int]:
+        async with grpc.aio.insecure_channel(node.address) as channel:
+            stub = scheduler_pb2_grpc.SchedulerStub(channel)
+            replies = await asyncio.gather(
+                *(
+                    stub.QueueStats(scheduler_pb2.QueueStatsRequest(), timeout=120)
+                    for _ in range(4000)
+                ),
+                return_exceptions=True,
+            )
+        codes: dict[str, int] = {}
+        for reply in replies:
+            code = reply.code().name if isinstance(reply, grpc.aio.AioRpcError) else "OK"
+            codes[code] = codes.get(code, 0) + 1
+        return codes
+
+    assert asyncio.run(burst()) == {"OK": 4000}

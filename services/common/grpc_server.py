@@ -42,6 +42,11 @@ SERVER_OPTIONS = [
     *CHANNEL_OPTIONS,
     ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
     ("grpc.http2.max_ping_strikes", 0),
+    # Calls that arrived but are not yet picked up by the server's loop: gRPC's defaults
+    # (1,000, hard limit 3,000) cancelled a burst of thousands of new calls (clients
+    # reconnecting after a replica restart); they wait their turn instead.
+    ("grpc.server.max_pending_requests", 20_000),
+    ("grpc.server.max_pending_requests_hard_limit", 40_000),
 ]
 
 
