@@ -47,6 +47,9 @@ SERVER_OPTIONS = [
     # reconnecting after a replica restart); they wait their turn instead.
     ("grpc.server.max_pending_requests", 20_000),
     ("grpc.server.max_pending_requests_hard_limit", 40_000),
+    # ... for as long as the client's own deadline allows, not gRPC's 30 s (a busy replica,
+    # e.g. thousands of streams ending at once on a starved CPU, picks calls up late).
+    ("grpc.server_max_unrequested_time_in_server", 600),
 ]
 
 
