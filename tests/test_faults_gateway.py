@@ -26,7 +26,7 @@ class RecordingRunner:
         self.slot_freed = asyncio.Event()
         self.updates: asyncio.Queue[list[JobUpdate]] = asyncio.Queue()
 
-    def submit(self, key, prompt, sampling, resume_token_ids) -> None:
+    def submit(self, key, prompt, sampling, resume_token_ids, conversation=()) -> None:
         self.submitted.append(key)
 
     def cancel(self, key: str) -> None:

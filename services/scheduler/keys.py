@@ -18,6 +18,9 @@ Layout (``ssjf:`` prefix; see docs/scheduler.md):
 * ``deadlines``         sorted set, never-started job id by start deadline
 * ``llms``              set, LLM names that have had a queue
 * ``completions``       capped stream: (prompt, llm, generated_tokens) of finished jobs
+* ``worker:<id>``       string, a live worker's LLM names (JSON); expires with its registration
+* ``workers``           sorted set, worker id by registration expiry (index of worker:<id>)
+* ``llms_seen``         sorted set, LLM name by the last time a worker registered it
 """
 
 from __future__ import annotations
@@ -25,7 +28,12 @@ from __future__ import annotations
 PREFIX = "ssjf:"
 
 # Lua function name -> key part before the job id / client id.
-PER_JOB = {"job_key": "job:", "events_key": "events:", "idempotency_key": "idem:"}
+PER_JOB = {
+    "job_key": "job:",
+    "events_key": "events:",
+    "idempotency_key": "idem:",
+    "worker_key": "worker:",  # per worker id (the live-worker registry)
+}
 # Lua function name -> key part before the LLM name.
 PER_LLM = {
     "queue_key": "queue:",
@@ -40,12 +48,16 @@ GLOBAL = {
     "DEADLINES": "deadlines",
     "LLMS": "llms",
     "COMPLETIONS": "completions",
+    "WORKERS": "workers",
+    "LLMS_SEEN": "llms_seen",
 }
 
 LEASES_KEY = PREFIX + GLOBAL["LEASES"]
 DEADLINES_KEY = PREFIX + GLOBAL["DEADLINES"]
 LLMS_KEY = PREFIX + GLOBAL["LLMS"]
 COMPLETIONS_KEY = PREFIX + GLOBAL["COMPLETIONS"]
+WORKERS_KEY = PREFIX + GLOBAL["WORKERS"]
+LLMS_SEEN_KEY = PREFIX + GLOBAL["LLMS_SEEN"]
 
 
 def job_key(job_id: str) -> str:
@@ -58,6 +70,10 @@ def events_key(job_id: str) -> str:
 
 def idempotency_key(client_request_id: str) -> str:
     return PREFIX + PER_JOB["idempotency_key"] + client_request_id
+
+
+def worker_key(worker_id: str) -> str:
+    return PREFIX + PER_JOB["worker_key"] + worker_id
 
 
 def queue_key(llm: str) -> str:

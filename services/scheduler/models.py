@@ -80,6 +80,25 @@ class SamplingParams:
 
 
 @dataclass(frozen=True)
+class ChatMessage:
+    """One turn of a conversation: role is system, user or assistant."""
+
+    role: str
+    content: str
+
+
+def messages_to_json(messages: tuple[ChatMessage, ...]) -> str:
+    """A conversation as stored in a job record ('' for a prompt job, keeping those small)."""
+    if not messages:
+        return ""
+    return json.dumps([[m.role, m.content] for m in messages], ensure_ascii=False)
+
+
+def messages_from_json(text: str | None) -> tuple[ChatMessage, ...]:
+    return tuple(ChatMessage(role, content) for role, content in json.loads(text)) if text else ()
+
+
+@dataclass(frozen=True)
 class JobRequest:
     """A client's request, before validation."""
 
@@ -90,6 +109,8 @@ class JobRequest:
     priority: int = 0
     oracle_output_tokens: int = 0
     start_timeout_ms: int = 0
+    # A conversation instead of a prompt (see services/scheduler/conversation.py).
+    messages: tuple[ChatMessage, ...] = ()
 
 
 def request_digest(request: JobRequest, llm: str) -> str:
@@ -102,6 +123,7 @@ def request_digest(request: JobRequest, llm: str) -> str:
             request.priority,
             request.oracle_output_tokens,
             request.start_timeout_ms,
+            [[message.role, message.content] for message in request.messages],
         ],
         ensure_ascii=False,
     )
@@ -138,6 +160,9 @@ class JobRecord:
     # Digest of what the client asked (request_digest): a client_request_id reused with a
     # different request is refused instead of silently returning this job.
     request_hash: str = ""
+    # A chat job's conversation (prompt then holds its last user turn, what was predicted).
+    messages: tuple[ChatMessage, ...] = ()
+    prompt_tokens: int = 0  # after the worker's chat template, once a worker reported it
 
     @property
     def queue_wait_s(self) -> float:
@@ -183,6 +208,7 @@ class LeasedJob:
     predicted_output_tokens: float
     # Tokens earlier attempts already streamed: the worker resumes after them.
     resume_token_ids: list[int]
+    messages: tuple[ChatMessage, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -8,14 +8,19 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass
 
 import grpc
 
 from services.common.grpc_server import CHANNEL_OPTIONS
 from services.pb import predictor_pb2, predictor_pb2_grpc
+from services.scheduler.registry import PredictorInfo
 
 log = logging.getLogger(__name__)
+
+# The proxy model changes only when the predictor restarts with another artifact.
+_MODEL_INFO_TTL_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -34,6 +39,7 @@ class PredictorClient:
         self._stub = predictor_pb2_grpc.PredictorStub(self._channel)
         # Logged on each change only: a predictor outage must not flood the log.
         self._healthy = True
+        self._model_info: tuple[float, PredictorInfo | None] = (0.0, None)
 
     async def predict(self, prompt: str, llm: str) -> Prediction | None:
         try:
@@ -48,6 +54,22 @@ class PredictorClient:
             return None
         self._set_health(True, "")
         return Prediction(reply.predicted_output_tokens, reply.model_version)
+
+    async def model_info(self) -> PredictorInfo | None:
+        """The proxy model's version and heads (cached for a while); None when the predictor
+        cannot answer."""
+        fetched_at, info = self._model_info
+        if info is not None and time.monotonic() - fetched_at < _MODEL_INFO_TTL_S:
+            return info
+        try:
+            reply = await self._stub.GetModelInfo(
+                predictor_pb2.GetModelInfoRequest(), timeout=self.timeout_s
+            )
+        except grpc.aio.AioRpcError:
+            return None
+        info = PredictorInfo(version=reply.model_version, heads=tuple(reply.llms))
+        self._model_info = (time.monotonic(), info)
+        return info
 
     def _set_health(self, healthy: bool, reason: str) -> None:
         if healthy == self._healthy:

@@ -27,6 +27,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from services.common.errors import NotFound, Unavailable
 from services.scheduler.keys import (
     LLMS_KEY,
+    LLMS_SEEN_KEY,
+    WORKERS_KEY,
     arrivals_key,
     events_key,
     idempotency_key,
@@ -36,6 +38,7 @@ from services.scheduler.keys import (
     notify_key,
     queue_key,
     running_key,
+    worker_key,
 )
 from services.scheduler.models import (
     FinishReason,
@@ -49,9 +52,14 @@ from services.scheduler.models import (
     Stop,
     StopReason,
     Token,
+    messages_from_json,
+    messages_to_json,
 )
 from services.scheduler.streams import StreamHub
 
+# Index entries of workers gone this long are pruned (long enough for replicas' clock skew;
+# the worker:<id> key's own Redis expiry is what decides liveness).
+_WORKER_INDEX_GRACE_S = 60.0
 _LUA_DIR = Path(__file__).with_name("lua")
 _Method = TypeVar("_Method", bound=Callable[..., Awaitable[Any]])
 
@@ -203,6 +211,7 @@ def _record_json(record: JobRecord, deadline_at: float) -> str:
             "score": repr(record.score),
             "sampling": record.sampling.to_json(),
             "prompt": record.prompt,
+            "messages": messages_to_json(record.messages),
             "submitted_at": repr(record.submitted_at),
             "queued_at": repr(record.queued_at),
             "leased_at": "0",
@@ -248,6 +257,8 @@ def _parse_record(fields: dict[str, str]) -> JobRecord:
         finish_reason=FinishReason(fields["finish_reason"]),
         error=fields["error"],
         request_hash=fields.get("request_hash", ""),
+        messages=messages_from_json(fields.get("messages")),
+        prompt_tokens=int(fields.get("prompt_tokens") or 0),
     )
 
 
@@ -362,8 +373,9 @@ class JobStore:
                 attempt=int(attempt),
                 predicted_output_tokens=float(predicted),
                 resume_token_ids=resume_ids.get(job_id, []),
+                messages=messages_from_json(messages),
             )
-            for job_id, lease_id, attempt, llm, prompt, sampling, predicted, _ in rows
+            for job_id, lease_id, attempt, llm, prompt, sampling, predicted, _, messages in rows
         ]
 
     async def _token_ids(self, job_ids: list[str]) -> dict[str, list[int]]:
@@ -554,3 +566,50 @@ class JobStore:
                 )
             )
         return stats
+
+    # Live-worker registry (see services/scheduler/registry.py) -----------------------------
+
+    @_unavailable_without_redis
+    async def register_worker(
+        self, worker_id: str, llms: list[str], ttl_s: float, now: float
+    ) -> None:
+        """Record that ``worker_id`` serves ``llms`` for the next ``ttl_s`` seconds."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.set(worker_key(worker_id), json.dumps(llms), px=max(1, int(ttl_s * 1e3)))
+            pipe.zadd(WORKERS_KEY, {worker_id: now + ttl_s})
+            pipe.zadd(LLMS_SEEN_KEY, dict.fromkeys(llms, now))
+            await pipe.execute()
+
+    @_unavailable_without_redis
+    async def refresh_worker(self, worker_id: str, ttl_s: float, now: float) -> bool:
+        """Extend a live registration to ``ttl_s`` from now; False when there is none (the
+        worker registers again with its next Lease)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.pexpire(worker_key(worker_id), max(1, int(ttl_s * 1e3)))
+            pipe.zadd(WORKERS_KEY, {worker_id: now + ttl_s}, xx=True, gt=True)
+            extended, _ = await pipe.execute()
+        return bool(extended)
+
+    @_unavailable_without_redis
+    async def live_workers(self, now: float) -> dict[str, list[str]]:
+        """Each live worker's LLM names."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zremrangebyscore(WORKERS_KEY, "-inf", now - _WORKER_INDEX_GRACE_S)
+            pipe.zrange(WORKERS_KEY, 0, -1)
+            _, worker_ids = await pipe.execute()
+        if not worker_ids:
+            return {}
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for worker_id in worker_ids:
+                pipe.get(worker_key(worker_id))
+            registrations = await pipe.execute()
+        return {
+            worker_id: json.loads(llms)
+            for worker_id, llms in zip(worker_ids, registrations, strict=True)
+            if llms is not None
+        }
+
+    @_unavailable_without_redis
+    async def llms_seen(self, since: float) -> list[str]:
+        """LLM names some worker registered at or after ``since``."""
+        return await self.redis.zrangebyscore(LLMS_SEEN_KEY, since, "+inf")
