@@ -240,36 +240,26 @@ def _stream_entries(client: redis.Redis, job_id: str) -> tuple[list[int], int]:
     return indexes, ends
 
 
-def check_invariant(redis_url: str, results: list[JobResult], timeout_s: float = 60.0) -> None:
-    """Every accepted job ended exactly once with a dense, duplicate-free token stream (as
-    stored and as each client received it); nothing is left queued or leased."""
-    client = redis.Redis.from_url(redis_url, decode_responses=True)
-    deadline = time.monotonic() + timeout_s
-    while True:  # outcomes of cancelled jobs reach Redis shortly after the client left
-        records = {r.job_id: client.hgetall(f"ssjf:job:{r.job_id}") for r in results if r.job_id}
-        if all(rec.get("state") in FINAL for rec in records.values()) or (
-            time.monotonic() > deadline
-        ):
-            break
-        time.sleep(0.2)
-    for result in results:
-        if not result.job_id:
-            continue
-        record = records[result.job_id]
-        assert record, f"job {result.job_id} was lost (no record)"
-        state = record["state"]
-        assert state in FINAL, f"job {result.job_id} never ended: {record}"
-        if state == "FAILED":
-            assert record["error"], f"job {result.job_id} FAILED without a reason"
-        stored, ends = _stream_entries(client, result.job_id)
-        assert ends == 1, f"job {result.job_id} ended {ends} times"
-        assert stored == list(range(len(stored))), f"job {result.job_id} stored {stored}"
-        assert int(record["generated_tokens"]) == len(stored)
-        got = result.indexes
-        assert got == list(range(len(got))), f"job {result.job_id}: client got {got}"
-        if result.summary is not None:
-            assert len(got) == len(stored), (result.job_id, len(got), len(stored))
-    # Nothing queued, leased or running; every submitted job counted as ended exactly once.
+def check_job(client: redis.Redis, result: JobResult, record: dict[str, str]) -> str:
+    """One job's part of the invariant, given its record; returns its final state."""
+    assert record, f"job {result.job_id} was lost (no record)"
+    state = record["state"]
+    assert state in FINAL, f"job {result.job_id} never ended: {record}"
+    if state == "FAILED":
+        assert record["error"], f"job {result.job_id} FAILED without a reason"
+    stored, ends = _stream_entries(client, result.job_id)
+    assert ends == 1, f"job {result.job_id} ended {ends} times"
+    assert stored == list(range(len(stored))), f"job {result.job_id} stored {stored}"
+    assert int(record["generated_tokens"]) == len(stored)
+    got = result.indexes
+    assert got == list(range(len(got))), f"job {result.job_id}: client got {got}"
+    if result.summary is not None:
+        assert len(got) == len(stored), (result.job_id, len(got), len(stored))
+    return state
+
+
+def check_no_live_work(client: redis.Redis) -> None:
+    """Nothing queued, leased or running; every submitted job counted as ended once."""
     assert client.zcard(LEASES_KEY) == 0, client.zrange(LEASES_KEY, 0, -1, withscores=True)
     for llm in client.smembers(LLMS_KEY):
         assert client.zcard(queue_key(llm)) == 0, f"jobs left queued for {llm}"
@@ -279,6 +269,28 @@ def check_invariant(redis_url: str, results: list[JobResult], timeout_s: float =
         assert ended == counters.get("submitted", 0), counters
     for key in client.scan_iter("ssjf:job:*"):
         assert client.hget(key, "state") in FINAL, f"{key} left live"
+
+
+def wait_final(client: redis.Redis, job_ids: list[str], timeout_s: float) -> dict:
+    """The jobs' records, once all are final (cancelled jobs end shortly after their client
+    left) or the timeout passed."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        records = {job_id: client.hgetall(f"ssjf:job:{job_id}") for job_id in job_ids}
+        if all(r.get("state") in FINAL for r in records.values()) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.2)
+
+
+def check_invariant(redis_url: str, results: list[JobResult], timeout_s: float = 60.0) -> None:
+    """Every accepted job ended exactly once with a dense, duplicate-free token stream (as
+    stored and as each client received it); nothing is left queued or leased."""
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    accepted = [result for result in results if result.job_id]
+    records = wait_final(client, [result.job_id for result in accepted], timeout_s)
+    for result in accepted:
+        check_job(client, result, records[result.job_id])
+    check_no_live_work(client)
 
 
 def states(results: list[JobResult]) -> dict[str, int]:

@@ -100,7 +100,7 @@ async def one_round(stack: Stack, streams: int) -> dict[str, object]:
     cancelled_at = time.perf_counter()
     replies = await asyncio.gather(
         *(
-            stubs[i % len(stubs)].Cancel(scheduler_pb2.CancelRequest(job_id=job_id), timeout=120)
+            stubs[i % len(stubs)].Cancel(scheduler_pb2.CancelRequest(job_id=job_id), timeout=600)
             for i, job_id in enumerate(job_ids)
         ),
         return_exceptions=True,
