@@ -24,9 +24,11 @@ from services.common.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    PermissionDenied,
     ResourceExhausted,
     Unavailable,
 )
+from services.common.principals import UNLIMITED, TenantLimits
 from services.scheduler.conversation import last_user_turn, validate_messages
 from services.scheduler.models import (
     JobEnd,
@@ -40,6 +42,7 @@ from services.scheduler.models import (
     Submission,
     Token,
     request_digest,
+    scoped_request_id,
 )
 from services.scheduler.policies import PRIORITY_RANGE, JobFeatures, Policy
 from services.scheduler.predictor_client import Prediction
@@ -51,6 +54,7 @@ from services.scheduler.registry import (
     ServedModel,
 )
 from services.scheduler.store import JobStore, KeyReused, Rejected
+from services.scheduler.tenants import TenantJobs
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +148,7 @@ class SchedulerCore:
         self.policy = policy
         self.config = config
         self.predictor = predictor
+        self.tenant_jobs = TenantJobs(store.redis, store.settings.job_ttl_s)
         self._stopping = asyncio.Event()
         self._background: set[asyncio.Future[object]] = set()
         self._registrations = RegistrationCache()
@@ -205,15 +210,22 @@ class SchedulerCore:
             )
         return llm
 
-    async def submit(self, request: JobRequest) -> Submission:
+    async def submit(self, request: JobRequest, limits: TenantLimits = UNLIMITED) -> Submission:
         """Validate, predict (or fall back), score and queue a job; idempotent by
-        client_request_id."""
+        client_request_id within the tenant; within the tenant's ``limits``."""
         if self._stopping.is_set():
             raise Unavailable("this scheduler replica is shutting down; retry on another")
         llm = self._validate(request)
         request_hash = request_digest(request, llm)
+        if limits.best_priority is not None and request.priority < limits.best_priority:
+            raise PermissionDenied(
+                f"priority {request.priority} is above what tenant {request.tenant!r} was "
+                f"given: use {limits.best_priority} or higher (lower values run first)"
+            )
         if request.client_request_id:
-            earlier = await self.store.job_for_client_id(request.client_request_id)
+            earlier = await self.store.job_for_client_id(
+                scoped_request_id(request.tenant, request.client_request_id)
+            )
             if earlier is not None:
                 record = await self.store.get(earlier)
                 if record is not None:
@@ -235,7 +247,8 @@ class SchedulerCore:
             predicted_tokens=self.config.fallback_tokens if fallback else predicted,
             oracle_tokens=request.oracle_output_tokens,
             priority=request.priority,
-            prompt_chars=len(request.prompt),
+            # What the worker will prefill: the prompt, or every turn of a conversation.
+            prompt_chars=len(request.prompt) + sum(len(m.content) for m in request.messages),
         )
         record = JobRecord(
             job_id=new_job_id(),
@@ -254,6 +267,7 @@ class SchedulerCore:
             submitted_at=submitted_at,
             queued_at=self.store.now(),
             request_hash=request_hash,
+            tenant=request.tenant,
         )
         start_timeout_s = (
             request.start_timeout_ms / 1e3
@@ -261,16 +275,26 @@ class SchedulerCore:
             else self.config.default_start_timeout_s
         )
         deadline_at = submitted_at + start_timeout_s if start_timeout_s > 0 else 0.0
+        if limits.max_queued_jobs:
+            await self.tenant_jobs.reserve(
+                request.tenant, record.job_id, limits.max_queued_jobs, submitted_at
+            )
+        queued = False
         try:
             job_id, deduplicated = await self.store.submit(
                 record, deadline_at=deadline_at, max_queue_depth=self.config.max_queue_depth
             )
+            queued = not deduplicated
         except Rejected as full:
             raise ResourceExhausted(
-                f"the queue of {llm!r} is full ({full.depth} jobs, --max-queue-depth); retry later"
+                f"the queue of {llm!r} is full ({full.depth} jobs, --max-queue-depth); retry later",
+                retry_after_s=1.0,
             ) from None
         except KeyReused as reused:
             raise _key_reused(reused.job_id) from None
+        finally:
+            if limits.max_queued_jobs and not queued:
+                await self.tenant_jobs.release(request.tenant, record.job_id)
         if deduplicated:
             earlier_record = await self.store.get(job_id)
             if earlier_record is None:
@@ -293,21 +317,27 @@ class SchedulerCore:
         prediction = await self.predictor.predict(prompt, llm)
         return prediction, prediction is None
 
-    async def get_job(self, job_id: str) -> JobRecord:
+    async def get_job(self, job_id: str, tenant: str | None = None) -> JobRecord:
+        """The job's record; for ``tenant`` (None: any), only a job of its own: another
+        tenant's job is NotFound, the same answer as a job that does not exist."""
         check_job_id(job_id)
         record = await self.store.get(job_id)
-        if record is None:
+        if record is None or (tenant is not None and record.tenant != tenant):
             raise NotFound(f"no job {job_id!r}: unknown, or finished and expired (--job-ttl-s)")
         return record
 
-    async def events(self, job_id: str, from_index: int = 0) -> AsyncIterator[Token | JobEnd]:
+    async def events(
+        self, job_id: str, from_index: int = 0, tenant: str | None = None
+    ) -> AsyncIterator[Token | JobEnd]:
         """A job's tokens from ``from_index`` then its end; works on any replica."""
-        await self.get_job(job_id)
+        await self.get_job(job_id, tenant)
         async for event in self.store.events(job_id, from_index):
             yield event
 
-    async def cancel(self, job_id: str) -> tuple[JobState, bool]:
+    async def cancel(self, job_id: str, tenant: str | None = None) -> tuple[JobState, bool]:
         check_job_id(job_id)
+        if tenant is not None:
+            await self.get_job(job_id, tenant)  # a job's owner never changes: no race
         result = await self.store.cancel(job_id)
         if result is None:
             raise NotFound(f"no job {job_id!r}: unknown, or finished and expired (--job-ttl-s)")

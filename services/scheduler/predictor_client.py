@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import grpc
 
-from services.common.grpc_server import CHANNEL_OPTIONS
+from services.common.channels import dial_aio
+from services.common.tls import ChannelSecurity
 from services.pb import predictor_pb2, predictor_pb2_grpc
 from services.scheduler.registry import PredictorInfo
 
@@ -32,10 +33,12 @@ class Prediction:
 class PredictorClient:
     """Predicts output lengths over gRPC; returns None when the predictor cannot answer."""
 
-    def __init__(self, address: str, timeout_s: float) -> None:
+    def __init__(
+        self, address: str, timeout_s: float, security: ChannelSecurity | None = None
+    ) -> None:
         self.address = address
         self.timeout_s = timeout_s
-        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._channel = dial_aio(address, security)
         self._stub = predictor_pb2_grpc.PredictorStub(self._channel)
         # Logged on each change only: a predictor outage must not flood the log.
         self._healthy = True

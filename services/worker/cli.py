@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from services.common.config import add_option, add_server_options
+from services.common.tls import add_client_security_options
 
 BATCHING_MODES = ["none", "dynamic", "continuous"]
 
@@ -28,6 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "replicas' IP addresses comma-separated (10.0.0.1:50051,10.0.0.2:50051) are used "
         "round-robin, so the worker rides through one replica's restart",
     )
+    add_client_security_options(worker, what="the scheduler's WorkerGateway")
     add_option(
         worker,
         "--model",

@@ -29,8 +29,9 @@ from dataclasses import dataclass
 
 import grpc
 
+from services.common.channels import dial_aio
 from services.common.errors import InvalidArgument
-from services.common.grpc_server import CHANNEL_OPTIONS
+from services.common.tls import ChannelSecurity
 from services.pb import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from services.worker.jobs import FinishReason, JobUpdate, Outcome, Sampling
 from services.worker.runner import EngineRunner
@@ -219,6 +220,7 @@ class GatewayClient:
         llms: list[str],
         default_max_new_tokens: int,
         lease_wait_ms: int = 2000,
+        security: ChannelSecurity | None = None,
     ) -> None:
         self.runner = runner
         self.worker_id = worker_id
@@ -226,8 +228,10 @@ class GatewayClient:
         self.default_max_new_tokens = default_max_new_tokens
         self.lease_wait_ms = lease_wait_ms
         self.lease_ttl_s = _INITIAL_LEASE_TTL_S
+        # TLS and the worker's credential (token or client certificate), from flags or env;
+        # several scheduler addresses are used round-robin (channel_target).
         target, options = channel_target(scheduler_address)
-        self._channel = grpc.aio.insecure_channel(target, options=[*CHANNEL_OPTIONS, *options])
+        self._channel = dial_aio(target, security, options)
         self._stub = scheduler_pb2_grpc.WorkerGatewayStub(self._channel)
         # Every lease held here by key (one state machine each), and each job's running key.
         self._leases: dict[str, LeaseState] = {}
