@@ -8,8 +8,8 @@ STAMP  := $(VENV)/.installed
 PROTOS := $(wildcard protos/ssjf/v1/*.proto)
 PB_DIR := services/pb
 
-.PHONY: help venv proto proto-check lint test run predictor bench bench-predictor \
-        bench-scheduler bench-worker bench-http bench-security clean bench-sim bench-stack \
+.PHONY: help venv proto proto-check lint test test-faults soak run predictor bench \
+        bench-predictor bench-scheduler bench-worker bench-http bench-security bench-streams clean bench-sim bench-stack \
         bench-stack-starvation bench-stack-workers bench-stack-slo bench-sim-full \
         images images-monitoring stubs test-compose
 
@@ -39,6 +39,13 @@ lint: $(STAMP)  ## ruff
 
 test: $(STAMP) proto-check  ## run every test (starts its own Redis and services)
 	$(BIN)/python -m pytest -q -rs tests
+
+test-faults: $(STAMP)  ## the fault suite alone (part of `make test`): real processes, each case bounded
+	$(BIN)/python -m pytest -q -rs tests/test_faults_engine.py tests/test_faults_gateway.py \
+		tests/test_faults_inputs.py tests/test_faults_stack.py
+
+soak: $(STAMP)  ## ~10 min soak: random clients, cancels, disconnects; invariant, RSS, keys -> bench/results/soak.json
+	nice -n 10 $(BIN)/python -m tests.soak --duration-s 600 --out bench/results/soak.json
 
 run: $(STAMP)  ## start the whole stack locally on embedded defaults
 	$(BIN)/ssjf up
@@ -118,6 +125,10 @@ bench-predictor: $(STAMP) runs/predictor/comparison.json  ## formulations x accu
 
 bench-scheduler: $(STAMP)  ## dispatch latency, submissions/s, 1e3-1e6 queued vs redis-benchmark -> bench/results/scheduler.json
 	$(BIN)/python -m services.scheduler.bench --out bench/results/scheduler.json
+
+bench-streams: $(STAMP)  ## concurrent open streams per scheduler replica -> bench/results/streams.json
+	$(BIN)/python -m services.scheduler.stream_bench --streams 1000,5000 --rounds 2 \
+		--out bench/results/streams.json
 
 bench-worker: $(STAMP)  ## worker engine: tok/s + step latency per batching mode, prefill cost -> bench/results/worker.json
 	$(BIN)/python -m services.worker.bench

@@ -160,6 +160,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_option(
         parser,
+        "--default-start-timeout-s",
+        default=600.0,
+        type=float,
+        help="start deadline of a job whose request sets no start_timeout_ms: one no worker "
+        "started by then (e.g. sent to an LLM no worker serves) fails with "
+        "FINISH_REASON_DEADLINE instead of waiting forever (0: no default deadline)",
+    )
+    add_option(
+        parser,
         "--drain-s",
         default=10.0,
         type=float,

@@ -110,6 +110,7 @@ async def serve(args: argparse.Namespace) -> None:
             fallback_tokens=args.fallback_tokens,
             allow_oracle=args.allow_oracle,
             reap_interval_s=args.reap_interval_s,
+            default_start_timeout_s=args.default_start_timeout_s,
         ),
         predictor,
     )
@@ -159,6 +160,7 @@ async def serve(args: argparse.Namespace) -> None:
             task.cancel()
         if predictor is not None:
             await predictor.close()
+        await store.close()
         await redis.aclose()
 
 

@@ -25,7 +25,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         worker,
         "--scheduler",
         default="127.0.0.1:50051",
-        help="scheduler address (host:port) whose WorkerGateway hands out jobs",
+        help="scheduler address (host:port) whose WorkerGateway hands out jobs; several "
+        "replicas' IP addresses comma-separated (10.0.0.1:50051,10.0.0.2:50051) are used "
+        "round-robin, so the worker rides through one replica's restart",
     )
     add_client_security_options(worker, what="the scheduler's WorkerGateway")
     add_option(

@@ -110,7 +110,11 @@ def _valid_ids(ids: list[int], vocab_size: int, device: torch.device) -> torch.T
 
 
 def _sample_row(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> int:
-    probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
+    # Shifted so the top logit is 0 before dividing: a tiny temperature (1e-45) then drives
+    # the others to -inf (probability 0), the greedy limit, instead of overflowing to inf-inf
+    # = nan, which made torch.multinomial raise.
+    shifted = logits.float() - logits.float().max()
+    probs = torch.softmax(shifted / sampling.temperature, dim=-1)
     if 0 < sampling.top_p < 1:
         sorted_probs, order = probs.sort(descending=True)
         # Keep the smallest prefix whose mass reaches top_p; the top token always stays.
