@@ -84,7 +84,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         train,
         "--formulation",
         default=DEFAULT_FORMULATION,
-        choices=["regression-l1", "regression-mse", "classification", "ranking"],
+        choices=["regression-l1", "regression-mse", "classification", "ranking", "listwise"],
         help="learning formulation",
     )
     add_flag(
@@ -114,6 +114,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=2,
         type=int,
         help="top encoder layers fine-tuned (of 6); the rest and the embeddings stay frozen",
+    )
+    add_option(
+        train,
+        "--encoder-layers",
+        default=6,
+        type=int,
+        help="keep the encoder's first N of 6 layers (a smaller, faster student; 6: all)",
     )
     add_option(train, "--seed", default=0, type=int, help="random seed (training)")
     add_option(train, "--threads", default=2, type=int, help="torch threads")
@@ -215,6 +222,7 @@ def _train(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         max_prompt_tokens=args.max_prompt_tokens,
         trainable_layers=args.trainable_layers,
+        encoder_layers=args.encoder_layers,
         seed=args.seed,
         threads=args.threads,
         max_train_prompts=args.max_train_prompts or None,
