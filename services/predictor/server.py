@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 
 from services.common.grpc_server import ServiceHost
@@ -41,4 +42,16 @@ async def serve(args: argparse.Namespace) -> None:
     await host.start()  # health answers NOT_SERVING while the model warms up
     await predictor.start()
     await host.set_ready()
-    await host.serve_until_signal(drain=predictor.stop)
+    watchdog = asyncio.create_task(_not_serving_when_batcher_dies(predictor, host))
+    try:
+        await host.serve_until_signal(drain=predictor.stop)
+    finally:
+        watchdog.cancel()
+
+
+async def _not_serving_when_batcher_dies(predictor: LengthPredictor, host: ServiceHost) -> None:
+    """A dead batch loop answers nothing: say so, so load balancers and orchestrators route
+    around this replica and restart it."""
+    await predictor.batcher.failed.wait()
+    log.error("predictor batch loop died: health is NOT_SERVING")
+    await host.set_not_serving()

@@ -20,7 +20,7 @@ import torch
 from scipy.stats import kendalltau
 from tqdm import tqdm
 
-from services.common.alpaca import LengthDataset, split_by_prompt
+from services.common.alpaca import LengthDataset, PromptId, split_by_prompt
 from services.predictor.model import (
     NUM_BUCKETS,
     SCORE_FORMULATIONS,
@@ -72,9 +72,9 @@ class TrainConfig:
 
 @dataclass
 class Split:
-    train: list[int]
-    dev: list[int]
-    test: list[int]
+    train: list[PromptId]
+    dev: list[PromptId]
+    test: list[PromptId]
 
 
 def split_dataset(dataset: LengthDataset, seed: int = SPLIT_SEED) -> Split:
