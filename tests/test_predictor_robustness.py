@@ -161,3 +161,24 @@ def test_train_predictor_splits_and_scales_string_id_data(tmp_path) -> None:
     split = trainer.split
     assert sorted(map(str, split.train + split.dev + split.test)) == sorted(STRING_IDS)
     assert trainer.train_z.shape == (1, len(split.train))
+
+
+async def test_repeated_prompts_are_answered_from_the_cache() -> None:
+    runtime = ArtifactRuntime(DEFAULT_ARTIFACT, intra_op_threads=1)
+    predictor = LengthPredictor(runtime, cache_size=2)
+    await predictor.start()
+    try:
+        first = await predictor.predict(PredictionRequest("Write a poem about rain."))
+        batches = predictor.batcher.batches_run
+        again = await predictor.predict(PredictionRequest("Write a poem about rain.", "gpt4_0314"))
+        assert predictor.batcher.batches_run == batches  # no model call
+        assert predictor.cache.hits == 1 and again.llm == "gpt4_0314"
+        assert (
+            first.tokens
+            == (await predictor.predict(PredictionRequest("Write a poem about rain."))).tokens
+        )
+        for prompt in ("a", "b", "c"):  # capacity 2: the oldest prompt is evicted
+            await predictor.predict(PredictionRequest(prompt))
+        assert predictor.cache.get("Write a poem about rain.") is None
+    finally:
+        await predictor.stop()

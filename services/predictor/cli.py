@@ -43,6 +43,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_option(
         serve,
+        "--cache-size",
+        default=10_000,
+        type=int,
+        help="prompts whose predictions are kept (by prompt hash) and answered without the "
+        "model (0: no cache)",
+    )
+    add_option(
+        serve,
         "--threads",
         default=0,
         type=int,

@@ -35,6 +35,7 @@ async def serve(args: argparse.Namespace) -> None:
         max_batch_size=args.max_batch_size,
         max_wait_s=args.max_wait_ms / 1000.0,
         max_batch_request=args.max_batch_request,
+        cache_size=args.cache_size,
     )
     host = predictor_host(
         predictor, host=args.host, port=args.port, metrics_port=args.metrics_port or None
