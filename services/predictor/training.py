@@ -158,11 +158,15 @@ def pad_states(states: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
 
 class Trainer:
     def __init__(
-        self, dataset: LengthDataset, config: TrainConfig, lower: LowerStates | None = None
+        self,
+        dataset: LengthDataset,
+        config: TrainConfig,
+        lower: LowerStates | None = None,
+        split: Split | None = None,
     ) -> None:
         self.config = config
         self.dataset = dataset
-        self.split = split_dataset(dataset)
+        self.split = split or split_dataset(dataset)
         self.llms = config.llms or dataset.llms
         self.eval_llms = [llm for llm in config.eval_llms if llm in self.llms] or self.llms[:1]
         train_ids = self.split.train
