@@ -28,7 +28,7 @@ from redis.exceptions import RedisError
 
 from services.common.errors import Unavailable
 from services.scheduler.predictor_client import Prediction
-from services.scheduler.store import BatchedScript, JobStore
+from services.scheduler.store import BatchedScript, JobStore, metrics_key
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ class AsyncPredictions:
 
     async def _count_skipped(self, llm: str) -> None:
         try:
-            await self.store.redis.hincrby(f"ssjf:metrics:{llm}", "prediction_skipped", 1)
+            await self.store.redis.hincrby(metrics_key(llm), "prediction_skipped", 1)
         except RedisError as error:
             log.warning("prediction_skipped not counted", extra={"error": str(error)})
 
