@@ -19,7 +19,6 @@ processes falls on all alike):
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
@@ -32,10 +31,11 @@ import numpy as np
 from services.common.alpaca import default_data_dir, load_dataset
 from services.common.first_stage import FIRST_STAGE_FILE, FirstStageModel
 from services.common.paths import CHECKOUT_ROOT
+from services.predictor.bench import eager_engine, write_result
 from services.predictor.core import PredictionCache
 from services.predictor.evaluate import score
 from services.predictor.export import FP32_MODEL_FILE, MODEL_FILE, TORCH_STATE_FILE, quantize_int8
-from services.predictor.runtime import ArtifactRuntime, similar_length_chunks
+from services.predictor.runtime import ArtifactRuntime
 from services.predictor.training import split_dataset
 
 FUSED_FP32_FILE = "model.fused.fp32.onnx"
@@ -57,30 +57,6 @@ def fused_int8(run: Path) -> Path:
         model.save_model_to_file(str(run / FUSED_FP32_FILE))
         quantize_int8(run / FUSED_FP32_FILE, target)
     return target
-
-
-def eager_engine(run: Path, runtime: ArtifactRuntime, threads: int) -> Callable[[list[str]], Any]:
-    import torch
-
-    from services.predictor.model import LengthModel
-
-    torch.set_num_threads(threads)
-    model = LengthModel.from_state_dict(
-        runtime.formulation, torch.load(run / TORCH_STATE_FILE, weights_only=True)
-    )
-
-    def call(batch: list[str]) -> np.ndarray:
-        rows = runtime.tokenizer.token_ids(batch)
-        tokens = np.empty((len(rows), len(runtime.llms) + 1), dtype=np.float32)
-        with torch.inference_mode():
-            for chunk in similar_length_chunks([len(row) for row in rows]):
-                input_ids, mask = runtime.tokenizer.pad([rows[index] for index in chunk])
-                tokens[chunk] = model.predict_tokens(
-                    torch.from_numpy(input_ids), torch.from_numpy(mask)
-                ).numpy()
-        return tokens
-
-    return call
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -199,10 +175,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{name:<26}{row['kendall_tau_vicuna']:>7.3f}{row['p50_ms']:>9.2f}"
             f"{row['p90_ms']:>9.2f}  {rates}"
         )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_result(args.out, result)
     return 0
 
 

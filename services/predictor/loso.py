@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,6 +24,7 @@ from scipy.stats import kendalltau
 from services.common.alpaca import default_data_dir, load_dataset, split_by_prompt
 from services.common.first_stage import fit_first_stage
 from services.common.paths import CHECKOUT_ROOT
+from services.predictor.bench import write_result
 from services.predictor.training import EVAL_LLMS, Split, TrainConfig, Trainer
 
 REPORT_LLMS = (*EVAL_LLMS[:3], "smollm2-135m-instruct")
@@ -109,10 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             cells += f"{text:>25}"
         print(f"{source:<14}{fold['test_prompts']:>5}{cells}")
     print("(each cell: proxy model / first stage, Kendall's tau on the held-out source)")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_result(args.out, result)
     return 0
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import heapq
-import json
 import os
 import time
 from collections.abc import Sequence
@@ -42,6 +41,7 @@ from services.bench.simulator import BATCHING_MODES, SimJob, Simulation
 from services.bench.workload import build_requests, load_prompt_lengths
 from services.common.first_stage import FIRST_STAGE_FILE, FirstStageModel
 from services.common.paths import CHECKOUT_ROOT, SHARED_DATA_DIR
+from services.predictor.bench import write_result
 from services.predictor.runtime import DEFAULT_ARTIFACT
 
 VARIANTS = ("fcfs", "sjf-oracle", "ssjf-sync", "ssjf-async", "ssjf-first-stage", "ssjf-instant")
@@ -221,10 +221,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"({row['fraction_min']:.3f}..{row['fraction_max']:.3f})"
             )
     result["load_average_1m_at_end"] = os.getloadavg()[0]
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_result(args.out, result)
     return 0
 
 
