@@ -141,6 +141,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_option(train, "--out", default=str(DEFAULT_ARTIFACT), help="artifact directory to write")
     add_option(train, "--name", default="minilm-length", help="artifact name (in its version)")
+    add_flag(
+        train,
+        "--first-stage-only",
+        help="only fit the scheduler's first-stage model (hashed n-gram ridge) into the "
+        "existing artifact --out (seconds)",
+    )
     add_flag(train, "--fp32", help="ship the fp32 graph instead of int8 dynamic quantization")
     add_flag(
         train,
@@ -219,6 +225,10 @@ def _data_dir(args: argparse.Namespace) -> Path:
 def _train(args: argparse.Namespace) -> int:
     from services.predictor import pipeline
 
+    if args.first_stage_only:
+        summary = pipeline.add_first_stage(_data_dir(args), Path(args.out))
+        print(json.dumps(summary, indent=2))
+        return 0
     formulations = pipeline.FORMULATIONS if args.compare else (args.formulation,)
     results = pipeline.train_and_export(
         data_dir=_data_dir(args),

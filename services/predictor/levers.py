@@ -34,7 +34,7 @@ from services.common.paths import CHECKOUT_ROOT
 from services.predictor.bench import eager_engine, write_result
 from services.predictor.core import PredictionCache
 from services.predictor.evaluate import score
-from services.predictor.export import FP32_MODEL_FILE, MODEL_FILE, TORCH_STATE_FILE, quantize_int8
+from services.predictor.export import FP32_MODEL_FILE, MODEL_FILE, TORCH_STATE_FILE
 from services.predictor.runtime import ArtifactRuntime
 from services.predictor.training import split_dataset
 
@@ -55,7 +55,18 @@ def fused_int8(run: Path) -> Path:
             str(run / FP32_MODEL_FILE), model_type="bert", num_heads=12, hidden_size=384
         )
         model.save_model_to_file(str(run / FUSED_FP32_FILE))
-        quantize_int8(run / FUSED_FP32_FILE, target)
+        import onnx
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        # The fused contrib ops (BiasGelu, SkipLayerNormalization) defeat shape inference:
+        # their outputs are float32.
+        quantize_dynamic(
+            str(run / FUSED_FP32_FILE),
+            str(target),
+            weight_type=QuantType.QInt8,
+            op_types_to_quantize=["MatMul", "Gather"],
+            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+        )
     return target
 
 
@@ -67,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--previous", default=str(CHECKOUT_ROOT / "runs" / "previous-default"),
         help="the previous shipped artifact",
+    )  # fmt: skip
+    parser.add_argument(
+        "--also", action="append", default=[],
+        help="NAME=DIR: another artifact to time beside the others (repeatable)",
     )  # fmt: skip
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
@@ -88,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
             runtimes[name] = (runtime, LLM)
 
     add("previous int8 (6L, 256)", Path(args.previous), MODEL_FILE, args.threads)
+    for extra in args.also:
+        name, _, directory = extra.partition("=")
+        add(name, Path(directory), MODEL_FILE, args.threads)
     add("onnx int8", candidate, MODEL_FILE, args.threads)
     add("onnx fp32", candidate, FP32_MODEL_FILE, args.threads)
     fused_int8(candidate)
