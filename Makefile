@@ -9,7 +9,8 @@ PROTOS := $(wildcard protos/ssjf/v1/*.proto)
 PB_DIR := services/pb
 
 .PHONY: help venv proto proto-check lint test run predictor bench bench-predictor simulate-submit-path \
-        bench-scheduler bench-worker clean
+        bench-scheduler bench-worker bench-http clean bench-sim bench-stack bench-stack-starvation \
+        bench-stack-workers bench-stack-slo bench-sim-full
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -40,7 +41,7 @@ test: $(STAMP) proto-check  ## run every test (starts its own Redis and services
 run: $(STAMP)  ## start the whole stack locally on embedded defaults
 	$(BIN)/ssjf up
 
-PREDICTOR_FLAGS = --trainable-layers 6 --epochs 6 --max-prompt-tokens 128
+PREDICTOR_FLAGS = --trainable-layers 6 --epochs 6
 
 predictor: $(STAMP)  ## train the default proxy model into services/predictor/artifacts/default
 	$(BIN)/ssjf train-predictor $(PREDICTOR_FLAGS) --out services/predictor/artifacts/default
@@ -56,15 +57,68 @@ runs/predictor-student3/metadata.json: | $(STAMP)
 	$(BIN)/ssjf train-predictor --encoder-layers 3 --trainable-layers 3 --epochs 6 \
 		--max-prompt-tokens 128 --keep-fp32 --out runs/predictor-student3
 
-# Reduced grid (~15 min + 3 min simulator on a busy 2-core box): 3 policies x 3 batching x 2 loads,
-# real stack, vicuna-13b lengths / 16, B=4, guard 5 s, 3 interleaved rounds; then 1e5 simulated jobs.
-bench: $(STAMP)  ## FCFS vs SSJF vs oracle SJF on the real stack -> bench/results/summary.json + plots
-	$(BIN)/ssjf bench --out bench/results --policies fcfs,ssjf,sjf-oracle \
-		--batching none,dynamic,continuous --loads 0.5,0.9 --duration-s 24 --rounds 3 \
-		--length-scale 16 --max-batch-size 4 --max-wait-s 5
-	$(BIN)/ssjf simulate --latency-dir bench/results --out bench/results/simulated \
-		--loads 0.5,0.7,0.9,0.95 --requests 100000 --length-scale 16 --max-batch-size 4 \
-		--max-wait-s 5
+# The benchmark grids (docs/bench.md). `make bench` is the headline (~30 min on this 2-core box):
+# the simulator grid with 95% intervals (40,000 jobs per point, ~5 min), then the real-stack
+# grid (4 policies x 3 batching modes x 2 loads, 3 interleaved rounds recalibrated each round,
+# ~25 min). Larger grids sit behind their own targets; BENCH_STACK_FLAGS / BENCH_SIM_FLAGS add
+# or override flags (e.g. BENCH_STACK_FLAGS="--duration-s 600 --rounds 6" for tighter intervals).
+BENCH_POLICIES    ?= fcfs,ssjf,sjf-prompt,sjf-oracle
+BENCH_COMMON      := --length-scale 16 --max-batch-size 4
+BENCH_STACK_FLAGS ?=
+BENCH_SIM_FLAGS   ?=
+BENCH_SIM         := $(BIN)/ssjf simulate --latency-dir bench/results $(BENCH_COMMON)
+
+bench: bench-sim bench-stack  ## headline: simulator grid with CIs, then the real-stack grid (~30 min)
+
+bench-sim: $(STAMP)  ## simulator headline grid with 95% CIs -> bench/results/sim/headline (~5 min)
+	$(BENCH_SIM) --out bench/results/sim/headline --policies $(BENCH_POLICIES),hrrn \
+		--loads 0.5,0.7,0.9,0.95 --requests 40000 --rounds 20 --max-wait-s 0 --resamples 500 \
+		$(BENCH_SIM_FLAGS)
+
+bench-stack: $(STAMP)  ## real-stack headline grid with CIs -> bench/results/stack (~25 min)
+	$(BIN)/ssjf bench --out bench/results/stack --policies $(BENCH_POLICIES) \
+		--batching none,dynamic,continuous --loads 0.5,0.9 --duration-s 45 --rounds 3 \
+		--recalibrate round --max-wait-s 0 $(BENCH_COMMON) $(BENCH_STACK_FLAGS)
+
+bench-stack-starvation: $(STAMP)  ## real stack: SSJF with and without the guard beside FCFS at load 0.9
+	$(BIN)/ssjf bench --out bench/results/stack-starvation \
+		--policies fcfs,ssjf:noguard,ssjf:guard=20,sjf-oracle --batching none,dynamic,continuous \
+		--loads 0.9 --duration-s 90 --rounds 3 --max-wait-s 0 $(BENCH_COMMON) $(BENCH_STACK_FLAGS)
+
+bench-stack-workers: $(STAMP)  ## real stack with 2 and 4 workers, each run replayed in the simulator
+	for w in 2 4; do $(BIN)/ssjf bench --out bench/results/stack-workers-$$w --workers $$w \
+		--policies $(BENCH_POLICIES) --batching continuous --loads 0.5,0.9 --duration-s 45 \
+		--rounds 3 --max-wait-s 0 $(BENCH_COMMON) $(BENCH_STACK_FLAGS) || exit 1; done
+
+bench-stack-slo: $(STAMP)  ## real stack: highest arrival rate under the SLO per policy (slow)
+	$(BIN)/ssjf bench --out bench/results/stack-slo --slo-search --policies fcfs,ssjf,sjf-oracle \
+		--batching none,continuous --requests 120 --max-wait-s 0 $(BENCH_COMMON) $(BENCH_STACK_FLAGS)
+
+bench-sim-full: $(STAMP)  ## every simulator study: starvation, SLO throughput, LLMs, traces, workers, sizing (~40 min)
+	$(BENCH_SIM) --out bench/results/sim/starvation --loads 0.9 --requests 40000 --rounds 20 \
+		--policies fcfs,ssjf:noguard,ssjf:guard=10,ssjf:guard=20,ssjf:guard=40,hrrn,sjf-oracle \
+		--max-wait-s 0 --resamples 500 $(BENCH_SIM_FLAGS)
+	$(BENCH_SIM) --out bench/results/sim/slo --policies fcfs,ssjf,sjf-prompt,sjf-oracle \
+		--loads 0.9 --requests 4000 --max-wait-s 0 --slo-search --slo-requests 10000 \
+		--slo-seeds 2 $(BENCH_SIM_FLAGS)
+	for llm in gpt4_0314 llama-2-13b-chat-hf Mistral-7B-Instruct-v0.2; do \
+		$(BENCH_SIM) --out bench/results/sim/llm-$$llm --llm $$llm --policies $(BENCH_POLICIES) \
+		--loads 0.5,0.9 --requests 20000 --max-wait-s 0 --resamples 500 $(BENCH_SIM_FLAGS) || exit 1; done
+	$(BENCH_SIM) --out bench/results/sim/llm-mixed4 \
+		--llm vicuna-13b,gpt4_0314,llama-2-13b-chat-hf,Mistral-7B-Instruct-v0.2 \
+		--policies $(BENCH_POLICIES) --loads 0.5,0.9 --requests 20000 --max-wait-s 0 \
+		--resamples 500 $(BENCH_SIM_FLAGS)
+	for a in azure-conversation azure-code; do \
+		$(BENCH_SIM) --out bench/results/sim/arrivals-$$a --arrivals $$a --policies $(BENCH_POLICIES) \
+		--loads 0.5,0.9 --requests 20000 --max-wait-s 0 --resamples 500 $(BENCH_SIM_FLAGS) || exit 1; \
+		$(BENCH_SIM) --out bench/results/sim/lengths-$$a --arrivals $$a --lengths $$a \
+		--policies $(BENCH_POLICIES) --loads 0.5,0.9 --requests 20000 --max-wait-s 0 \
+		--resamples 500 $(BENCH_SIM_FLAGS) || exit 1; done
+	for w in 2 4; do $(BENCH_SIM) --out bench/results/sim/workers-$$w --workers $$w \
+		--policies $(BENCH_POLICIES) --loads 0.5,0.9 --requests 20000 --max-wait-s 0 \
+		--resamples 500 $(BENCH_SIM_FLAGS) || exit 1; done
+	$(BENCH_SIM) --out bench/results/sizing --policies fcfs,ssjf --max-wait-s 0 \
+		--size-study 500,1000,2000,4000,8000,16000 $(BENCH_SIM_FLAGS)
 
 bench-predictor: $(STAMP) runs/predictor/comparison.json runs/predictor-shipped/metadata.json runs/predictor-student3/metadata.json  ## formulations x accuracy, latency, throughput, speed levers -> bench/results/predictor*.json
 	$(BIN)/python -m services.predictor.bench
@@ -79,6 +133,9 @@ bench-scheduler: $(STAMP)  ## dispatch latency, submissions/s, 1e3-1e6 queued vs
 
 bench-worker: $(STAMP)  ## worker engine: tok/s + step latency per batching mode, prefill cost -> bench/results/worker.json
 	$(BIN)/python -m services.worker.bench
+
+bench-http: $(STAMP)  ## OpenAI HTTP front: added p50 latency vs gRPC, req/s per front process -> bench/results/http.json
+	$(BIN)/python -m services.http.bench --out bench/results/http.json
 
 clean:  ## remove the virtualenv and caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache

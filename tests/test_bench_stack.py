@@ -14,33 +14,51 @@ from services.bench.runner import BenchConfig, revalidate, run_bench
 def test_bench_runs_the_real_stack_and_writes_its_report(tmp_path: Path) -> None:
     config = BenchConfig(
         out_dir=tmp_path,
-        policies=["sjf-oracle"],
+        policies=["fcfs", "sjf-prompt"],
         batchings=["continuous"],
         loads=[0.5],
-        requests=12,
+        requests=8,
+        rounds=2,  # recalibrated before the second round
         length_scale=32.0,
         max_batch_size=2,
         saturation_jobs=6,
+        resamples=50,
         data_dir=None,  # the vendored workload, as in a fresh clone
     )
     run_bench(config)
 
     summary = json.loads((tmp_path / "summary.json").read_text())
-    (run,) = summary["runs"]
-    assert run["policy"] == "sjf-oracle" and run["batching"] == "continuous"
-    assert run["completed"] == 12 and run["failed"] == 0
-    assert 0 < run["p50_jct_s"] <= run["p99_jct_s"]
-    assert run["mean_ttft_s"] <= run["mean_jct_s"]
-    assert run["simulated_mean_jct_s"] > 0
+    runs = {run["policy"]: run for run in summary["runs"]}
+    assert set(runs) == {"fcfs", "sjf-prompt"}
+    for run in runs.values():
+        assert run["batching"] == "continuous" and run["rounds"] == 2
+        assert run["completed"] == 16 and run["failed"] == 0
+        assert 0 < run["p50_jct_s"] <= run["p99_jct_s"]
+        assert run["mean_ttft_s"] <= run["mean_jct_s"]
+        assert run["simulated_mean_jct_s"] > 0
+        # Busy time of the worker (read back per job) over the rounds' span.
+        assert 0 < run["realized_utilization"] <= 1.0
+        assert len(run["capacity_rps_by_round"]) == 2
     latency = summary["latency_models"]["continuous"]
     assert set(latency["step_by_batch"]) == {"1", "2"}
     assert latency["fcfs_capacity_rps"] > 0
+    assert [entry["round"] for entry in latency["recalibrated"]] == [0, 1]
+    provenance = summary["provenance"]
+    assert provenance["predictor_version"] is None  # neither policy asks the predictor
+    assert provenance["machine"]["cpu_cores"] >= 1 and provenance["git_commit"]
+    (row,) = summary["comparisons"]
+    ratio = row["policies"]["sjf-prompt"]["mean_jct_over_fcfs"]
+    assert ratio["ci_low"] <= ratio["value"] <= ratio["ci_high"]
+    assert row["jobs_per_policy"] == 16 and row["rounds"] == 2
     jobs = [json.loads(line) for line in (tmp_path / "jobs").glob("*.jsonl").__next__().open()]
-    assert len(jobs) == 12
+    assert len(jobs) == 16 and all(job["worker_id"] for job in jobs)
     # Replay mode: every job produced exactly its replayed length.
     assert all(job["tokens"] == job["output_tokens"] for job in jobs)
     for plot in ("jct_cdf.png", "mean_jct_vs_load.png"):
         assert (tmp_path / plot).stat().st_size > 0
     # ssjf simulate --validate replays the run from its per-job file to the same prediction.
-    (again,) = revalidate(tmp_path)
-    assert again["simulated_mean_jct_s"] == pytest.approx(run["simulated_mean_jct_s"])
+    again = {run["policy"]: run for run in revalidate(tmp_path)}
+    for policy, run in runs.items():
+        assert again[policy]["simulated_mean_jct_s"] == pytest.approx(
+            run["simulated_mean_jct_s"], rel=1e-3
+        )

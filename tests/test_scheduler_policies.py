@@ -27,8 +27,8 @@ def order(policy_name: str, jobs: dict[str, JobFeatures], aging_rate: float = 0.
     return sorted(jobs, key=lambda job_id: (policy.score(jobs[job_id]), job_id))
 
 
-def test_registry_holds_the_three_policies() -> None:
-    assert set(POLICIES) == {"fcfs", "ssjf", "sjf-oracle"}
+def test_registry_holds_the_four_policies() -> None:
+    assert set(POLICIES) == {"fcfs", "ssjf", "sjf-oracle", "sjf-prompt"}
     with pytest.raises(InvalidArgument, match="unknown policy"):
         make_policy("lifo")
     with pytest.raises(InvalidArgument, match="aging rate"):
@@ -50,6 +50,21 @@ def test_ssjf_serves_shortest_prediction_and_oracle_the_true_length() -> None:
     }
     assert order("ssjf", jobs) == ["b", "a"]
     assert order("sjf-oracle", jobs) == ["a", "b"]
+
+
+def test_sjf_prompt_serves_the_shortest_prompt_whatever_the_prediction() -> None:
+    jobs = {
+        "long-prompt": JobFeatures(arrival_s=NOW, predicted_tokens=5, prompt_chars=900),
+        "short-prompt": JobFeatures(arrival_s=NOW + 1, predicted_tokens=900, prompt_chars=12),
+    }
+    assert order("sjf-prompt", jobs) == ["short-prompt", "long-prompt"]
+    # Equal prompts: job id order (the scheduler's time-ordered ids make it first come first
+    # served).
+    same = {
+        "b": JobFeatures(arrival_s=NOW, prompt_chars=40),
+        "a": JobFeatures(arrival_s=NOW + 1, prompt_chars=40),
+    }
+    assert order("sjf-prompt", same) == sorted(same)
 
 
 def test_aging_lets_a_long_waiting_job_overtake_a_fresh_short_one() -> None:

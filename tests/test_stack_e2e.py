@@ -195,7 +195,8 @@ def test_ssjf_up_on_embedded_redis_and_generate_cli(monkeypatch: pytest.MonkeyPa
     """What `make run` does: `ssjf up` with REDIS_URL unset, then the printed command."""
     monkeypatch.delenv("REDIS_URL", raising=False)
     port = free_port()
-    up = start_service(["up", "--port", str(port), "--workers", "1"])
+    http_port = free_port()
+    up = start_service(["up", "--port", str(port), "--workers", "1", "--http-port", str(http_port)])
     try:
         wait_for_health(f"127.0.0.1:{port}", timeout=240)
         deadline = time.monotonic() + 240
@@ -211,8 +212,23 @@ def test_ssjf_up_on_embedded_redis_and_generate_cli(monkeypatch: pytest.MonkeyPa
         assert result.returncode == 0, result.stderr
         assert result.stdout.strip(), "no tokens were printed"
         assert "done" in result.stderr
+        check_printed_openai_examples(up.log())
     finally:
         assert up.stop() == 0, up.log()
+
+
+def check_printed_openai_examples(log: str) -> None:
+    """The curl line and the Python example `ssjf up` prints work as pasted."""
+    lines = log.splitlines()
+    [curl] = [line.strip() for line in lines if line.strip().startswith("curl -N")]
+    result = subprocess.run(curl, shell=True, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.rstrip().endswith("data: [DONE]"), result
+    start = next(i for i, line in enumerate(lines) if line.strip() == "from openai import OpenAI")
+    snippet = "\n".join(line.removeprefix("  ") for line in lines[start : start + 5])
+    result = subprocess.run(
+        [sys.executable, "-c", snippet], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0 and result.stdout, result
 
 
 def test_readme_grpcurl_commands_work(stack: Stack):

@@ -129,20 +129,23 @@ def fit_level(
     policy: str,
     batching: str,
     max_batch_size: int,
+    workers: int = 1,
 ) -> LatencyModel:
-    """``shape`` with every worker cost scaled so that the simulator's busy time for a burst
-    of ``saturation`` jobs (all sent at once) equals the stack's measured busy time."""
+    """``shape`` with every worker cost scaled so that the simulator's span for a burst of
+    ``saturation`` jobs (all sent at once) on ``workers`` workers equals the stack's measured
+    one: with several workers on one machine this is each worker's speed while all of them
+    are busy."""
     burst = [replace(request, arrival_s=0.0) for request in saturation]
     results = asyncio.run(run_open_loop(address, burst, llm, oracle=policy == "sjf-oracle"))
     if failed := [r for r in results if not r.ok]:
         raise RuntimeError(f"calibration job failed: {failed[0].state} {failed[0].error}")
     measured = worker_span_s(results)
-    simulated = simulate_measured(results, shape, policy, batching, max_batch_size)
+    simulated = simulate_measured(results, shape, policy, batching, max_batch_size, workers)
     factor = measured / (max(j.finish_s for j in simulated) - min(j.start_s for j in simulated))
     return shape.scaled(
         factor,
         method=f"{shape.source.get('method')}, scaled to the busy time of {len(burst)} "
-        f"workload jobs sent at once ({policy})",
+        f"workload jobs sent at once ({policy}, {workers} worker(s))",
         load_factor=factor,
         saturation_busy_s=measured,
         idle_step_by_batch=shape.step_by_batch,

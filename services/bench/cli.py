@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from services.common.config import add_option
+from services.bench.simulator import known_policy
+from services.common.config import add_flag, add_option
 from services.common.paths import SHARED_DATA_DIR
 
 # The scheduler's policy registry and the worker's modes: a new one is benchmarked as is.
@@ -14,11 +15,18 @@ from services.scheduler.policies import POLICIES as SCHEDULER_POLICIES
 from services.worker.cli import BATCHING_MODES
 
 POLICIES = list(SCHEDULER_POLICIES)
+# The simulator also serves policies no static score can express (HRRN).
+SIMULATED_POLICIES = [*POLICIES, "hrrn"]
+# What `ssjf bench` / `ssjf simulate` run when --policies is not given.
+DEFAULT_POLICIES = ["fcfs", "ssjf", "sjf-prompt", "sjf-oracle"]
 BATCHINGS = BATCHING_MODES
 ARRIVALS = ["poisson", "azure-conversation", "azure-code"]
+LENGTHS = ["alpaca", "azure-conversation", "azure-code"]
 
 
 def _names(allowed: list[str]):
+    """A comma-separated list of ``allowed`` names."""
+
     def parse(text: str) -> list[str]:
         names = [name.strip() for name in text.split(",") if name.strip()]
         unknown = [name for name in names if name not in allowed]
@@ -31,17 +39,48 @@ def _names(allowed: list[str]):
     return parse
 
 
-def _loads(text: str) -> list[float]:
-    try:
-        loads = [float(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"loads must be numbers, got {text!r}") from None
-    if not loads or any(load <= 0 for load in loads):
-        raise argparse.ArgumentTypeError("loads must be positive, e.g. 0.5,0.9")
-    return loads
+def _policies(simulated: bool):
+    """A comma-separated list of grid entries: policies, each optionally ``:noguard`` or
+    ``:guard=SECONDS``."""
+    allowed = SIMULATED_POLICIES if simulated else POLICIES
+
+    def parse(text: str) -> list[str]:
+        names = [name.strip() for name in text.split(",") if name.strip()]
+        unknown = [name for name in names if not known_policy(name, simulated)]
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(
+                f"unknown {', '.join(unknown) or 'empty list'}; choose from {', '.join(allowed)}, "
+                "each optionally with :noguard or :guard=SECONDS"
+            )
+        if len(set(names)) != len(names):
+            raise argparse.ArgumentTypeError(f"a policy is listed twice in {text!r}")
+        return names
+
+    return parse
 
 
-def _add_workload_options(parser: argparse.ArgumentParser, out_default: str) -> None:
+def _number_list(convert: type, example: str):
+    """A comma-separated list of positive numbers (``convert``: float or int)."""
+
+    def parse(text: str) -> list:
+        try:
+            values = [convert(part) for part in text.split(",") if part.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected numbers, got {text!r}") from None
+        if not values or any(value <= 0 for value in values):
+            raise argparse.ArgumentTypeError(f"expected positive numbers, e.g. {example}")
+        return values
+
+    return parse
+
+
+_loads = _number_list(float, "0.5,0.9")
+_positive_ints = _number_list(int, "500,1000,2000")
+
+
+def _add_workload_options(
+    parser: argparse.ArgumentParser, out_default: str, simulated: bool
+) -> None:
     add_option(
         parser,
         "--out",
@@ -52,9 +91,12 @@ def _add_workload_options(parser: argparse.ArgumentParser, out_default: str) -> 
     add_option(
         parser,
         "--policies",
-        type=_names(POLICIES),
-        default=POLICIES,
-        help="comma-separated scheduling policies",
+        type=_policies(simulated),
+        default=DEFAULT_POLICIES,
+        help="comma-separated scheduling policies, of "
+        f"{', '.join(SIMULATED_POLICIES if simulated else POLICIES)}; NAME:noguard runs "
+        "NAME without the starvation guard, NAME:guard=SECONDS with its own (e.g. "
+        "ssjf:noguard,ssjf:guard=10 side by side)",
     )
     add_option(
         parser,
@@ -74,7 +116,30 @@ def _add_workload_options(parser: argparse.ArgumentParser, out_default: str) -> 
         parser,
         "--llm",
         default="vicuna-13b",
-        help="LLM whose real answer lengths are replayed (and served as)",
+        help="LLM whose real answer lengths are replayed (and served as); several, "
+        "comma-separated, make a mixed stream (one queue per LLM, requests split equally)",
+    )
+    add_option(
+        parser,
+        "--lengths",
+        default="alpaca",
+        choices=LENGTHS,
+        help="alpaca: the LLM's real AlpacaEval answer lengths; azure-*: the same prompts, "
+        "lengths mapped by quantile onto that Azure trace's GeneratedTokens distribution",
+    )
+    add_option(
+        parser,
+        "--resamples",
+        type=int,
+        default=1000,
+        help="bootstrap resamples behind every 95%% interval",
+    )
+    add_option(
+        parser,
+        "--slo-factor",
+        type=float,
+        default=5.0,
+        help="latency SLO for the throughput search: this many times the unloaded mean JCT",
     )
     add_option(
         parser,
@@ -127,7 +192,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "--server is given. Writes summary.json, per-job JSONL and PNG plots to --out."
         ),
     )
-    _add_workload_options(bench, "bench/results")
+    _add_workload_options(bench, "bench/results", simulated=False)
     add_option(bench, "--requests", type=int, default=150, help="requests per run")
     add_option(
         bench,
@@ -144,6 +209,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "taking turns round by round, so a shared machine's drift hits all alike",
     )
     add_option(bench, "--workers", type=int, default=1, help="worker processes per stack")
+    add_option(
+        bench,
+        "--recalibrate",
+        default="round",
+        choices=["round", "once"],
+        help="round: re-measure the worker's speed under load before every round and set "
+        "that round's arrival rate from it (holds the load while the machine drifts); "
+        "once: one calibration per batching mode",
+    )
+    add_flag(
+        bench,
+        "--slo-search",
+        help="instead of the load grid: per policy, search the highest arrival rate whose "
+        "mean (and p99) JCT stays under --slo-factor x the unloaded mean JCT (real stack; "
+        "slow: several runs per policy)",
+    )
     add_option(
         bench,
         "--server",
@@ -168,8 +249,39 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "model's predictions (its ONNX artifact) or noisy true lengths."
         ),
     )
-    _add_workload_options(simulate, "bench/results/simulated")
-    add_option(simulate, "--requests", type=int, default=100_000, help="jobs per run")
+    _add_workload_options(simulate, "bench/results/simulated", simulated=True)
+    add_option(simulate, "--requests", type=int, default=100_000, help="jobs per point")
+    add_option(
+        simulate,
+        "--rounds",
+        type=int,
+        default=10,
+        help="independent job streams per point (seeds seed, seed+1, ...), requests split "
+        "equally; the intervals resample within each",
+    )
+    add_flag(
+        simulate,
+        "--slo-search",
+        help="also find each policy's highest arrival rate under the latency SLO",
+    )
+    add_option(
+        simulate,
+        "--slo-requests",
+        type=int,
+        default=20_000,
+        help="jobs per evaluation of the SLO search",
+    )
+    add_option(
+        simulate, "--slo-seeds", type=int, default=3, help="job streams the SLO search repeats on"
+    )
+    add_option(
+        simulate,
+        "--size-study",
+        type=_positive_ints,
+        help="instead of the grid: for these jobs-per-point counts, the 95%% half-width of "
+        "SSJF/FCFS at load 0.9 (over replications, and the bootstrap's); writes "
+        "sizing.json to --out",
+    )
     add_option(simulate, "--workers", type=int, default=1, help="simulated workers")
     add_option(
         simulate,
@@ -228,8 +340,13 @@ def _run_bench(args: argparse.Namespace) -> int:
         rounds=args.rounds,
         length_scale=args.length_scale,
         llm=args.llm,
+        lengths=args.lengths,
         max_batch_size=args.max_batch_size,
         workers=args.workers,
+        recalibrate=args.recalibrate,
+        resamples=args.resamples,
+        slo_search=args.slo_search,
+        slo_factor=args.slo_factor,
         arrivals=args.arrivals,
         seed=args.seed,
         aging_rate=args.aging_rate,
@@ -238,11 +355,23 @@ def _run_bench(args: argparse.Namespace) -> int:
         server=args.server,
         timeout_s=args.timeout_s,
     )
+    if config.slo_search:
+        from services.bench.runner import run_slo_search
+        from services.bench.simulate import format_slo
+
+        result = run_slo_search(config)
+        print(format_slo(result["slo_throughput"]))
+        print(f"\nwrote {args.out}/summary.json")
+        return 0
     result = run_bench(config)
     print(report.format_table(result["runs"]))
+    print("\nEvery policy against FCFS, 95% intervals:")
+    print(report.format_intervals(result["comparisons"]))
+    print("\nStarvation: tails and the longest queue wait at the highest load:")
+    print(report.format_starvation(result["runs"]))
     print("\nThe simulator replaying each run (ssjf simulate --validate):")
     print(report.format_validation(result["runs"]))
-    print(f"\nwrote {args.out}/summary.json, jct_cdf.png, mean_jct_vs_load.png")
+    print(f"\nwrote {args.out}/summary.json, jct_cdf.png, mean_jct_vs_load.png, ratios.png")
     return 0 if all(run.get("failed", 0) == 0 for run in result["runs"]) else 1
 
 
@@ -276,10 +405,12 @@ def _run_simulate(args: argparse.Namespace) -> int:
         batchings=args.batching,
         loads=args.loads,
         requests=args.requests,
+        rounds=args.rounds,
         workers=args.workers,
         max_batch_size=args.max_batch_size,
         length_scale=args.length_scale,
         llm=args.llm,
+        lengths=args.lengths,
         latency_dir=args.latency_dir,
         predictor_artifact=args.predictor_artifact,
         prediction_noise=args.prediction_noise,
@@ -288,9 +419,33 @@ def _run_simulate(args: argparse.Namespace) -> int:
         aging_rate=args.aging_rate,
         max_wait_s=args.max_wait_s,
         data_dir=args.data,
+        resamples=args.resamples,
+        slo_search=args.slo_search,
+        slo_factor=args.slo_factor,
+        slo_requests=args.slo_requests,
+        slo_seeds=args.slo_seeds,
     )
+    if args.size_study:
+        import json
+
+        from services.bench.simulate import size_study
+
+        study = size_study(config, args.size_study)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "sizing.json").write_text(json.dumps(study, indent=2, default=str) + "\n")
+        print(f"wrote {args.out}/sizing.json")
+        return 0
     result = run_simulations(config)
     print(report.format_table(result["runs"]))
+    print("\nEvery policy against FCFS, 95% intervals:")
+    print(report.format_intervals(result["comparisons"]))
+    print("\nStarvation: tails and the longest queue wait at the highest load:")
+    print(report.format_starvation(result["runs"]))
+    if result["slo_throughput"]:
+        from services.bench.simulate import format_slo
+
+        print("\nThroughput at the latency SLO:")
+        print(format_slo(result["slo_throughput"]))
     print("\nThroughput with every job queued at once (jobs/s):")
     for batching, by_policy in result["saturated_throughput_rps"].items():
         cells = ", ".join(f"{policy} {rps:.2f}" for policy, rps in by_policy.items())

@@ -48,6 +48,12 @@ class RequestResult:
     attempts: int = 0
     # Which round of its run (``ssjf bench --rounds``) the request belonged to.
     round: int = 0
+    # The LLM asked for, the job's id, and (read back with GetJob after the run) the worker
+    # that served it and the predictor version that scored it.
+    llm: str = ""
+    job_id: str = ""
+    worker_id: str = ""
+    predictor_version: str = ""
 
     @property
     def ok(self) -> bool:
@@ -71,7 +77,7 @@ def generate_request(
     """The Generate call replaying ``request``: exactly its number of tokens, greedy."""
     return scheduler_pb2.GenerateRequest(
         client_request_id=f"{run_id}-{request.index}",
-        llm=llm,
+        llm=request.llm or llm,
         prompt=request.prompt,
         sampling=common_pb2.SamplingParams(replay_output_tokens=request.output_tokens),
         # Only the oracle policy may see the true length; the scheduler refuses it otherwise.
@@ -88,6 +94,7 @@ async def _one_request(
 ) -> RequestResult:
     try:
         async for event in stub.Generate(call, timeout=timeout_s):
+            result.job_id = result.job_id or event.job_id
             kind = event.WhichOneof("event")
             if kind == "token":
                 if result.tokens == 0:
@@ -142,10 +149,31 @@ async def run_open_loop(
                 true_output_tokens=request.true_output_tokens,
                 arrival_s=request.arrival_s,
                 submitted_s=clock(),
+                llm=request.llm or llm,
             )
             call = generate_request(request, llm, oracle, run_id)
             task = asyncio.create_task(_one_request(stub, call, result, clock, timeout_s))
             if on_done is not None:
                 task.add_done_callback(lambda done: on_done(done.result()))
             tasks.append(task)
-        return list(await asyncio.gather(*tasks))
+        results = list(await asyncio.gather(*tasks))
+        await _read_back(stub, results)
+        return results
+
+
+async def _read_back(stub: scheduler_pb2_grpc.SchedulerStub, results: list[RequestResult]) -> None:
+    """Worker and predictor version of each finished job, from its record (after the run,
+    so never on a job's critical path). A record already expired is left blank."""
+
+    async def one(result: RequestResult) -> None:
+        if not result.job_id:
+            return
+        try:
+            job = await stub.GetJob(scheduler_pb2.GetJobRequest(job_id=result.job_id), timeout=30)
+        except grpc.aio.AioRpcError:
+            return
+        result.worker_id = job.worker_id
+        result.predictor_version = job.predictor_version
+
+    for start in range(0, len(results), 64):
+        await asyncio.gather(*(one(r) for r in results[start : start + 64]))

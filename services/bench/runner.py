@@ -4,8 +4,14 @@ For each batching mode and policy a fresh stack starts (``LocalStack``: embedded
 predictor, scheduler, workers as processes), unless ``--server`` names a running one. The
 first stack of each batching mode is calibrated (the latency model of its worker), which
 gives FCFS's capacity in that mode; each load is then a Poisson (or Azure-trace) arrival rate
-of ``load * capacity``. Every run is replayed in the simulator with the fitted model, the
-check that the simulator predicts the real stack.
+of ``load * capacity``. With ``--recalibrate round`` (the default) the worker's speed under
+load is measured again before every round and that round's rate follows it, so a machine
+whose speed drifts still runs each round at the load it claims; the load each round really
+ran at is reported beside it (``realized_utilization``, from the workers' busy time).
+
+Every run is replayed in the simulator (one worker: at the speed that round had, fitted to
+its busy time; several workers: with the round's calibrated model), the check that the
+simulator predicts the real stack, with its error per point.
 """
 
 from __future__ import annotations
@@ -23,11 +29,19 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from services.bench import report
-from services.bench.calibrate import capacity_rps, fit_level, fit_shape, replay_run
+from services.bench import report, stats
+from services.bench.calibrate import (
+    busy_time_s,
+    capacity_rps,
+    fit_level,
+    fit_shape,
+    replay_run,
+    simulate_measured,
+)
 from services.bench.latency import LatencyModel
 from services.bench.loadgen import RequestResult, run_open_loop
-from services.bench.workload import PromptLength, build_requests, load_prompt_lengths
+from services.bench.simulator import base_policy, guard_for
+from services.bench.workload import PromptLength, build_requests, llm_names, load_workload
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +64,17 @@ class BenchConfig:
     # Workload jobs sent at once to measure the worker's speed under load (calibrate.py).
     saturation_jobs: int = 40
     length_scale: float = 16.0
+    # One LLM, or several comma-separated (a mixed stream, one queue each).
     llm: str = "vicuna-13b"
+    lengths: str = "alpaca"
     max_batch_size: int = 4
     workers: int = 1
+    # "round": measure the worker's speed under load before every round and set that
+    # round's rate from it; "once": one calibration per batching mode.
+    recalibrate: str = "round"
+    resamples: int = 1000
+    slo_search: bool = False
+    slo_factor: float = 5.0
     arrivals: str = "poisson"
     seed: int = 0
     aging_rate: float = 0.0
@@ -60,27 +82,30 @@ class BenchConfig:
     data_dir: Path | None = None
     server: str | None = None
     timeout_s: float = 600.0
+    # How long a stack may take to come up: on a loaded 2-core machine, minutes.
+    stack_ready_timeout_s: float = 600.0
     extra_scheduler_args: list[str] = field(default_factory=list)
     extra_worker_args: list[str] = field(default_factory=list)
 
 
-def _scheduler_args(config: BenchConfig) -> list[str]:
+def _scheduler_args(config: BenchConfig, spec: str) -> list[str]:
     return [
         "--default-llm",
-        config.llm,
+        llm_names(config.llm)[0],
         "--allow-oracle",
         "--aging-rate",
         str(config.aging_rate),
         "--max-wait-s",
-        str(config.max_wait_s),
+        str(guard_for(spec, config.max_wait_s)),
         *config.extra_scheduler_args,
     ]
 
 
 @contextlib.contextmanager
 def stack_for(config: BenchConfig, policy: str, batching: str) -> Iterator[str]:
-    """The address of a stack serving ``policy`` with ``batching``: a fresh local one, or the
-    ``--server`` the user started (then its settings are the user's to match)."""
+    """The address of a stack serving ``policy`` (a grid entry, e.g. ``ssjf:guard=10``)
+    with ``batching``: a fresh local one, or the ``--server`` the user started (then its
+    settings are the user's to match)."""
     if config.server:
         yield config.server
         return
@@ -89,24 +114,31 @@ def stack_for(config: BenchConfig, policy: str, batching: str) -> Iterator[str]:
     stack_config = StackConfig(
         port=free_port(),
         workers=config.workers,
-        policy=policy,
+        policy=base_policy(policy),
         batching=batching,
         max_batch_size=config.max_batch_size,
-        served_model_name=config.llm,
-        scheduler_args=_scheduler_args(config),
+        # Every worker serves every LLM of a mixed stream (one queue per LLM).
+        served_model_name=",".join(llm_names(config.llm)),
+        scheduler_args=_scheduler_args(config, policy),
         # One intra-op thread: on a small machine the proxy model shares the cores with the
         # LLM, and ONNX Runtime's spinning worker threads would take the worker's CPU.
         predictor_args=["--threads", "1"],
         worker_args=config.extra_worker_args,
-        log_dir=config.out_dir / "logs" / f"{policy}_{batching}",
+        log_dir=config.out_dir / "logs" / f"{file_safe(policy)}_{batching}",
+        ready_timeout_s=config.stack_ready_timeout_s,
         log_level="warning",
     )
     with LocalStack(stack_config) as stack:
         yield stack.address
 
 
+def file_safe(policy: str) -> str:
+    """A grid entry as part of a file name: ``ssjf:guard=10`` -> ``ssjf-guard10``."""
+    return policy.replace(":", "-").replace("=", "")
+
+
 def run_name(policy: str, batching: str, load: float) -> str:
-    return f"{policy}_{batching}_load{load:.2f}"
+    return f"{file_safe(policy)}_{batching}_load{load:.2f}"
 
 
 def _run_round(
@@ -119,10 +151,7 @@ def _run_round(
     label: str,
 ) -> list[RequestResult]:
     """One open-loop run of ``policy`` at ``rate``; round ``r`` replays seed ``seed + r``."""
-    if config.duration_s is None:
-        count = config.requests
-    else:
-        count = max(round(rate * config.duration_s / config.rounds), MIN_REQUESTS)
+    count = round_jobs(config, rate)
     requests = build_requests(
         items,
         count,
@@ -149,6 +178,32 @@ def _run_round(
     return results
 
 
+def round_jobs(config: BenchConfig, rate: float) -> int:
+    """Jobs in one round: ``requests``, or ``duration_s / rounds`` seconds of arrivals."""
+    if config.duration_s is None:
+        return config.requests
+    return max(round(rate * config.duration_s / config.rounds), MIN_REQUESTS)
+
+
+def realized_utilization(results: Sequence[RequestResult], workers: int) -> float:
+    """The load a round really ran at: each worker's busy time (union of its jobs' lease to
+    last token; the worker is read back from the job's record) over workers x the round's
+    span (first submission to last answer)."""
+    ok = [r for r in results if r.ok]
+    if not ok:
+        return math.nan
+    span = max(r.finished_s for r in ok) - min(r.submitted_s for r in results)
+    by_worker: dict[str, list[tuple[float, float]]] = {}
+    for r in ok:
+        # Unknown worker (record expired): counted as a worker of its own, which can only
+        # overstate the busy time, never hide it.
+        by_worker.setdefault(r.worker_id or f"?{r.index}", []).append(
+            (r.submitted_s + r.server_queue_wait_s, r.submitted_s + r.server_completion_s)
+        )
+    busy = sum(busy_time_s(intervals) for intervals in by_worker.values())
+    return busy / (workers * span) if span > 0 else math.nan
+
+
 def summarize_rounds(
     rounds: Sequence[Sequence[RequestResult]],
     policy: str,
@@ -156,6 +211,7 @@ def summarize_rounds(
     load: float,
     rate: float,
     capacity: float,
+    workers: int = 1,
 ) -> dict[str, Any]:
     """One run's numbers from all its rounds' jobs together."""
     results = [r for one_round in rounds for r in one_round]
@@ -166,8 +222,12 @@ def summarize_rounds(
         - min(r.submitted_s for r in one_round)
         for one_round in rounds
     )
-    stats = report.summarize(
-        [r.jct_s for r in ok], [r.ttft_s for r in ok], span, failed=len(results) - len(ok)
+    summary = report.summarize(
+        [r.jct_s for r in ok],
+        [r.ttft_s for r in ok],
+        span,
+        failed=len(results) - len(ok),
+        queue_wait_s=[r.server_queue_wait_s for r in ok],
     )
     run: dict[str, Any] = {
         "policy": policy,
@@ -177,11 +237,16 @@ def summarize_rounds(
         "capacity_rps": capacity,
         "requests": len(results),
         "rounds": len(rounds),
-        **stats,
+        **summary,
         "server_mean_jct_s": _mean([r.server_completion_s for r in ok]),
         "server_mean_queue_wait_s": _mean([r.server_queue_wait_s for r in ok]),
         "prediction_fallbacks": sum(r.prediction_fallback for r in results),
+        "workers": workers,
+        "realized_utilization_by_round": [
+            realized_utilization(one_round, workers) for one_round in rounds
+        ],
     }
+    run["realized_utilization"] = _mean(run["realized_utilization_by_round"])
     if failed := [r for r in results if not r.ok]:
         run["first_error"] = f"{failed[0].state}: {failed[0].error}"
     return run
@@ -189,27 +254,46 @@ def summarize_rounds(
 
 def validate(
     rounds: Sequence[Sequence[RequestResult]],
-    latency: LatencyModel,
+    latency: LatencyModel | Sequence[LatencyModel],
     policy: str,
     batching: str,
     config: BenchConfig,
 ) -> dict[str, float]:
-    """The simulator's mean JCT for exactly this run's jobs, each round replayed at the
-    worker speed it had."""
+    """The simulator's mean JCT for exactly this run's jobs.
+
+    One worker: each round replayed at the worker speed it had (fitted to its busy time).
+    Several workers (their busy times overlap, so no such fit): each round simulated with
+    that round's calibrated model (``latency`` per round) and ``config.workers`` workers.
+    """
+    models = [latency] * len(rounds) if isinstance(latency, LatencyModel) else list(latency)
     simulated_jct: list[float] = []
     factors: list[float] = []
-    for one_round in rounds:
-        model, simulated = replay_run(
-            one_round,
-            latency,
-            policy,
-            batching,
-            config.max_batch_size,
-            config.aging_rate,
-            config.max_wait_s,
-        )
+    guard = guard_for(policy, config.max_wait_s)
+    for one_round, model in zip(rounds, models, strict=True):
+        if config.workers == 1:
+            model, simulated = replay_run(
+                one_round,
+                model,
+                base_policy(policy),
+                batching,
+                config.max_batch_size,
+                config.aging_rate,
+                guard,
+            )
+            factors.append(float(model.source["run_level_factor"]))
+        else:
+            simulated = simulate_measured(
+                one_round,
+                model,
+                base_policy(policy),
+                batching,
+                config.max_batch_size,
+                config.workers,
+                config.aging_rate,
+                guard,
+            )
+            factors.append(1.0)
         simulated_jct += [job.jct_s + model.overhead_s for job in simulated]
-        factors.append(float(model.source["run_level_factor"]))
     predicted = float(np.mean(simulated_jct))
     measured = float(np.mean([r.jct_s for one_round in rounds for r in one_round if r.ok]))
     return {
@@ -223,17 +307,105 @@ def _mean(values: Sequence[float]) -> float:
     return float(np.mean(values)) if values else math.nan
 
 
-def run_bench(config: BenchConfig) -> dict[str, Any]:
-    """Run the grid; writes summary.json, per-job files, the latency models and the plots."""
-    items, source = load_prompt_lengths(config.llm, config.data_dir)
-    out = config.out_dir
-    (out / "jobs").mkdir(parents=True, exist_ok=True)
+@dataclass
+class Calibration:
+    """A batching mode's latency model: its idle shape, and the level under load."""
+
+    shape: LatencyModel
+    latency: LatencyModel
+    capacity_rps: float
+
+
+class Calibrator:
+    """Measures one batching mode's worker on the first policy's stack: the idle shape
+    once, the level under load once or before every round (``--recalibrate``)."""
+
+    def __init__(
+        self,
+        config: BenchConfig,
+        address: str,
+        policy: str,
+        batching: str,
+        items: Sequence[PromptLength],
+    ) -> None:
+        self.config, self.address, self.policy, self.batching = config, address, policy, batching
+        self.scaled = [max(1, round(i.output_tokens / config.length_scale)) for i in items]
+        self.saturation = build_requests(
+            items, config.saturation_jobs, 1.0, config.length_scale, config.seed + 1000
+        )
+        self.llm = llm_names(config.llm)[0]
+        self.shape = fit_shape(
+            address,
+            self.llm,
+            _median_prompt(items),
+            batching,
+            config.max_batch_size,
+            base_policy(policy),
+        )
+        self.current = self.level()
+
+    def level(self) -> Calibration:
+        config = self.config
+        latency = fit_level(
+            self.address,
+            self.llm,
+            self.shape,
+            self.saturation,
+            base_policy(self.policy),
+            self.batching,
+            config.max_batch_size,
+            config.workers,
+        )
+        capacity = capacity_rps(
+            latency, self.scaled * 4, self.batching, config.max_batch_size, config.workers
+        )
+        self.current = Calibration(self.shape, latency, capacity)
+        log.info("calibrated", extra={"batching": self.batching, "capacity": capacity})
+        return self.current
+
+    def for_round(self, round_index: int) -> Calibration:
+        """The calibration a round runs at: measured again, unless this is the first round
+        after the initial one or recalibration is off."""
+        if self.config.recalibrate == "round" and round_index > 0:
+            return self.level()
+        return self.current
+
+
+@contextlib.contextmanager
+def stacks_for(
+    config: BenchConfig, batching: str, items: Sequence[PromptLength]
+) -> Iterator[tuple[dict[str, str], Calibrator]]:
+    """Every policy's stack for ``batching``, up at once, and the mode's calibrator (on the
+    first policy's stack). The runs interleave the policies: a shared machine's speed
+    drifts, and so every policy meets the same drift instead of one getting the slow
+    minutes."""
+    with contextlib.ExitStack() as stacks:
+        addresses = {
+            policy: stacks.enter_context(stack_for(config, policy, batching))
+            for policy in config.policies
+        }
+        first = config.policies[0]
+        yield addresses, Calibrator(config, addresses[first], first, batching, items)
+
+
+def _job_jcts(results: Sequence[RequestResult], count: int) -> np.ndarray:
+    """Per-job JCT by the job's index in its round (NaN: failed), for the paired intervals."""
+    values = np.full(count, np.nan)
+    for r in results:
+        if r.ok:
+            values[r.index] = r.jct_s
+    return values
+
+
+def _meta(config: BenchConfig, items: Sequence[PromptLength], source: str) -> dict[str, Any]:
     scaled = [max(1, round(item.output_tokens / config.length_scale)) for item in items]
-    meta: dict[str, Any] = {
+    return {
         "kind": "real stack",
+        "provenance": report.provenance(None),
         "workload": {
             "source": source,
             "llm": config.llm,
+            "lengths": config.lengths,
             "prompts": len(items),
             "length_scale": config.length_scale,
             "mean_output_tokens_replayed": float(np.mean(scaled)),
@@ -242,76 +414,178 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
         "config": {k: v for k, v in asdict(config).items() if k != "out_dir"},
         "latency_models": {},
     }
+
+
+def _predictor_version(results: Sequence[RequestResult]) -> str | None:
+    versions = sorted({r.predictor_version for r in results if r.predictor_version} - {"oracle"})
+    return ",".join(versions) or None
+
+
+def run_bench(config: BenchConfig) -> dict[str, Any]:
+    """Run the grid; writes summary.json, per-job files, the latency models and the plots."""
+    items, source = load_workload(config.llm, config.data_dir, config.lengths)
+    out = config.out_dir
+    (out / "jobs").mkdir(parents=True, exist_ok=True)
+    meta = _meta(config, items, source)
     runs: list[dict[str, Any]] = []
     jcts: dict[tuple[str, str, float], list[float]] = {}
-    saturation = build_requests(
-        items, config.saturation_jobs, 1.0, config.length_scale, config.seed + 1000
-    )
+    points: dict[tuple[str, float], list[dict[str, np.ndarray]]] = {}
+    versions: set[str] = set()
+    compared: list[dict[str, Any]] = []
     for batching in config.batchings:
-        with contextlib.ExitStack() as stacks:
-            # One stack per policy, all up at once, and the runs interleave the policies at
-            # each load: a shared machine's speed drifts, and so every policy meets the same
-            # drift instead of one policy getting the slow minutes.
-            addresses = {
-                policy: stacks.enter_context(stack_for(config, policy, batching))
-                for policy in config.policies
+        with stacks_for(config, batching, items) as (addresses, calibrator):
+            calibrator.current.latency.save(out / f"latency_{batching}.json")
+            meta["latency_models"][batching] = {
+                **calibrator.current.latency.to_dict(),
+                "fcfs_capacity_rps": calibrator.current.capacity_rps,
+                "recalibrated": [],
             }
-            first = config.policies[0]
-            # Calibrated once per mode, so every policy sees the same arrival rates.
-            shape = fit_shape(
-                addresses[first],
-                config.llm,
-                _median_prompt(items),
-                batching,
-                config.max_batch_size,
-                first,
-            )
-            latency = fit_level(
-                addresses[first],
-                config.llm,
-                shape,
-                saturation,
-                first,
-                batching,
-                config.max_batch_size,
-            )
-            latency.save(out / f"latency_{batching}.json")
-            capacity = capacity_rps(
-                latency, scaled * 4, batching, config.max_batch_size, config.workers
-            )
-            meta["latency_models"][batching] = {**latency.to_dict(), "fcfs_capacity_rps": capacity}
-            log.info("calibrated", extra={"batching": batching, "capacity": capacity})
             for load in config.loads:
-                rate = load * capacity
                 rounds: dict[str, list[list[RequestResult]]] = {p: [] for p in config.policies}
+                models: list[LatencyModel] = []
+                capacities: list[float] = []
+                point: list[dict[str, np.ndarray]] = []
                 for round_index in range(config.rounds):
+                    calibration = calibrator.for_round(round_index)
+                    models.append(calibration.latency)
+                    capacities.append(calibration.capacity_rps)
+                    meta["latency_models"][batching]["recalibrated"].append(
+                        {
+                            "load": load,
+                            "round": round_index,
+                            "capacity_rps": calibration.capacity_rps,
+                            "load_factor": calibration.latency.source.get("load_factor"),
+                            "load_average": report.load_average(),
+                        }
+                    )
+                    rate = load * calibration.capacity_rps
+                    count = round_jobs(config, rate)
+                    this_round = {}
                     for policy in config.policies:
                         label = f"{run_name(policy, batching, load)} round {round_index + 1}"
-                        rounds[policy].append(
-                            _run_round(
-                                addresses[policy], items, config, policy, rate, round_index, label
-                            )
+                        results = _run_round(
+                            addresses[policy], items, config, policy, rate, round_index, label
                         )
+                        rounds[policy].append(results)
+                        this_round[policy] = _job_jcts(results, count)
+                    point.append(this_round)
+                points[(batching, load)] = point
+                rate = load * float(np.mean(capacities))
+                capacity = float(np.mean(capacities))
                 for policy in config.policies:
-                    run = summarize_rounds(rounds[policy], policy, batching, load, rate, capacity)
-                    if config.workers == 1:
-                        run.update(validate(rounds[policy], latency, policy, batching, config))
+                    run = summarize_rounds(
+                        rounds[policy], policy, batching, load, rate, capacity, config.workers
+                    )
+                    run["capacity_rps_by_round"] = capacities
+                    run["max_wait_s"] = guard_for(policy, config.max_wait_s)
+                    run.update(validate(rounds[policy], models, policy, batching, config))
                     runs.append(run)
                     results = [r for one_round in rounds[policy] for r in one_round]
+                    if version := _predictor_version(results):
+                        versions.add(version)
                     jcts[(policy, batching, load)] = [r.jct_s for r in results if r.ok]
                     name = run_name(policy, batching, load)
                     _write_jobs(out / "jobs" / f"{name}.jsonl", results)
-                    report.write_summary(out, runs, meta)
                     tqdm.write(
                         f"{name}: mean JCT {run['mean_jct_s']:.3f}s (simulated "
                         f"{run.get('simulated_mean_jct_s', math.nan):.3f}s), p99 "
-                        f"{run['p99_jct_s']:.3f}s, {run['completed']}/{run['requests']} done"
+                        f"{run['p99_jct_s']:.3f}s, utilization "
+                        f"{run['realized_utilization']:.2f}, {run['completed']}/"
+                        f"{run['requests']} done"
                     )
-    report.write_summary(out, runs, meta)
+                compared = report.interval_comparisons(points, config.resamples, config.seed)
+                meta["provenance"]["predictor_version"] = ",".join(sorted(versions)) or None
+                report.write_summary(out, runs, meta, compared)
+    meta["provenance"]["load_average_at_end"] = report.load_average()
+    report.write_summary(out, runs, meta, compared)
     title = f"SSJF on the real stack ({config.llm} lengths / {config.length_scale:g})"
     report.plot_jct_cdf(jcts, out / "jct_cdf.png", title)
     report.plot_mean_jct_vs_load(runs, out / "mean_jct_vs_load.png", title)
-    return {**meta, "runs": runs}
+    if compared:
+        report.plot_ratios(compared, out / "ratios.png", title)
+    return {**meta, "runs": runs, "comparisons": compared}
+
+
+def run_slo_search(config: BenchConfig) -> dict[str, Any]:
+    """Throughput at a latency SLO on the real stack: per batching mode and policy, the
+    highest arrival rate whose mean JCT (and, separately, p99 JCT) stays under
+    ``slo_factor`` x the unloaded mean JCT (the calibrated model's mean solo JCT over the
+    workload). Bisection over rates, ``requests`` jobs per evaluation (the same jobs at every
+    rate), to 10%: each evaluation is a real run, so this is coarse and slow."""
+    items, source = load_workload(config.llm, config.data_dir, config.lengths)
+    meta = _meta(config, items, source)
+    results_by_batching: dict[str, Any] = {}
+    for batching in config.batchings:
+        with stacks_for(config, batching, items) as (addresses, calibrator):
+            latency, capacity = calibrator.current.latency, calibrator.current.capacity_rps
+            unloaded = float(np.mean([latency.solo_jct_s(t) for t in calibrator.scaled]))
+            slo = config.slo_factor * unloaded
+            entry: dict[str, Any] = {
+                "slo": f"{config.slo_factor:g} x unloaded mean JCT",
+                "slo_s": slo,
+                "unloaded_mean_jct_s": unloaded,
+                "jobs_per_evaluation": config.requests,
+                "job_streams": 1,
+                "capacity_rps": capacity,
+                "policies": {},
+                "ratios_to_fcfs": {},
+            }
+            for policy in config.policies:
+                cache: dict[float, np.ndarray] = {}
+
+                def jcts(
+                    rate: float,
+                    policy: str = policy,
+                    cache: dict[float, np.ndarray] = cache,
+                    address: str = addresses[policy],
+                    batching: str = batching,
+                ) -> np.ndarray:
+                    if rate not in cache:
+                        label = f"SLO search {file_safe(policy)} {batching} {rate:.2f}/s"
+                        results = _run_round(address, items, config, policy, rate, 0, label)
+                        cache[rate] = np.array([r.jct_s for r in results if r.ok])
+                    return cache[rate]
+
+                entry["policies"][policy] = {}
+                for name, statistic in (
+                    ("mean", lambda jct: float(jct.mean())),
+                    ("p99", lambda jct: float(np.percentile(jct, 99))),
+                ):
+                    search = stats.max_rate_under_slo(
+                        lambda rate, statistic=statistic: statistic(jcts(rate)),
+                        slo,
+                        low=0.3 * capacity,
+                        high=1.2 * capacity,
+                        relative_tolerance=0.1,
+                        max_evaluations=8,
+                        max_expansions=1,
+                    )
+                    entry["policies"][policy][name] = {
+                        **search.to_dict(),
+                        "max_load": search.max_rate / capacity,
+                        "per_stream_rps": [search.max_rate],
+                        "any_lower_bound_only": search.unbounded,
+                        "any_infeasible": search.infeasible,
+                    }
+            if "fcfs" in entry["policies"]:
+                fcfs = entry["policies"]["fcfs"]
+                for policy, found in entry["policies"].items():
+                    if policy == "fcfs":
+                        continue
+                    entry["ratios_to_fcfs"][policy] = {
+                        name: {
+                            "value": found[name]["max_rate_rps"] / fcfs[name]["max_rate_rps"]
+                            if fcfs[name]["max_rate_rps"] > 0
+                            else math.nan,
+                            "half_width_95": math.nan,
+                        }
+                        for name in ("mean", "p99")
+                    }
+            results_by_batching[batching] = entry
+    meta["slo_throughput"] = results_by_batching
+    meta["provenance"]["load_average_at_end"] = report.load_average()
+    report.write_summary(config.out_dir, [], meta, [])
+    return meta
 
 
 def _median_prompt(items: Sequence[PromptLength]) -> str:
@@ -337,6 +611,24 @@ def read_jobs(path: Path) -> list[RequestResult]:
         ]
 
 
+def round_models(
+    summary: dict[str, Any], run: dict[str, Any], first: LatencyModel
+) -> list[LatencyModel]:
+    """The latency model each round of ``run`` was calibrated to: the saved (first) model
+    rescaled by that round's measured level (``latency_models.<batching>.recalibrated``)."""
+    entries = [
+        entry
+        for entry in summary.get("latency_models", {})
+        .get(run["batching"], {})
+        .get("recalibrated", [])
+        if float(entry["load"]) == float(run["load"])
+    ]
+    base = first.source.get("load_factor")
+    if not entries or not base or len(entries) != int(run.get("rounds", len(entries))):
+        return [first] * int(run.get("rounds", 1))
+    return [first.scaled(float(entry["load_factor"]) / float(base)) for entry in entries]
+
+
 def revalidate(run_dir: Path) -> list[dict[str, Any]]:
     """Replay every run of a finished ``ssjf bench`` output in the simulator again (with the
     current simulator code) and update its summary.json; returns the runs."""
@@ -350,6 +642,7 @@ def revalidate(run_dir: Path) -> list[dict[str, Any]]:
         max_batch_size=settings["max_batch_size"],
         aging_rate=settings["aging_rate"],
         max_wait_s=settings["max_wait_s"],
+        workers=settings.get("workers", 1),
     )
     for run in summary["runs"]:
         name = run_name(run["policy"], run["batching"], run["load"])
@@ -358,9 +651,10 @@ def revalidate(run_dir: Path) -> list[dict[str, Any]]:
             [r for r in results if r.round == index] for index in sorted({r.round for r in results})
         ]
         latency = LatencyModel.load(run_dir / f"latency_{run['batching']}.json")
-        run.update(validate(rounds, latency, run["policy"], run["batching"], config))
+        run.update(validate(rounds, round_models(summary, run, latency), run["policy"],
+                            run["batching"], config))  # fmt: skip
     meta = {
         k: v for k, v in summary.items() if k not in {"runs", "comparisons", "paper", "targets"}
     }
-    report.write_summary(run_dir, summary["runs"], meta)
+    report.write_summary(run_dir, summary["runs"], meta, summary.get("comparisons"))
     return summary["runs"]

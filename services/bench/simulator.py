@@ -21,10 +21,62 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from services.bench.latency import LatencyModel
-from services.scheduler.policies import EPOCH_S, JobFeatures, ReferenceQueue, make_policy
+from services.scheduler.policies import (
+    EPOCH_S,
+    POLICIES,
+    JobFeatures,
+    ReferenceQueue,
+    make_policy,
+)
 
 BATCHING_MODES = ("none", "dynamic", "continuous")
+# Policies only the simulator serves (no static score: see HrrnQueue).
+SIMULATOR_ONLY_POLICIES = ("hrrn",)
+# A grid entry is a policy name, optionally with its own starvation guard: ``ssjf:noguard``
+# (max_wait_s 0) or ``ssjf:guard=10`` (10 s), so one grid holds SSJF with and without it.
+NO_GUARD = ":noguard"
+GUARD_PREFIX = ":guard="
+
+
+def parse_policy(spec: str) -> tuple[str, float | None]:
+    """``ssjf:guard=10`` -> ("ssjf", 10.0); ``ssjf:noguard`` -> ("ssjf", 0.0); ``ssjf`` ->
+    ("ssjf", None): the grid's --max-wait-s."""
+    if spec.endswith(NO_GUARD):
+        return spec.removesuffix(NO_GUARD), 0.0
+    name, sep, seconds = spec.partition(GUARD_PREFIX)
+    if not sep:
+        return spec, None
+    try:
+        guard = float(seconds)
+    except ValueError:
+        raise ValueError(f"{spec!r}: the guard must be seconds, e.g. ssjf:guard=10") from None
+    if not math.isfinite(guard) or guard < 0:
+        raise ValueError(f"{spec!r}: the guard must be seconds >= 0")
+    return name, guard
+
+
+def base_policy(spec: str) -> str:
+    """The policy a grid entry runs: ``ssjf:noguard`` runs ``ssjf``."""
+    return parse_policy(spec)[0]
+
+
+def guard_for(spec: str, max_wait_s: float) -> float:
+    """The max-wait guard a grid entry runs with: its own, else the grid's."""
+    guard = parse_policy(spec)[1]
+    return max_wait_s if guard is None else guard
+
+
+def known_policy(spec: str, simulated: bool) -> bool:
+    """Whether a grid entry names a policy (the scheduler's registry, and for the simulator
+    its own extra ones) with a well-formed guard."""
+    try:
+        name = base_policy(spec)
+    except ValueError:
+        return False
+    return name in POLICIES or (simulated and name in SIMULATOR_ONLY_POLICIES)
 
 
 @dataclass
@@ -36,6 +88,10 @@ class SimJob:
     tokens: int
     # Score the policy orders by: the predictor's answer (ssjf) or the true length (oracle).
     predicted_tokens: float
+    # The prompt's characters (sjf-prompt's key).
+    prompt_chars: int = 0
+    # Which of a mixed stream's LLMs the job is for (one queue each, as the scheduler has).
+    llm: str = ""
     start_s: float = math.nan
     first_token_s: float = math.nan
     finish_s: float = math.nan
@@ -55,6 +111,8 @@ class _Worker:
     index: int
     active: list[SimJob]
     idle: bool = True
+    # Seconds the worker spent prefilling or decoding (its realized utilization's numerator).
+    busy_s: float = 0.0
     # A boundary event for this worker is pending (it must not be woken twice).
     scheduled: bool = False
 
@@ -79,7 +137,7 @@ class Simulation:
         self.latency = latency
         self.batching = batching
         self.slots = 1 if batching == "none" else max_batch_size
-        self.queue = SchedulerQueue(policy, aging_rate, max_wait_s)
+        self.queue = SchedulerQueue(policy, aging_rate, max_wait_s, latency)
         self.workers = [_Worker(i, []) for i in range(workers)]
         self._events: list[tuple[float, int, int, int]] = []
         self._sequence = 0
@@ -87,6 +145,11 @@ class Simulation:
     # Event kinds, in the order simultaneous events are handled: arrivals first, so a job
     # arriving exactly at a step boundary can join that step.
     _ARRIVAL, _BOUNDARY = 0, 1
+
+    @property
+    def busy_s(self) -> float:
+        """Worker-seconds spent serving, summed over the workers."""
+        return sum(worker.busy_s for worker in self.workers)
 
     def _push(self, time_s: float, kind: int, target: int) -> None:
         self._sequence += 1
@@ -140,6 +203,7 @@ class Simulation:
             job.finish_s = clock
             worker.active.remove(job)
         if not worker.active:
+            worker.busy_s += clock - now
             worker.scheduled = True
             self._push(clock, self._BOUNDARY, worker.index)
             return
@@ -151,6 +215,7 @@ class Simulation:
             if arrival is not None:
                 steps = min(steps, max(1, math.ceil((arrival - clock) / step)))
         clock += steps * step
+        worker.busy_s += clock - now
         for job in worker.active:
             job.remaining -= steps
         for job in [job for job in worker.active if job.remaining == 0]:
@@ -182,8 +247,20 @@ class SchedulerQueue:
     scheduler's own ids are, so equal scores go first-come first-served.
     """
 
-    def __init__(self, policy: str, aging_rate: float = 0.0, max_wait_s: float = 0.0) -> None:
-        self.queue = ReferenceQueue(make_policy(policy, aging_rate=aging_rate), max_wait_s)
+    def __init__(
+        self,
+        policy: str,
+        aging_rate: float = 0.0,
+        max_wait_s: float = 0.0,
+        latency: LatencyModel | None = None,
+    ) -> None:
+        self.queue: ReferenceQueue | HrrnQueue
+        if policy == "hrrn":
+            if latency is None:
+                raise ValueError("hrrn needs the latency model (predicted service seconds)")
+            self.queue = HrrnQueue(latency, max_wait_s)
+        else:
+            self.queue = ReferenceQueue(make_policy(policy, aging_rate=aging_rate), max_wait_s)
         self._jobs: dict[str, SimJob] = {}
 
     def push(self, job: SimJob, now: float) -> None:
@@ -192,6 +269,7 @@ class SchedulerQueue:
             arrival_s=EPOCH_S + now,
             predicted_tokens=job.predicted_tokens,
             oracle_tokens=job.tokens,
+            prompt_chars=job.prompt_chars,
         )
         self.queue.push(job_id, features)
         self._jobs[job_id] = job
@@ -208,3 +286,57 @@ class SchedulerQueue:
 
     def __len__(self) -> int:
         return len(self.queue)
+
+
+class HrrnQueue:
+    """Highest response ratio next, exactly: at each claim, the job with the largest
+    ``(wait + predicted service) / predicted service`` goes first (ties: earlier job id).
+
+    The predicted service is the seconds a job of the predicted length takes alone on the
+    worker (``LatencyModel.solo_jct_s`` without the serving overhead), so wait and service are
+    in the same unit. SGLang ships this order; it starts as SJF (everyone's ratio is 1) and
+    lets a long job's ratio overtake as it waits, which bounds starvation.
+
+    Why only in the simulator: the ratio of every queued job changes with time at its own
+    speed (1 / service), so the order is not a static score a Redis sorted set can hold. A
+    claim script would have to re-evaluate every queued job at every claim (O(queue) Lua
+    work inside Redis's single thread), or approximate with a bounded window (the K
+    shortest-predicted plus the K oldest jobs), which can miss the true maximum. The
+    simulator evaluates it exactly, to see whether it earns that cost; the max-wait guard
+    applies first, as in the scheduler's queue.
+    """
+
+    def __init__(self, latency: LatencyModel, max_wait_s: float = 0.0) -> None:
+        self.latency = latency
+        self.max_wait_s = max_wait_s
+        self._ids: list[str] = []
+        self._arrival = np.empty(0)
+        self._service = np.empty(0)
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def push(self, job_id: str, job: JobFeatures) -> float:
+        service = self.latency.prefill_s(1) + max(job.predicted_tokens - 1, 0.0) * (
+            self.latency.step_s(1)
+        )
+        self._ids.append(job_id)
+        self._arrival = np.append(self._arrival, job.arrival_s)
+        self._service = np.append(self._service, max(service, 1e-9))
+        return service
+
+    def pop(self, now: float) -> str | None:
+        if not self._ids:
+            return None
+        oldest = int(np.argmin(self._arrival))
+        if self.max_wait_s > 0 and now - self._arrival[oldest] > self.max_wait_s:
+            chosen = oldest
+        else:
+            ratio = (now - self._arrival + self._service) / self._service
+            # Job ids are time-ordered and pushed in order, so the first maximum is the
+            # earliest job among equals.
+            chosen = int(np.argmax(ratio))
+        job_id = self._ids.pop(chosen)
+        self._arrival = np.delete(self._arrival, chosen)
+        self._service = np.delete(self._service, chosen)
+        return job_id

@@ -9,6 +9,19 @@ scheduler sees, is unchanged.
 
 Arrivals are Poisson at a target rate, or the Azure LLM inference trace's own timestamps
 (bursty, as in production) rescaled to that rate.
+
+Several LLMs at once (``--llm vicuna-13b,gpt4_0314``): a mixed stream, each request for one
+of the named LLMs (equally often), each with that LLM's real answer lengths; the scheduler
+keeps one queue per LLM and the workers serve every name.
+
+Lengths from the Azure trace (``--lengths azure-conversation``): the trace has no prompt
+text, so the AlpacaEval prompts are kept and their answer lengths are mapped quantile to
+quantile onto the trace's ``GeneratedTokens`` distribution. The distribution becomes the
+production one while the order of lengths, and so what the proxy model can know about it,
+stays the LLM's.
+
+Another source of lengths (e.g. the served model's own generation until EOS) plugs in as
+one more entry of ``LENGTH_SOURCES``.
 """
 
 from __future__ import annotations
@@ -17,7 +30,7 @@ import csv
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 
@@ -27,6 +40,7 @@ from services.common.paths import CHECKOUT_ROOT
 
 WORKLOAD_DIR = CHECKOUT_ROOT / "bench" / "workloads"
 ARRIVAL_PROCESSES = ("poisson", "azure-conversation", "azure-code")
+LENGTH_SOURCES = ("alpaca", "azure-conversation", "azure-code")
 
 
 @dataclass(frozen=True)
@@ -36,6 +50,8 @@ class PromptLength:
     prompt_id: int
     prompt: str
     output_tokens: int
+    # The LLM whose answer this is (and which the request asks for); "" for the run's one LLM.
+    llm: str = ""
 
 
 @dataclass(frozen=True)
@@ -50,6 +66,8 @@ class Request:
     output_tokens: int
     # The LLM's real answer length, before scaling.
     true_output_tokens: int
+    # The LLM asked for ("" : the run's one LLM).
+    llm: str = ""
 
 
 def vendored_workload_path(llm: str) -> Path:
@@ -84,6 +102,66 @@ def load_from_data(data_dir: Path, llm: str) -> list[PromptLength]:
         PromptLength(prompt.prompt_id, prompt.text, lengths[prompt.prompt_id])
         for prompt in dataset.prompts
         if prompt.prompt_id in held_out and prompt.prompt_id in lengths
+    ]
+
+
+def llm_names(llm: str) -> list[str]:
+    """``vicuna-13b,gpt4_0314`` -> the LLMs of a (mixed) stream."""
+    names = [name.strip() for name in llm.split(",") if name.strip()]
+    if not names:
+        raise ValueError("no LLM named")
+    return names
+
+
+def load_workload(
+    llm: str, data_dir: Path | None, lengths: str = "alpaca"
+) -> tuple[list[PromptLength], str]:
+    """The prompts and answer lengths of one LLM or a comma-separated mix (each item tagged
+    with its LLM), lengths optionally mapped onto an Azure trace's distribution."""
+    names = llm_names(llm)
+    items: list[PromptLength] = []
+    sources = []
+    for name in names:
+        one, source = load_prompt_lengths(name, data_dir)
+        if lengths != "alpaca":
+            one = map_lengths_to(one, azure_generated_tokens(lengths, data_dir))
+        items += [replace(item, llm=name) for item in one]
+        sources.append(source)
+    if lengths != "alpaca":
+        sources.append(f"lengths mapped by quantile onto {azure_lengths_path(lengths, data_dir)}")
+    return items, "; ".join(sources)
+
+
+def azure_lengths_path(lengths: str, data_dir: Path | None) -> Path:
+    kind = lengths.removeprefix("azure-")
+    if kind not in ("conversation", "code"):
+        raise ValueError(f"unknown length source {lengths!r}; use one of {LENGTH_SOURCES}")
+    if data_dir is not None and (full := data_dir / "azure_llm_2023" / f"{kind}.csv").exists():
+        return full
+    return WORKLOAD_DIR / f"azure_{kind}_generated_tokens.csv"
+
+
+def azure_generated_tokens(lengths: str, data_dir: Path | None) -> np.ndarray:
+    """The ``GeneratedTokens`` column of an Azure trace (full, or the vendored column)."""
+    path = azure_lengths_path(lengths, data_dir)
+    with path.open() as rows:
+        values = np.array([int(row["GeneratedTokens"]) for row in csv.DictReader(rows)])
+    if len(values) == 0:
+        raise ValueError(f"{path}: no GeneratedTokens")
+    return values
+
+
+def map_lengths_to(items: Sequence[PromptLength], target: np.ndarray) -> list[PromptLength]:
+    """Each item's length replaced by the same quantile of ``target``: the item at mid-rank
+    quantile q (ties share their mean rank) gets ``quantile(target, q)``. Order is kept."""
+    from scipy.stats import rankdata
+
+    ranks = rankdata([item.output_tokens for item in items])  # 1..n, ties averaged
+    quantiles = (ranks - 0.5) / len(items)
+    mapped = np.quantile(np.sort(target), quantiles, method="inverted_cdf")
+    return [
+        replace(item, output_tokens=max(1, int(tokens)))
+        for item, tokens in zip(items, mapped, strict=True)
     ]
 
 
@@ -201,6 +279,7 @@ def build_requests(
             prompt=items[pick].prompt,
             output_tokens=scale_length(items[pick].output_tokens, length_scale),
             true_output_tokens=items[pick].output_tokens,
+            llm=items[pick].llm,
         )
         for i, pick in enumerate(picks)
     ]

@@ -1,4 +1,5 @@
-"""Waiting for a gRPC server to report SERVING through the standard health service."""
+"""Waiting for a server to be ready: gRPC servers through the standard health service,
+HTTP servers through their health URL."""
 
 from __future__ import annotations
 
@@ -31,3 +32,21 @@ def wait_for_serving(
                 last_error = error
             time.sleep(0.1)
     raise TimeoutError(f"{address} not SERVING after {timeout:.0f}s (last error: {last_error})")
+
+
+def wait_for_http(url: str, timeout: float = 60.0, alive: object = None) -> None:
+    """Block until ``url`` (an HTTP server's health URL) answers 2xx; ``alive`` as above."""
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        if callable(alive) and not alive():
+            raise RuntimeError(f"the server for {url} exited before it was ready")
+        try:
+            with urllib.request.urlopen(url, timeout=1.0):
+                return
+        except OSError as error:
+            last_error = error
+        time.sleep(0.1)
+    raise TimeoutError(f"{url} did not answer after {timeout:.0f}s (last error: {last_error})")

@@ -9,7 +9,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("client_request_id", "llm", "prompt", "sampling", "priority", "oracle_output_tokens", "start_timeout_ms")
+    __slots__ = ("client_request_id", "llm", "prompt", "sampling", "priority", "oracle_output_tokens", "start_timeout_ms", "messages")
     CLIENT_REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     LLM_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -17,6 +17,7 @@ class GenerateRequest(_message.Message):
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     ORACLE_OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     START_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
     client_request_id: str
     llm: str
     prompt: str
@@ -24,7 +25,8 @@ class GenerateRequest(_message.Message):
     priority: int
     oracle_output_tokens: int
     start_timeout_ms: int
-    def __init__(self, client_request_id: _Optional[str] = ..., llm: _Optional[str] = ..., prompt: _Optional[str] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., priority: _Optional[int] = ..., oracle_output_tokens: _Optional[int] = ..., start_timeout_ms: _Optional[int] = ...) -> None: ...
+    messages: _containers.RepeatedCompositeFieldContainer[_common_pb2.ChatMessage]
+    def __init__(self, client_request_id: _Optional[str] = ..., llm: _Optional[str] = ..., prompt: _Optional[str] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., priority: _Optional[int] = ..., oracle_output_tokens: _Optional[int] = ..., start_timeout_ms: _Optional[int] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.ChatMessage, _Mapping]]] = ...) -> None: ...
 
 class SubmitResponse(_message.Message):
     __slots__ = ("job_id", "deduplicated", "job")
@@ -67,7 +69,7 @@ class JobAccepted(_message.Message):
     def __init__(self, predicted_output_tokens: _Optional[float] = ..., prediction_fallback: _Optional[bool] = ..., deduplicated: _Optional[bool] = ...) -> None: ...
 
 class JobSummary(_message.Message):
-    __slots__ = ("state", "finish_reason", "error", "queue_wait_s", "time_to_first_token_s", "completion_s", "predicted_output_tokens", "generated_tokens", "attempts", "prediction_fallback")
+    __slots__ = ("state", "finish_reason", "error", "queue_wait_s", "time_to_first_token_s", "completion_s", "predicted_output_tokens", "generated_tokens", "attempts", "prediction_fallback", "prompt_tokens")
     STATE_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
@@ -78,6 +80,7 @@ class JobSummary(_message.Message):
     GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
     PREDICTION_FALLBACK_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     state: _common_pb2.JobState
     finish_reason: _common_pb2.FinishReason
     error: str
@@ -88,7 +91,8 @@ class JobSummary(_message.Message):
     generated_tokens: int
     attempts: int
     prediction_fallback: bool
-    def __init__(self, state: _Optional[_Union[_common_pb2.JobState, str]] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., error: _Optional[str] = ..., queue_wait_s: _Optional[float] = ..., time_to_first_token_s: _Optional[float] = ..., completion_s: _Optional[float] = ..., predicted_output_tokens: _Optional[float] = ..., generated_tokens: _Optional[int] = ..., attempts: _Optional[int] = ..., prediction_fallback: _Optional[bool] = ...) -> None: ...
+    prompt_tokens: int
+    def __init__(self, state: _Optional[_Union[_common_pb2.JobState, str]] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., error: _Optional[str] = ..., queue_wait_s: _Optional[float] = ..., time_to_first_token_s: _Optional[float] = ..., completion_s: _Optional[float] = ..., predicted_output_tokens: _Optional[float] = ..., generated_tokens: _Optional[int] = ..., attempts: _Optional[int] = ..., prediction_fallback: _Optional[bool] = ..., prompt_tokens: _Optional[int] = ...) -> None: ...
 
 class CancelRequest(_message.Message):
     __slots__ = ("job_id",)
@@ -191,6 +195,30 @@ class QueueStatsResponse(_message.Message):
     policy: str
     def __init__(self, queues: _Optional[_Iterable[_Union[QueueStats, _Mapping]]] = ..., policy: _Optional[str] = ...) -> None: ...
 
+class ListModelsRequest(_message.Message):
+    __slots__ = ("include_offline",)
+    INCLUDE_OFFLINE_FIELD_NUMBER: _ClassVar[int]
+    include_offline: bool
+    def __init__(self, include_offline: _Optional[bool] = ...) -> None: ...
+
+class ServedModel(_message.Message):
+    __slots__ = ("llm", "workers", "predictor_head", "predictor_version")
+    LLM_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    PREDICTOR_HEAD_FIELD_NUMBER: _ClassVar[int]
+    PREDICTOR_VERSION_FIELD_NUMBER: _ClassVar[int]
+    llm: str
+    workers: int
+    predictor_head: str
+    predictor_version: str
+    def __init__(self, llm: _Optional[str] = ..., workers: _Optional[int] = ..., predictor_head: _Optional[str] = ..., predictor_version: _Optional[str] = ...) -> None: ...
+
+class ListModelsResponse(_message.Message):
+    __slots__ = ("models",)
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[ServedModel]
+    def __init__(self, models: _Optional[_Iterable[_Union[ServedModel, _Mapping]]] = ...) -> None: ...
+
 class LeaseRequest(_message.Message):
     __slots__ = ("worker_id", "llms", "max_jobs", "wait_ms")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
@@ -204,7 +232,7 @@ class LeaseRequest(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., llms: _Optional[_Iterable[str]] = ..., max_jobs: _Optional[int] = ..., wait_ms: _Optional[int] = ...) -> None: ...
 
 class LeasedJob(_message.Message):
-    __slots__ = ("job_id", "lease_id", "llm", "prompt", "sampling", "resume_token_ids", "attempt", "predicted_output_tokens")
+    __slots__ = ("job_id", "lease_id", "llm", "prompt", "sampling", "resume_token_ids", "attempt", "predicted_output_tokens", "messages")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     LLM_FIELD_NUMBER: _ClassVar[int]
@@ -213,6 +241,7 @@ class LeasedJob(_message.Message):
     RESUME_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     PREDICTED_OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     lease_id: str
     llm: str
@@ -221,7 +250,8 @@ class LeasedJob(_message.Message):
     resume_token_ids: _containers.RepeatedScalarFieldContainer[int]
     attempt: int
     predicted_output_tokens: float
-    def __init__(self, job_id: _Optional[str] = ..., lease_id: _Optional[str] = ..., llm: _Optional[str] = ..., prompt: _Optional[str] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., resume_token_ids: _Optional[_Iterable[int]] = ..., attempt: _Optional[int] = ..., predicted_output_tokens: _Optional[float] = ...) -> None: ...
+    messages: _containers.RepeatedCompositeFieldContainer[_common_pb2.ChatMessage]
+    def __init__(self, job_id: _Optional[str] = ..., lease_id: _Optional[str] = ..., llm: _Optional[str] = ..., prompt: _Optional[str] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., resume_token_ids: _Optional[_Iterable[int]] = ..., attempt: _Optional[int] = ..., predicted_output_tokens: _Optional[float] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.ChatMessage, _Mapping]]] = ...) -> None: ...
 
 class LeaseResponse(_message.Message):
     __slots__ = ("jobs", "lease_ttl_s")

@@ -65,6 +65,11 @@ class SchedulerStub:
                 request_serializer=ssjf_dot_v1_dot_scheduler__pb2.QueueStatsRequest.SerializeToString,
                 response_deserializer=ssjf_dot_v1_dot_scheduler__pb2.QueueStatsResponse.FromString,
                 _registered_method=True)
+        self.ListModels = channel.unary_unary(
+                '/ssjf.v1.Scheduler/ListModels',
+                request_serializer=ssjf_dot_v1_dot_scheduler__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=ssjf_dot_v1_dot_scheduler__pb2.ListModelsResponse.FromString,
+                _registered_method=True)
 
 
 class SchedulerServicer:
@@ -118,6 +123,14 @@ class SchedulerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListModels(self, request, context):
+        """Lists the LLM names that live workers serve now (a worker is live while it long-polls
+        Lease or reports progress), with the predictor head that orders each one's queue.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -150,6 +163,11 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.QueueStats,
                     request_deserializer=ssjf_dot_v1_dot_scheduler__pb2.QueueStatsRequest.FromString,
                     response_serializer=ssjf_dot_v1_dot_scheduler__pb2.QueueStatsResponse.SerializeToString,
+            ),
+            'ListModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModels,
+                    request_deserializer=ssjf_dot_v1_dot_scheduler__pb2.ListModelsRequest.FromString,
+                    response_serializer=ssjf_dot_v1_dot_scheduler__pb2.ListModelsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -315,6 +333,33 @@ class Scheduler:
             '/ssjf.v1.Scheduler/QueueStats',
             ssjf_dot_v1_dot_scheduler__pb2.QueueStatsRequest.SerializeToString,
             ssjf_dot_v1_dot_scheduler__pb2.QueueStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ssjf.v1.Scheduler/ListModels',
+            ssjf_dot_v1_dot_scheduler__pb2.ListModelsRequest.SerializeToString,
+            ssjf_dot_v1_dot_scheduler__pb2.ListModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,

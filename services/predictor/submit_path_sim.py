@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     data_dir = SHARED_DATA_DIR if (SHARED_DATA_DIR / "alpaca_eval").is_dir() else None
     items, source = load_prompt_lengths(args.llm, data_dir)
     prompts = {item.prompt_id: item.prompt for item in items}
-    proxy_by_id = proxy_predictions(prompts, args.llm, artifact)
+    proxy_by_key, _ = proxy_predictions(items, args.llm, artifact)
     first_stage = FirstStageModel.load(artifact / FIRST_STAGE_FILE)
     first_by_id = {pid: first_stage.predict(text, args.llm) for pid, text in prompts.items()}
     delay_s = args.prediction_delay_ms / 1e3
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
                 items, args.requests, args.load * capacity, args.length_scale, seed
             )
             first = [first_by_id[r.prompt_id] for r in requests]
-            proxy = [proxy_by_id[r.prompt_id] for r in requests]
+            proxy = [proxy_by_key[(r.llm or args.llm, r.prompt_id)] for r in requests]
             for variant in VARIANTS:
                 started = time.monotonic()
                 fresh = [replace(r) for r in requests]

@@ -15,7 +15,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from redis.exceptions import RedisError
 
@@ -26,6 +26,7 @@ from services.common.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from services.scheduler.conversation import last_user_turn, validate_messages
 from services.scheduler.models import (
     JobEnd,
     JobRecord,
@@ -39,13 +40,15 @@ from services.scheduler.models import (
     Token,
 )
 from services.scheduler.policies import PRIORITY_RANGE, JobFeatures, Policy
-from services.scheduler.prediction import (
-    AsyncPredictions,
-    LengthPredictor,
-    PendingJob,
-    PredictionMode,
-)
+from services.scheduler.prediction import AsyncPredictions, PendingJob, PredictionMode
 from services.scheduler.predictor_client import Prediction, clamp_prediction
+from services.scheduler.registry import (
+    KNOWN_LLM_MEMORY_S,
+    MAX_WORKER_ID_CHARS,
+    PredictorInfo,
+    RegistrationCache,
+    ServedModel,
+)
 from services.scheduler.store import JobStore, Rejected
 
 if TYPE_CHECKING:
@@ -59,6 +62,12 @@ MAX_CLIENT_REQUEST_ID_CHARS = 256
 MAX_STOP_STRINGS = 16
 MAX_LEASE_JOBS = 256
 MAX_LEASE_WAIT_MS = 60_000
+
+
+class LengthPredictor(Protocol):
+    async def predict(self, prompt: str, llm: str) -> Prediction | None: ...
+
+    async def model_info(self) -> PredictorInfo | None: ...
 
 
 @dataclass(frozen=True)
@@ -110,6 +119,7 @@ class SchedulerCore:
             else None
         )
         self._stopping = asyncio.Event()
+        self._registrations = RegistrationCache()
 
     # Client side -----------------------------------------------------------------------
 
@@ -121,9 +131,13 @@ class SchedulerCore:
                 f"llm {llm!r} is not a valid name (letters, digits and ._:/@+- only, "
                 "at most 128 characters)"
             )
-        if not request.prompt.strip():
+        if request.messages:
+            if request.prompt:
+                raise InvalidArgument("set either prompt or messages, not both")
+            validate_messages(request.messages, self.config.max_prompt_chars)
+        elif not request.prompt.strip():
             raise InvalidArgument("prompt must not be empty")
-        if len(request.prompt) > self.config.max_prompt_chars:
+        elif len(request.prompt) > self.config.max_prompt_chars:
             raise InvalidArgument(
                 f"prompt has {len(request.prompt)} characters, more than the "
                 f"{self.config.max_prompt_chars} allowed (--max-prompt-chars)"
@@ -172,7 +186,10 @@ class SchedulerCore:
                 if record is not None:
                     return Submission(record, deduplicated=True)
         submitted_at = time.time()
-        prediction, fallback, predict_later = await self._predict(request.prompt, llm)
+        # A chat job's prompt is its last user turn: what the predictor reads and the record
+        # keeps (see conversation.py); the worker gets the whole conversation.
+        prompt = last_user_turn(request.messages) if request.messages else request.prompt
+        prediction, fallback, predict_later = await self._predict(prompt, llm)
         if self.policy.uses_oracle:
             predicted, predictor_version = float(request.oracle_output_tokens), "oracle"
         elif prediction is not None:
@@ -189,6 +206,7 @@ class SchedulerCore:
             ),
             oracle_tokens=request.oracle_output_tokens,
             priority=request.priority,
+            prompt_chars=len(request.prompt),
         )
         record = JobRecord(
             job_id=new_job_id(),
@@ -202,7 +220,8 @@ class SchedulerCore:
             policy=self.policy.name,
             score=self.policy.score(features),
             sampling=request.sampling,
-            prompt=request.prompt,
+            prompt=prompt,
+            messages=request.messages,
             submitted_at=submitted_at,
             queued_at=time.time(),
         )
@@ -228,7 +247,7 @@ class SchedulerCore:
                 PendingJob(
                     job_id,
                     llm,
-                    request.prompt,
+                    prompt,
                     lambda tokens: policy.score(replace(features, predicted_tokens=tokens)),
                 )
             )
@@ -292,8 +311,10 @@ class SchedulerCore:
     ) -> list[LeasedJob]:
         """Lease up to ``max_jobs`` jobs, waiting up to ``wait_ms`` for one (no polling: the
         wait blocks on the LLMs' wake-up lists)."""
-        if not worker_id:
-            raise InvalidArgument("worker_id must not be empty")
+        if not worker_id or len(worker_id) > MAX_WORKER_ID_CHARS:
+            raise InvalidArgument(
+                f"worker_id must have 1 to {MAX_WORKER_ID_CHARS} characters, got {len(worker_id)}"
+            )
         if not llms:
             raise InvalidArgument("llms must name at least one LLM the worker serves")
         for llm in llms:
@@ -301,7 +322,9 @@ class SchedulerCore:
                 raise InvalidArgument(f"llm {llm!r} is not a valid name")
         if not 1 <= max_jobs <= MAX_LEASE_JOBS:
             raise InvalidArgument(f"max_jobs must be within [1, {MAX_LEASE_JOBS}], got {max_jobs}")
-        deadline = time.monotonic() + min(wait_ms, MAX_LEASE_WAIT_MS) / 1e3
+        wait_s = min(wait_ms, MAX_LEASE_WAIT_MS) / 1e3
+        await self._register_worker(worker_id, llms, wait_s)
+        deadline = time.monotonic() + wait_s
         while not self._stopping.is_set():
             jobs = await self.store.claim(
                 worker_id,
@@ -331,8 +354,68 @@ class SchedulerCore:
                 task.cancel()
         return wake.done() and not wake.cancelled() and wake.result()
 
-    async def report(self, progress: list[Progress]) -> list[Stop]:
+    async def report(self, progress: list[Progress], worker_id: str = "") -> list[Stop]:
+        if 0 < len(worker_id) <= MAX_WORKER_ID_CHARS:
+            await self._refresh_worker(worker_id)
         return await self.store.apply_progress(progress, time.time())
+
+    # Live-worker registry ----------------------------------------------------------------
+
+    async def _register_worker(self, worker_id: str, llms: list[str], wait_s: float) -> None:
+        """A Lease call registers its worker as live for the long poll plus one lease TTL
+        (the worker calls again or heartbeats through Report before that)."""
+        now = time.time()
+        ttl_s = wait_s + self.store.settings.lease_ttl_s
+        served = tuple(sorted(set(llms)))
+        # Written only when the last registration would lapse within half a lease TTL.
+        if self._registrations.needs_register(worker_id, served, now + ttl_s / 2):
+            await self.store.register_worker(worker_id, list(served), ttl_s, now)
+            self._registrations.remember(worker_id, served, now + ttl_s)
+
+    async def _refresh_worker(self, worker_id: str) -> None:
+        """A Report (heartbeats every third of the lease TTL) keeps a busy worker, which does
+        not call Lease while its batch is full, registered."""
+        now = time.time()
+        ttl_s = self.store.settings.lease_ttl_s
+        if self._registrations.needs_refresh(worker_id, now + ttl_s / 2):
+            # Remembered even when there was nothing to refresh (the registration lapsed):
+            # the worker's next Lease registers it again; no write on every report meanwhile.
+            await self.store.refresh_worker(worker_id, ttl_s, now)
+            self._registrations.remember(worker_id, None, now + ttl_s)
+
+    async def live_llms(self) -> set[str]:
+        """LLM names at least one live worker serves now."""
+        workers = await self.store.live_workers(time.time())
+        return {llm for llms in workers.values() for llm in llms}
+
+    async def list_models(self, include_offline: bool = False) -> list[ServedModel]:
+        """The LLMs live workers serve now, with the predictor head ordering each one;
+        ``include_offline`` adds those a worker served within KNOWN_LLM_MEMORY_S, with
+        workers=0."""
+        now = time.time()
+        workers = await self.store.live_workers(now)
+        counts: dict[str, int] = {}
+        for llms in workers.values():
+            for llm in set(llms):
+                counts[llm] = counts.get(llm, 0) + 1
+        if include_offline:
+            for llm in await self.store.llms_seen(now - KNOWN_LLM_MEMORY_S):
+                counts.setdefault(llm, 0)
+        info = await self._predictor_info()
+        return [
+            ServedModel(
+                llm=llm,
+                workers=count,
+                predictor_head=info.head_for(llm) if info else "",
+                predictor_version=info.version if info else "",
+            )
+            for llm, count in sorted(counts.items())
+        ]
+
+    async def _predictor_info(self) -> PredictorInfo | None:
+        if not self.policy.uses_prediction or self.predictor is None:
+            return None
+        return await self.predictor.model_info()
 
     # Background ------------------------------------------------------------------------
 

@@ -79,6 +79,25 @@ class SamplingParams:
 
 
 @dataclass(frozen=True)
+class ChatMessage:
+    """One turn of a conversation: role is system, user or assistant."""
+
+    role: str
+    content: str
+
+
+def messages_to_json(messages: tuple[ChatMessage, ...]) -> str:
+    """A conversation as stored in a job record ('' for a prompt job, keeping those small)."""
+    if not messages:
+        return ""
+    return json.dumps([[m.role, m.content] for m in messages], ensure_ascii=False)
+
+
+def messages_from_json(text: str | None) -> tuple[ChatMessage, ...]:
+    return tuple(ChatMessage(role, content) for role, content in json.loads(text)) if text else ()
+
+
+@dataclass(frozen=True)
 class JobRequest:
     """A client's request, before validation."""
 
@@ -89,6 +108,8 @@ class JobRequest:
     priority: int = 0
     oracle_output_tokens: int = 0
     start_timeout_ms: int = 0
+    # A conversation instead of a prompt (see services/scheduler/conversation.py).
+    messages: tuple[ChatMessage, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -118,6 +139,9 @@ class JobRecord:
     generated_tokens: int = 0
     finish_reason: FinishReason = FinishReason.UNSPECIFIED
     error: str = ""
+    # A chat job's conversation (prompt then holds its last user turn, what was predicted).
+    messages: tuple[ChatMessage, ...] = ()
+    prompt_tokens: int = 0  # after the worker's chat template, once a worker reported it
 
     @property
     def queue_wait_s(self) -> float:
@@ -163,6 +187,7 @@ class LeasedJob:
     predicted_output_tokens: float
     # Tokens earlier attempts already streamed: the worker resumes after them.
     resume_token_ids: list[int]
+    messages: tuple[ChatMessage, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,14 @@ Score = priority * PRIORITY_STRIDE + key, with the policy's key:
 * ``fcfs``:       key = arrival - EPOCH
 * ``ssjf``:       key = predicted + aging_rate * (arrival - EPOCH)
 * ``sjf-oracle``: key = oracle + aging_rate * (arrival - EPOCH)
+* ``sjf-prompt``: key = prompt characters + aging_rate * (arrival - EPOCH): the peers' order
+  (vLLM's ``sjf`` queue and SGLang's prefill-first policies key on prompt length), a
+  comparison policy showing what a learned output-length predictor buys over it
+
+HRRN (highest response ratio next, SGLang's alternative) is not here: its ratio
+``(wait + predicted) / predicted`` grows at a different speed for every job, so no static
+score orders it and a sorted set cannot serve it; the simulator evaluates it exactly
+(``services/bench/simulator.py``, ``HrrnQueue``).
 
 Aging as a static score: serving the job with the smallest
 ``predicted - aging_rate * (now - arrival)`` (its length minus a credit that grows while it
@@ -51,6 +59,9 @@ class JobFeatures:
     predicted_tokens: float = 0.0  # the proxy model's prediction (or the fallback value)
     oracle_tokens: int = 0  # true output length, sjf-oracle only
     priority: int = 0  # class: lower is served first, whatever the length
+    # Characters of the prompt (the scheduler has no tokenizer; characters order prompts as
+    # their token counts do, up to the tokenizer's noise). sjf-prompt only.
+    prompt_chars: int = 0
 
 
 class Policy(ABC):
@@ -119,6 +130,17 @@ class OracleSjfPolicy(Policy):
 
     def key(self, job: JobFeatures) -> float:
         return self._aged(float(job.oracle_tokens), job)
+
+
+@register
+class PromptSjfPolicy(Policy):
+    """Shortest prompt first: the peers' SJF (vLLM, SGLang), for comparison. On AlpacaEval
+    prompt length carries almost no signal about the answer's length."""
+
+    name = "sjf-prompt"
+
+    def key(self, job: JobFeatures) -> float:
+        return self._aged(float(job.prompt_chars), job)
 
 
 def make_policy(name: str, aging_rate: float = 0.0) -> Policy:

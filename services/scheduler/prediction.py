@@ -45,7 +45,7 @@ class PredictionMode(StrEnum):
     SYNC = "sync"  # wait for the prediction before queueing (the old path; for comparison)
 
 
-class LengthPredictor(Protocol):
+class Predicts(Protocol):
     async def predict(self, prompt: str, llm: str) -> Prediction | None: ...
 
 
@@ -69,9 +69,7 @@ class PendingJob:
 class AsyncPredictions:
     """Background predictions for queued jobs, at most ``max_in_flight`` at a time."""
 
-    def __init__(
-        self, store: JobStore, predictor: LengthPredictor, *, max_in_flight: int = 4096
-    ) -> None:
+    def __init__(self, store: JobStore, predictor: Predicts, *, max_in_flight: int = 4096) -> None:
         self.store = store
         self.predictor = predictor
         self.max_in_flight = max_in_flight

@@ -22,6 +22,7 @@ import grpc
 from services.common.grpc_server import CHANNEL_OPTIONS
 from services.pb import predictor_pb2, predictor_pb2_grpc
 from services.scheduler.policies import PRIORITY_STRIDE
+from services.scheduler.registry import PredictorInfo
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,9 @@ log = logging.getLogger(__name__)
 MAX_PREDICTED_TOKENS = 1e6
 assert MAX_PREDICTED_TOKENS * 100 < PRIORITY_STRIDE
 MIN_PREDICTED_TOKENS = 1.0
+
+# The proxy model changes only when the predictor restarts with another artifact.
+_MODEL_INFO_TTL_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -119,6 +123,7 @@ class PredictorClient:
         self._stub = predictor_pb2_grpc.PredictorStub(self._channel)
         # Logged on each change only: a predictor outage must not flood the log.
         self._healthy = True
+        self._model_info: tuple[float, PredictorInfo | None] = (0.0, None)
 
     async def predict(self, prompt: str, llm: str) -> Prediction | None:
         if not self.breaker.allow():
@@ -141,6 +146,22 @@ class PredictorClient:
     def _failed(self, reason: str) -> None:
         self.breaker.record_failure()
         self._set_health(False, reason)
+
+    async def model_info(self) -> PredictorInfo | None:
+        """The proxy model's version and heads (cached for a while); None when the predictor
+        cannot answer."""
+        fetched_at, info = self._model_info
+        if info is not None and time.monotonic() - fetched_at < _MODEL_INFO_TTL_S:
+            return info
+        try:
+            reply = await self._stub.GetModelInfo(
+                predictor_pb2.GetModelInfoRequest(), timeout=self.timeout_s
+            )
+        except grpc.aio.AioRpcError:
+            return None
+        info = PredictorInfo(version=reply.model_version, heads=tuple(reply.llms))
+        self._model_info = (time.monotonic(), info)
+        return info
 
     def _set_health(self, healthy: bool, reason: str) -> None:
         if healthy == self._healthy:

@@ -13,6 +13,7 @@ from services.common.errors import NotFound
 from services.pb import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from services.scheduler.core import SchedulerCore
 from services.scheduler.models import (
+    ChatMessage,
     FinishReason,
     JobEnd,
     JobRecord,
@@ -80,6 +81,7 @@ def job_request_from_pb(request: scheduler_pb2.GenerateRequest) -> JobRequest:
         priority=request.priority,
         oracle_output_tokens=request.oracle_output_tokens,
         start_timeout_ms=request.start_timeout_ms,
+        messages=tuple(ChatMessage(m.role, m.content) for m in request.messages),
     )
 
 
@@ -121,7 +123,12 @@ def summary_to_pb(record: JobRecord) -> scheduler_pb2.JobSummary:
         generated_tokens=record.generated_tokens,
         attempts=record.attempts,
         prediction_fallback=record.prediction_fallback,
+        prompt_tokens=record.prompt_tokens,
     )
+
+
+def messages_to_pb(messages: tuple[ChatMessage, ...]) -> list[common_pb2.ChatMessage]:
+    return [common_pb2.ChatMessage(role=m.role, content=m.content) for m in messages]
 
 
 def event_to_pb(job_id: str, event: Token | JobEnd) -> scheduler_pb2.JobEvent:
@@ -143,6 +150,7 @@ def leased_job_to_pb(job: LeasedJob) -> scheduler_pb2.LeasedJob:
         resume_token_ids=job.resume_token_ids,
         attempt=job.attempt,
         predicted_output_tokens=job.predicted_output_tokens,
+        messages=messages_to_pb(job.messages),
     )
 
 
@@ -263,6 +271,22 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             policy=self.core.policy.name,
         )
 
+    async def ListModels(
+        self, request: scheduler_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_pb2.ListModelsResponse:
+        models = await self.core.list_models(include_offline=request.include_offline)
+        return scheduler_pb2.ListModelsResponse(
+            models=[
+                scheduler_pb2.ServedModel(
+                    llm=model.llm,
+                    workers=model.workers,
+                    predictor_head=model.predictor_head,
+                    predictor_version=model.predictor_version,
+                )
+                for model in models
+            ]
+        )
+
 
 class WorkerGatewayServicer(scheduler_pb2_grpc.WorkerGatewayServicer):
     """Where workers lease jobs and report progress."""
@@ -287,7 +311,9 @@ class WorkerGatewayServicer(scheduler_pb2_grpc.WorkerGatewayServicer):
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[scheduler_pb2.WorkerDirective]:
         async for report in request_iterator:
-            stops = await self.core.report([progress_from_pb(p) for p in report.progress])
+            stops = await self.core.report(
+                [progress_from_pb(p) for p in report.progress], report.worker_id
+            )
             if stops:
                 log.info(
                     "stopping jobs",

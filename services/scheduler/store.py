@@ -14,6 +14,9 @@ Redis layout (``ssjf:`` prefix; see docs/scheduler.md):
 * ``metrics:<llm>``     hash, counters (submitted, prediction_fallback, completed, ...)
 * ``llms``              set, LLM names that have had a queue
 * ``completions``       capped stream: (prompt, llm, generated_tokens) of finished jobs
+* ``worker:<id>``       string, a live worker's LLM names (JSON); expires with its registration
+* ``workers``           sorted set, worker id by registration expiry (index of worker:<id>)
+* ``llms_seen``         sorted set, LLM name by the last time a worker registered it
 
 Each state change is one script (lua/*.lua, sharing lua/lib.lua), so any number of
 scheduler replicas can share one Redis: a job is claimed, renewed, requeued or finished
@@ -49,11 +52,18 @@ from services.scheduler.models import (
     Stop,
     StopReason,
     Token,
+    messages_from_json,
+    messages_to_json,
 )
 
 PREFIX = "ssjf:"
 LLMS_KEY = PREFIX + "llms"
 COMPLETIONS_KEY = PREFIX + "completions"  # written by lua/progress.lua
+WORKERS_KEY = PREFIX + "workers"
+LLMS_SEEN_KEY = PREFIX + "llms_seen"
+# Index entries of workers gone this long are pruned (long enough for replicas' clock skew;
+# the worker:<id> key's own Redis expiry is what decides liveness).
+_WORKER_INDEX_GRACE_S = 60.0
 _LUA_DIR = Path(__file__).with_name("lua")
 _STREAM_READ_COUNT = 512
 _Method = TypeVar("_Method", bound=Callable[..., Awaitable[Any]])
@@ -89,6 +99,10 @@ def notify_key(llm: str) -> str:
 
 def metrics_key(llm: str) -> str:
     return f"{PREFIX}metrics:{llm}"
+
+
+def worker_key(worker_id: str) -> str:
+    return f"{PREFIX}worker:{worker_id}"
 
 
 @dataclass(frozen=True)
@@ -225,6 +239,7 @@ def _record_json(record: JobRecord, deadline_at: float) -> str:
             "score": repr(record.score),
             "sampling": record.sampling.to_json(),
             "prompt": record.prompt,
+            "messages": messages_to_json(record.messages),
             "submitted_at": repr(record.submitted_at),
             "queued_at": repr(record.queued_at),
             "leased_at": "0",
@@ -268,6 +283,8 @@ def _parse_record(fields: dict[str, str]) -> JobRecord:
         generated_tokens=int(fields["generated_tokens"]),
         finish_reason=FinishReason(fields["finish_reason"]),
         error=fields["error"],
+        messages=messages_from_json(fields.get("messages")),
+        prompt_tokens=int(fields.get("prompt_tokens") or 0),
     )
 
 
@@ -376,8 +393,9 @@ class JobStore:
                 attempt=int(attempt),
                 predicted_output_tokens=float(predicted),
                 resume_token_ids=resume_ids.get(job_id, []),
+                messages=messages_from_json(messages),
             )
-            for job_id, lease_id, attempt, llm, prompt, sampling, predicted, _ in rows
+            for job_id, lease_id, attempt, llm, prompt, sampling, predicted, _, messages in rows
         ]
 
     async def _token_ids(self, job_ids: list[str]) -> dict[str, list[int]]:
@@ -526,3 +544,50 @@ class JobStore:
                 )
             )
         return stats
+
+    # Live-worker registry (see services/scheduler/registry.py) -----------------------------
+
+    @_unavailable_without_redis
+    async def register_worker(
+        self, worker_id: str, llms: list[str], ttl_s: float, now: float
+    ) -> None:
+        """Record that ``worker_id`` serves ``llms`` for the next ``ttl_s`` seconds."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.set(worker_key(worker_id), json.dumps(llms), px=max(1, int(ttl_s * 1e3)))
+            pipe.zadd(WORKERS_KEY, {worker_id: now + ttl_s})
+            pipe.zadd(LLMS_SEEN_KEY, dict.fromkeys(llms, now))
+            await pipe.execute()
+
+    @_unavailable_without_redis
+    async def refresh_worker(self, worker_id: str, ttl_s: float, now: float) -> bool:
+        """Extend a live registration to ``ttl_s`` from now; False when there is none (the
+        worker registers again with its next Lease)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.pexpire(worker_key(worker_id), max(1, int(ttl_s * 1e3)))
+            pipe.zadd(WORKERS_KEY, {worker_id: now + ttl_s}, xx=True, gt=True)
+            extended, _ = await pipe.execute()
+        return bool(extended)
+
+    @_unavailable_without_redis
+    async def live_workers(self, now: float) -> dict[str, list[str]]:
+        """Each live worker's LLM names."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zremrangebyscore(WORKERS_KEY, "-inf", now - _WORKER_INDEX_GRACE_S)
+            pipe.zrange(WORKERS_KEY, 0, -1)
+            _, worker_ids = await pipe.execute()
+        if not worker_ids:
+            return {}
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for worker_id in worker_ids:
+                pipe.get(worker_key(worker_id))
+            registrations = await pipe.execute()
+        return {
+            worker_id: json.loads(llms)
+            for worker_id, llms in zip(worker_ids, registrations, strict=True)
+            if llms is not None
+        }
+
+    @_unavailable_without_redis
+    async def llms_seen(self, since: float) -> list[str]:
+        """LLM names some worker registered at or after ``since``."""
+        return await self.redis.zrangebyscore(LLMS_SEEN_KEY, since, "+inf")

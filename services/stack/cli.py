@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 
@@ -39,6 +40,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_option(
         up, "--served-model-name", default="vicuna-13b", help="LLM name the workers answer to"
+    )
+    add_option(
+        up,
+        "--http-port",
+        type=int,
+        default=8000,
+        help="port of the OpenAI-compatible HTTP front (ssjf http); 0: no HTTP front",
     )
     up.set_defaults(run=_run_up)
 
@@ -88,6 +96,7 @@ def _run_up(args: argparse.Namespace) -> int:
         model=args.model,
         log_level=args.log_level,
         scheduler_args=["--default-llm", args.served_model_name],
+        http_port=args.http_port or None,
     )
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -99,10 +108,12 @@ def _run_up(args: argparse.Namespace) -> int:
             f"\nSSJF is up: scheduler on {server}, {args.workers} worker(s), policy "
             f"{args.policy}, batching {args.batching}, Redis {stack.redis_url}\n"
             "Try it (in another terminal):\n\n"
-            f'  {ssjf} generate "Explain shortest-job-first scheduling." --server {server}\n\n'
-            "Ctrl-C stops the stack.\n",
+            f'  {ssjf} generate "Explain shortest-job-first scheduling." --server {server}\n',
             flush=True,
         )
+        if stack.http_url:
+            print(openai_examples(stack.http_url, args.served_model_name), flush=True)
+        print("Ctrl-C stops the stack.\n", flush=True)
         while not stop.wait(1.0):
             if not stack.alive():
                 print("a service exited; stopping the stack", file=sys.stderr)
@@ -138,3 +149,25 @@ def _run_health(args: argparse.Namespace) -> int:
         print(error, file=sys.stderr)
         return 1
     return 0
+
+
+def openai_examples(base_url: str, model: str) -> str:
+    """The ready-to-paste curl line and 5-line Python example ``ssjf up`` prints."""
+    body = json.dumps(
+        {
+            "model": model,
+            "messages": [{"role": "user", "content": "Explain shortest-job-first scheduling."}],
+            "stream": True,
+        }
+    )
+    return (
+        f"OpenAI-compatible HTTP API on {base_url} (curl, or pip install openai):\n\n"
+        f"  curl -N {base_url}/chat/completions -H 'Content-Type: application/json' "
+        f"-d '{body}'\n\n"
+        "  from openai import OpenAI\n"
+        f'  client = OpenAI(base_url="{base_url}", api_key="unused")\n'
+        f'  messages = [{{"role": "user", "content": "Explain shortest-job-first scheduling."}}]\n'
+        f'  for chunk in client.chat.completions.create(model="{model}", messages=messages, '
+        "stream=True):\n"
+        '      print(chunk.choices[0].delta.content or "", end="", flush=True)\n'
+    )

@@ -16,7 +16,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO
 
-from services.common.health import wait_for_serving
+from services.common.health import wait_for_http, wait_for_serving
 from services.common.net import free_port
 from services.common.redis_store import EmbeddedRedis
 
@@ -45,6 +45,8 @@ class StackConfig:
     log_dir: Path | None = None
     log_level: str = "info"
     ready_timeout_s: float = 180.0
+    # The OpenAI-compatible HTTP front (``ssjf http``): its port (0: any free one); None: none.
+    http_port: int | None = None
 
 
 @dataclass
@@ -62,6 +64,7 @@ class LocalStack:
         self.config = config
         self.redis_url = config.redis_url
         self.address = f"127.0.0.1:{config.port}"
+        self.http_url: str | None = None  # the front's base URL once started, e.g. .../v1
         self._children: list[_Child] = []
         self._embedded_redis: EmbeddedRedis | None = None
 
@@ -120,6 +123,14 @@ class LocalStack:
             if cfg.model:
                 args += ["--model", cfg.model]
             workers.append(self._spawn(f"worker-{index}", port, [*args, *cfg.worker_args]))
+        front = None
+        if cfg.http_port is not None:
+            http_port = cfg.http_port or free_port()
+            front = self._spawn(
+                "http",
+                http_port,
+                ["http", "--port", str(http_port), "--scheduler", scheduler.address],
+            )
         # Started together, waited on together: model loading overlaps across processes.
         for child in [predictor, scheduler, *workers]:
             wait_for_serving(
@@ -128,6 +139,14 @@ class LocalStack:
                 alive=lambda child=child: child.process.poll() is None,
             )
             log.info("service ready", extra={"service": child.name, "address": child.address})
+        if front is not None:
+            wait_for_http(
+                f"http://{front.address}/health",
+                timeout=cfg.ready_timeout_s,
+                alive=lambda: front.process.poll() is None,
+            )
+            self.http_url = f"http://{front.address}/v1"
+            log.info("service ready", extra={"service": "http", "url": self.http_url})
 
     def _spawn(self, name: str, port: int, args: list[str]) -> _Child:
         log_file = None

@@ -224,7 +224,10 @@ class GatewayClient:
             self._record(JobUpdate(lease.key, outcome=failed))
             self._outbox_ready.set()
             return
-        self.runner.submit(lease.key, job.prompt, sampling, tuple(job.resume_token_ids))
+        conversation = tuple((turn.role, turn.content) for turn in job.messages)
+        self.runner.submit(
+            lease.key, job.prompt, sampling, tuple(job.resume_token_ids), conversation
+        )
 
     def _silence(self, key: str, why: str) -> None:
         """Stop a run now and report nothing more about it."""

@@ -16,6 +16,7 @@ import threading
 from dataclasses import dataclass
 
 from services.common.errors import ServiceError
+from services.worker.chat import Turn, encode_conversation
 from services.worker.engine import Engine, free_slots
 from services.worker.jobs import FinishReason, GenerationRequest, JobUpdate, Outcome, Sampling
 
@@ -31,6 +32,7 @@ class _Submit:
     prompt: str
     sampling: Sampling
     resume_token_ids: tuple[int, ...]
+    conversation: tuple[Turn, ...] = ()  # a chat job's turns, rendered instead of prompt
 
 
 @dataclass(frozen=True)
@@ -66,11 +68,16 @@ class EngineRunner:
         return free_slots(self.engine.batching, self.engine.max_batch_size, self.active_jobs)
 
     def submit(
-        self, job_id: str, prompt: str, sampling: Sampling, resume_token_ids: tuple[int, ...]
+        self,
+        job_id: str,
+        prompt: str,
+        sampling: Sampling,
+        resume_token_ids: tuple[int, ...],
+        conversation: tuple[Turn, ...] = (),
     ) -> None:
         """Queue a job; the model thread tokenizes it (it alone touches the tokenizer)."""
         self.active_jobs += 1
-        self._commands.put(_Submit(job_id, prompt, sampling, resume_token_ids))
+        self._commands.put(_Submit(job_id, prompt, sampling, resume_token_ids, conversation))
 
     def cancel(self, job_id: str) -> None:
         """Stop a job before the engine's next step; its CANCELLED outcome follows."""
@@ -104,7 +111,12 @@ class EngineRunner:
             update = self.engine.cancel(command.job_id)
             return [update] if update else []
         try:
-            prompt_ids = tuple(self.engine.model.encode_prompt(command.prompt))
+            model = self.engine.model
+            prompt_ids = tuple(
+                encode_conversation(model.tokenizer, command.conversation)
+                if command.conversation
+                else model.encode_prompt(command.prompt)
+            )
             request = GenerationRequest(
                 command.job_id, prompt_ids, command.sampling, command.resume_token_ids
             )

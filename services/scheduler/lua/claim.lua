@@ -5,8 +5,8 @@
 -- A never-started job past its start deadline is failed instead of leased.
 -- ARGV: worker_id, lease_prefix, now, lease_ttl_s, max_jobs, max_wait_s (0: off), job_ttl_s,
 --       then the LLM names.
--- Returns one {job_id, lease_id, attempt, llm, prompt, sampling, predicted, next_index} per
--- lease.
+-- Returns one {job_id, lease_id, attempt, llm, prompt, sampling, predicted, next_index,
+-- messages} per lease (messages: a chat job's conversation as JSON, '' for a prompt job).
 local worker, lease_prefix = ARGV[1], ARGV[2]
 local now, ttl = tonumber(ARGV[3]), tonumber(ARGV[4])
 local max_jobs, max_wait, job_ttl = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
@@ -48,9 +48,9 @@ while #leased < max_jobs do
   redis.call('ZREM', queue_key(llm), id)
   redis.call('ZREM', arrivals_key(llm), id)
   local key = job_key(id)
-  local state, deadline_at, attempts, prompt, sampling, predicted, next_index = unpack(
+  local state, deadline_at, attempts, prompt, sampling, predicted, next_index, messages = unpack(
     redis.call('HMGET', key, 'state', 'deadline_at', 'attempts', 'prompt', 'sampling',
-      'predicted_output_tokens', 'next_index'))
+      'predicted_output_tokens', 'next_index', 'messages'))
   if state == 'QUEUED' then
     attempts = tonumber(attempts)
     deadline_at = tonumber(deadline_at)
@@ -65,7 +65,8 @@ while #leased < max_jobs do
         'leased_at', now, 'lease_expires_at', now + ttl, 'attempts', attempts)
       redis.call('ZADD', LEASES, now + ttl, id)
       redis.call('SADD', running_key(llm), id)
-      leased[#leased + 1] = {id, lease_id, attempts, llm, prompt, sampling, predicted, next_index}
+      leased[#leased + 1] = {id, lease_id, attempts, llm, prompt, sampling, predicted, next_index,
+        messages or ''}
     end
   end
 end
