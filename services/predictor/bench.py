@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -104,6 +105,11 @@ def _time_calls(call: Callable[[list[str]], Any], prompts: list[str], batch: int
         call(prompts[start : start + batch])
     done = (len(prompts) // batch) * batch
     return done / (time.perf_counter() - started)
+
+
+def command_line(module: str, argv: list[str] | None) -> str:
+    """The command a result came from, for its JSON."""
+    return f"python -m {module} " + " ".join(sys.argv[1:] if argv is None else argv)
 
 
 def write_result(path: str | Path, result: dict[str, Any]) -> Path:

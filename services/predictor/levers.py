@@ -31,7 +31,7 @@ import numpy as np
 from services.common.alpaca import default_data_dir, load_dataset
 from services.common.first_stage import FIRST_STAGE_FILE, FirstStageModel
 from services.common.paths import CHECKOUT_ROOT
-from services.predictor.bench import eager_engine, write_result
+from services.predictor.bench import command_line, eager_engine, write_result
 from services.predictor.core import PredictionCache
 from services.predictor.evaluate import score
 from services.predictor.export import FP32_MODEL_FILE, MODEL_FILE, TORCH_STATE_FILE
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in engines
     }
     result = {
-        "command": "python -m services.predictor.levers " + " ".join(argv or []),
+        "command": command_line("services.predictor.levers", argv),
         "held_out_prompts": len(prompts),
         "repeats": REPEATS,
         "threads": args.threads,

@@ -24,7 +24,7 @@ from scipy.stats import kendalltau
 from services.common.alpaca import default_data_dir, load_dataset, split_by_prompt
 from services.common.first_stage import fit_first_stage
 from services.common.paths import CHECKOUT_ROOT
-from services.predictor.bench import write_result
+from services.predictor.bench import command_line, write_result
 from services.predictor.training import EVAL_LLMS, Split, TrainConfig, Trainer
 
 REPORT_LLMS = (*EVAL_LLMS[:3], "smollm2-135m-instruct")
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         threads=args.threads,
     )
     result: dict[str, Any] = {
-        "command": "python -m services.predictor.loso " + " ".join(argv or []),
+        "command": command_line("services.predictor.loso", argv),
         "config": vars(args),
         "load_average_1m_at_start": os.getloadavg()[0],
         "folds": {},

@@ -41,7 +41,7 @@ from services.bench.simulator import BATCHING_MODES, SimJob, Simulation
 from services.bench.workload import build_requests, load_prompt_lengths
 from services.common.first_stage import FIRST_STAGE_FILE, FirstStageModel
 from services.common.paths import CHECKOUT_ROOT, SHARED_DATA_DIR
-from services.predictor.bench import write_result
+from services.predictor.bench import command_line, write_result
 from services.predictor.runtime import DEFAULT_ARTIFACT
 
 VARIANTS = ("fcfs", "sjf-oracle", "ssjf-sync", "ssjf-async", "ssjf-first-stage", "ssjf-instant")
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     first_by_id = {pid: first_stage.predict(text, args.llm) for pid, text in prompts.items()}
     delay_s = args.prediction_delay_ms / 1e3
     result: dict[str, Any] = {
-        "command": "python -m services.predictor.submit_path_sim " + " ".join(argv or []),
+        "command": command_line("services.predictor.submit_path_sim", argv),
         "workload": source,
         "llm": args.llm,
         "artifact": str(artifact),
