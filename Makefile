@@ -9,8 +9,8 @@ PROTOS := $(wildcard protos/ssjf/v1/*.proto)
 PB_DIR := services/pb
 
 .PHONY: help venv proto proto-check lint test run predictor bench bench-predictor simulate-submit-path \
-        bench-scheduler bench-worker bench-http clean bench-sim bench-stack bench-stack-starvation \
-        bench-stack-workers bench-stack-slo bench-sim-full
+        bench-scheduler bench-worker bench-http bench-security clean bench-sim bench-stack \
+        bench-stack-starvation bench-stack-workers bench-stack-slo bench-sim-full
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -60,8 +60,9 @@ runs/predictor-student3/metadata.json: | $(STAMP)
 # The benchmark grids (docs/bench.md). `make bench` is the headline (~30 min on this 2-core box):
 # the simulator grid with 95% intervals (40,000 jobs per point, ~5 min), then the real-stack
 # grid (4 policies x 3 batching modes x 2 loads, 3 interleaved rounds recalibrated each round,
-# ~25 min). Larger grids sit behind their own targets; BENCH_STACK_FLAGS / BENCH_SIM_FLAGS add
-# or override flags (e.g. BENCH_STACK_FLAGS="--duration-s 600 --rounds 6" for tighter intervals).
+# ~25 min, estimated: not yet timed on a quiet machine). Larger grids sit behind their own
+# targets; BENCH_STACK_FLAGS / BENCH_SIM_FLAGS add or override flags (e.g.
+# BENCH_STACK_FLAGS="--duration-s 600 --rounds 6" for tighter intervals).
 BENCH_POLICIES    ?= fcfs,ssjf,sjf-prompt,sjf-oracle
 BENCH_COMMON      := --length-scale 16 --max-batch-size 4
 BENCH_STACK_FLAGS ?=
@@ -77,7 +78,7 @@ bench-sim: $(STAMP)  ## simulator headline grid with 95% CIs -> bench/results/si
 
 bench-stack: $(STAMP)  ## real-stack headline grid with CIs -> bench/results/stack (~25 min)
 	$(BIN)/ssjf bench --out bench/results/stack --policies $(BENCH_POLICIES) \
-		--batching none,dynamic,continuous --loads 0.5,0.9 --duration-s 45 --rounds 3 \
+		--batching none,dynamic,continuous --loads 0.5,0.9 --duration-s 36 --rounds 3 \
 		--recalibrate round --max-wait-s 0 $(BENCH_COMMON) $(BENCH_STACK_FLAGS)
 
 bench-stack-starvation: $(STAMP)  ## real stack: SSJF with and without the guard beside FCFS at load 0.9
@@ -136,6 +137,9 @@ bench-worker: $(STAMP)  ## worker engine: tok/s + step latency per batching mode
 
 bench-http: $(STAMP)  ## OpenAI HTTP front: added p50 latency vs gRPC, req/s per front process -> bench/results/http.json
 	$(BIN)/python -m services.http.bench --out bench/results/http.json
+
+bench-security: $(STAMP)  ## TLS + tokens vs plaintext: per Submit, per streamed token, per connection -> bench/results/security.json
+	$(BIN)/python -m services.scheduler.security_bench --out bench/results/security.json
 
 clean:  ## remove the virtualenv and caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "services.worker.cli",  # worker
     "services.bench.cli",  # bench, simulate
     "services.http.cli",  # http
+    "services.common.cli",  # secrets
 )
 
 

@@ -11,6 +11,9 @@ from services.bench.runner import BenchConfig, revalidate, run_bench
 
 
 @pytest.mark.slow
+# Two stacks, each calibrated, and two rounds recalibrated in between: minutes on a busy
+# 2-core machine.
+@pytest.mark.timeout(900)
 def test_bench_runs_the_real_stack_and_writes_its_report(tmp_path: Path) -> None:
     config = BenchConfig(
         out_dir=tmp_path,

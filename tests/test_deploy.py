@@ -10,17 +10,20 @@ from __future__ import annotations
 import argparse
 import shutil
 import subprocess
+import sys
 from typing import Any
 
-import grpc
 import pytest
 import yaml
 
 from services.cli import build_parser
+from services.common.channels import dial
 from services.common.config import env_name
+from services.common.health import wait_for_serving
 from services.common.net import free_port
+from services.common.tls import ChannelSecurity
 from services.pb import common_pb2, scheduler_pb2, scheduler_pb2_grpc
-from tests.helpers import REPO_ROOT, start_service, wait_for_health
+from tests.helpers import REPO_ROOT, start_service
 
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
 K8S_DIR = REPO_ROOT / "deploy" / "k8s"
@@ -98,27 +101,52 @@ def test_dockerfiles_run_real_commands():
 
 
 @pytest.mark.slow
-def test_compose_services_start_as_processes_and_serve(redis_url: str):
+def test_compose_services_start_as_processes_and_serve(redis_url: str, tmp_path):
+    """Compose's commands and environment, secrets made by its own `secrets` command."""
     services = compose_services()
+    secrets = tmp_path / "secrets"
+    build_parser().parse_args(services["secrets"]["command"])
+    made = subprocess.run(
+        [sys.executable, "-m", "services.cli", "secrets", "--out", str(secrets)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    (secrets / "redis-url").write_text(redis_url)  # the test's Redis, not compose's TLS one
     ports = {name: free_port() for name in ("predictor", "scheduler", "worker")}
+    worker_port = free_port()
+    scheduler_env = services["scheduler"]["environment"]
     started = []
     try:
         for name in ("predictor", "scheduler", "worker"):
             env = dict(services[name]["environment"])
             env["SSJF_PORT"] = str(ports[name])
             env["SSJF_HOST"] = "127.0.0.1"
+            if "SSJF_WORKER_PORT" in env:
+                env["SSJF_WORKER_PORT"] = str(worker_port)
             for key, value in env.items():
-                if value == "redis://redis:6379/0":
-                    env[key] = redis_url
+                env[key] = value.replace("/secrets/", f"{secrets}/").replace(
+                    f"scheduler:{scheduler_env['SSJF_WORKER_PORT']}", f"127.0.0.1:{worker_port}"
+                )
                 for peer in ("predictor", "scheduler"):
                     env[key] = env[key].replace(
                         f"{peer}:{services[peer]['environment']['SSJF_PORT']}",
                         f"127.0.0.1:{ports[peer]}",
                     )
             started.append(start_service(services[name]["command"], env))
+        health = ChannelSecurity(
+            tls=True,
+            ca_file=str(secrets / "ca.crt"),
+            client_cert_file=str(secrets / "scheduler-client.crt"),
+            client_key_file=str(secrets / "scheduler-client.key"),
+        )
         for name in ("predictor", "scheduler", "worker"):
-            wait_for_health(f"127.0.0.1:{ports[name]}", timeout=180)
-        with grpc.insecure_channel(f"127.0.0.1:{ports['scheduler']}") as channel:
+            wait_for_serving(f"127.0.0.1:{ports[name]}", timeout=180, security=health)
+        client = ChannelSecurity(
+            tls=True,
+            ca_file=str(secrets / "ca.crt"),
+            token=(secrets / "tokens" / "demo.token").read_text().strip(),
+        )
+        with dial(f"127.0.0.1:{ports['scheduler']}", client) as channel:
             stub = scheduler_pb2_grpc.SchedulerStub(channel)
             request = scheduler_pb2.GenerateRequest(
                 prompt="Hello", sampling=common_pb2.SamplingParams(max_new_tokens=3)

@@ -149,3 +149,28 @@ def test_grpc_statuses_map_to_http_statuses(code: grpc.StatusCode, status: int) 
     error = from_grpc(grpc.aio.AioRpcError(code, None, None, details="why"))
     assert error.status == status and "why" in error.message
     assert ("retry-after" in error.headers()) == (status in (429, 503))
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_an_oversized_body_is_413_also_when_sent_in_chunks(front_port, chunked: bool) -> None:
+    import http.client
+
+    body = b'{"model": "x", "prompt": "' + b"a" * (5 * 1024 * 1024) + b'"}'
+    connection = http.client.HTTPConnection("127.0.0.1", front_port, timeout=60)
+    try:
+        if chunked:
+            parts = (body[i : i + 65536] for i in range(0, len(body), 65536))
+            connection.request(
+                "POST", "/v1/completions", body=parts, encode_chunked=True,
+                headers={"content-type": "application/json"},
+            )  # fmt: skip
+        else:
+            connection.request("POST", "/v1/completions", body=body)
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the front answered before the whole body was sent: its answer is readable
+    try:
+        response = connection.getresponse()
+        assert response.status == 413
+        assert json.loads(response.read())["error"]["type"] == "invalid_request_error"
+    finally:
+        connection.close()

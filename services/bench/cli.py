@@ -451,5 +451,5 @@ def _run_simulate(args: argparse.Namespace) -> int:
         cells = ", ".join(f"{policy} {rps:.2f}" for policy, rps in by_policy.items())
         print(f"  {batching:<10} {cells}")
     print(f"\nSSJF scores: {result['ssjf_scores']}")
-    print(f"wrote {args.out}/summary.json, jct_cdf.png, mean_jct_vs_load.png")
+    print(f"wrote {args.out}/summary.json, jct_cdf.png, mean_jct_vs_load.png, ratios.png")
     return 0

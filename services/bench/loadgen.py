@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 import grpc
 
 from services.bench.workload import Request
-from services.common.grpc_server import CHANNEL_OPTIONS
+from services.common.channels import dial_aio
 from services.pb import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 
@@ -130,7 +130,7 @@ async def run_open_loop(
 ) -> list[RequestResult]:
     """Send every request at its arrival time and wait for all of them to finish."""
     run_id = uuid.uuid4().hex[:12]
-    async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+    async with dial_aio(address) as channel:  # TLS and token from SSJF_TLS_*/SSJF_TOKEN*
         stub = scheduler_pb2_grpc.SchedulerStub(channel)
         start = time.perf_counter()
 

@@ -515,6 +515,7 @@ def run_slo_search(config: BenchConfig) -> dict[str, Any]:
     items, source = load_workload(config.llm, config.data_dir, config.lengths)
     meta = _meta(config, items, source)
     results_by_batching: dict[str, Any] = {}
+    versions: set[str] = set()
     for batching in config.batchings:
         with stacks_for(config, batching, items) as (addresses, calibrator):
             latency, capacity = calibrator.current.latency, calibrator.current.capacity_rps
@@ -544,6 +545,8 @@ def run_slo_search(config: BenchConfig) -> dict[str, Any]:
                         label = f"SLO search {file_safe(policy)} {batching} {rate:.2f}/s"
                         results = _run_round(address, items, config, policy, rate, 0, label)
                         cache[rate] = np.array([r.jct_s for r in results if r.ok])
+                        if version := _predictor_version(results):
+                            versions.add(version)
                     return cache[rate]
 
                 entry["policies"][policy] = {}
@@ -583,6 +586,7 @@ def run_slo_search(config: BenchConfig) -> dict[str, Any]:
                     }
             results_by_batching[batching] = entry
     meta["slo_throughput"] = results_by_batching
+    meta["provenance"]["predictor_version"] = ",".join(sorted(versions)) or None
     meta["provenance"]["load_average_at_end"] = report.load_average()
     report.write_summary(config.out_dir, [], meta, [])
     return meta

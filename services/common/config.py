@@ -20,7 +20,7 @@ def env_name(flag: str) -> str:
     return ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper()
 
 
-def _parse_bool(text: str) -> bool:
+def parse_bool(text: str) -> bool:
     lowered = text.strip().lower()
     if lowered in {"1", "true", "yes", "on"}:
         return True
@@ -65,13 +65,13 @@ def add_flag(
     parser.add_argument(
         flag,
         action=argparse.BooleanOptionalAction,
-        default=_parse_bool(raw) if raw is not None else False,
+        default=parse_bool(raw) if raw is not None else False,
         help=f"{help} [env {variable}]",
     )
 
 
 def add_server_options(parser: argparse.ArgumentParser, *, default_port: int, what: str) -> None:
-    """--host, --port and --metrics-port, the same for every SSJF server."""
+    """--host, --port, --metrics-port, TLS and reflection, the same for every SSJF server."""
     add_option(parser, "--host", default="0.0.0.0", help=f"interface the {what} listens on")
     add_option(
         parser, "--port", type=int, default=default_port, help=f"{what} gRPC port (0: any free)"
@@ -81,5 +81,30 @@ def add_server_options(parser: argparse.ArgumentParser, *, default_port: int, wh
         "--metrics-port",
         type=int,
         default=0,
-        help="serve Prometheus metrics on http://HOST:PORT/metrics (0: off)",
+        help="serve Prometheus metrics on http://HOST:PORT/metrics, HOST being --host "
+        "(https, and client certificates under mTLS, when TLS is on; 0: off)",
     )
+    add_option(
+        parser,
+        "--reflection",
+        default=True,
+        type=parse_bool,
+        help="serve gRPC reflection (lists this port's services; needs a credential when "
+        "auth is on); false: off",
+    )
+    from services.common.tls import add_server_tls_options
+
+    add_server_tls_options(parser)
+
+
+def host_options(args: argparse.Namespace) -> dict[str, Any]:
+    """ServiceHost keyword arguments from ``add_server_options``'s flags."""
+    from services.common.tls import ServerTls
+
+    return {
+        "host": args.host,
+        "port": args.port,
+        "metrics_port": args.metrics_port or None,
+        "tls": ServerTls.from_args(args),
+        "reflection": args.reflection,
+    }

@@ -22,7 +22,26 @@ class NotFound(ServiceError):
 
 
 class ResourceExhausted(ServiceError):
+    """Over a limit; ``retry_after_s`` (when set) is sent to the client as the trailing
+    metadata ``retry-after-ms``, and should also be said in the message."""
+
     status = "RESOURCE_EXHAUSTED"
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class Unauthenticated(ServiceError):
+    """No credential, or one that is not valid."""
+
+    status = "UNAUTHENTICATED"
+
+
+class PermissionDenied(ServiceError):
+    """A valid credential of a principal that may not do this."""
+
+    status = "PERMISSION_DENIED"
 
 
 class FailedPrecondition(ServiceError):

@@ -12,15 +12,18 @@ import logging
 import signal
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection as grpc_reflection
 from prometheus_client import Counter, Histogram, start_http_server
 
 from services.common.errors import ServiceError
+
+if TYPE_CHECKING:
+    from services.common.tls import ServerTls
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +94,13 @@ class _WrappingInterceptor(grpc.aio.ServerInterceptor):
 def _map_errors(behaviour: Behaviour, method: str, streaming: bool) -> Behaviour:
     async def abort(error: ServiceError, context: grpc.aio.ServicerContext) -> None:
         log.info("rpc refused", extra={"method": method, "code": error.status, "why": str(error)})
-        await context.abort(getattr(grpc.StatusCode, error.status), str(error))
+        retry_after_s = getattr(error, "retry_after_s", None)
+        trailers = (
+            (("retry-after-ms", str(max(1, round(retry_after_s * 1e3)))),)
+            if retry_after_s is not None
+            else ()
+        )
+        await context.abort(getattr(grpc.StatusCode, error.status), str(error), trailers)
 
     if streaming:
 
@@ -117,6 +126,10 @@ class ErrorInterceptor(_WrappingInterceptor):
     """Turns domain errors into gRPC statuses, so servicers stay free of status plumbing."""
 
     wrap = staticmethod(_map_errors)
+
+
+# For interceptors elsewhere (services/common/auth.py) that wrap handlers the same way.
+rewrap_handler = _rewrap
 
 
 def _status_of(context: grpc.aio.ServicerContext, error: BaseException | None) -> str:
@@ -183,9 +196,13 @@ class ServiceHost:
         registrars: Iterable[Registrar],
         interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
         metrics_port: int | None = None,
+        tls: ServerTls | None = None,
+        reflection: bool = True,
     ) -> None:
         self.name = name
+        self.host = host
         self.address = f"{host}:{port}"
+        self.tls = tls
         self.service_names = list(service_names)
         # Metrics outermost, so they see the status the error mapping produced.
         self.server = grpc.aio.server(
@@ -196,29 +213,55 @@ class ServiceHost:
             register(self.server)
         self.health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            [
-                *self.service_names,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ],
-            self.server,
-        )
+        if reflection:
+            # Lists only the services of this server (a separate worker port keeps the
+            # WorkerGateway out of the client port's list); with auth on, it needs a
+            # credential like any other call.
+            grpc_reflection.enable_server_reflection(
+                [
+                    *self.service_names,
+                    health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                    grpc_reflection.SERVICE_NAME,
+                ],
+                self.server,
+            )
         self.metrics_port = metrics_port
         self.port = 0
         self._stop_requested = asyncio.Event()
 
     async def start(self) -> int:
         """Bind and start; health says NOT_SERVING until ``set_ready``. Returns the port."""
-        self.port = self.server.add_insecure_port(self.address)
+        if self.tls is not None:
+            from services.common.channels import server_credentials
+
+            self.port = self.server.add_secure_port(self.address, server_credentials(self.tls))
+        else:
+            self.port = self.server.add_insecure_port(self.address)
         if self.port == 0:
             raise OSError(f"{self.name}: cannot bind {self.address}")
         await self.server.start()
         if self.metrics_port is not None:
-            # Prometheus scrapes http://host:metrics_port/metrics.
-            start_http_server(self.metrics_port)
+            # Prometheus scrapes http(s)://host:metrics_port/metrics, on the same interface
+            # as the gRPC port, and over TLS (client certificates required under mTLS) when
+            # the gRPC port has TLS.
+            tls = self.tls
+            start_http_server(
+                self.metrics_port,
+                addr=self.host,
+                certfile=str(tls.cert_file) if tls else None,
+                keyfile=str(tls.key_file) if tls else None,
+                client_cafile=str(tls.client_ca_file) if tls and tls.client_ca_file else None,
+                client_auth_required=bool(tls and tls.client_ca_file),
+            )
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        log.info("listening", extra={"service": self.name, "port": self.port})
+        log.info(
+            "listening",
+            extra={
+                "service": self.name,
+                "port": self.port,
+                "tls": "off" if self.tls is None else "mtls" if self.tls.client_ca_file else "on",
+            },
+        )
         return self.port
 
     async def set_ready(self) -> None:

@@ -8,9 +8,16 @@ import time
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.common.channels import dial
+from services.common.tls import ChannelSecurity
+
 
 def wait_for_serving(
-    address: str, timeout: float = 60.0, service: str = "", alive: object = None
+    address: str,
+    timeout: float = 60.0,
+    service: str = "",
+    alive: object = None,
+    security: ChannelSecurity | None = None,
 ) -> None:
     """Block until ``address`` reports SERVING for ``service``.
 
@@ -19,7 +26,7 @@ def wait_for_serving(
     """
     deadline = time.monotonic() + timeout
     last_error: Exception | None = None
-    with grpc.insecure_channel(address) as channel:
+    with dial(address, security) as channel:  # TLS per SSJF_TLS_*; health needs no token
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if callable(alive) and not alive():

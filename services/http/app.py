@@ -258,9 +258,15 @@ class Front:
             declared = request.headers.get("content-length", "0")
             if not declared.isdigit() or int(declared) > self.config.max_body_bytes:
                 raise too_large  # refused before reading it
-            body = await request.body()
-            if len(body) > self.config.max_body_bytes:
-                raise too_large
+            # Read with the limit applied as it arrives (a chunked upload declares no length).
+            parts: list[bytes] = []
+            size = 0
+            async for part in request.stream():
+                size += len(part)
+                if size > self.config.max_body_bytes:
+                    raise too_large
+                parts.append(part)
+            body = b"".join(parts)
             parsed = kind.parse(
                 parse_body(body),
                 start_timeout_ms=self.config.start_timeout_ms,

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import grpc
 
+from services.common.channels import dial_aio
 from services.common.grpc_server import CHANNEL_OPTIONS
+from services.common.tls import ChannelSecurity
 from services.http.errors import from_grpc, model_not_found, no_worker
 from services.pb import scheduler_pb2, scheduler_pb2_grpc
 
@@ -43,8 +45,17 @@ class Catalog:
 class SchedulerBackend:
     """A gRPC client of the scheduler, shared by every request of this front process."""
 
-    def __init__(self, address: str, *, catalog_ttl_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        address: str,
+        *,
+        catalog_ttl_s: float = 1.0,
+        security: ChannelSecurity | None = None,
+    ) -> None:
         self.address = address
+        # TLS to the scheduler; never a token of the front's own: each call carries its
+        # caller's (the forwarded Authorization header).
+        self.security = replace(security or ChannelSecurity.from_env(), token="", token_file="")
         self.catalog_ttl_s = catalog_ttl_s
         # Made in start(): a grpc.aio channel belongs to the event loop it is made on.
         self._channel: grpc.aio.Channel | None = None
@@ -59,7 +70,7 @@ class SchedulerBackend:
         # round_robin: a DNS name with several scheduler replicas (a headless Service)
         # spreads the front's calls over all of them instead of pinning one.
         options = [*CHANNEL_OPTIONS, ("grpc.lb_policy_name", "round_robin")]
-        self._channel = grpc.aio.insecure_channel(self.address, options=options)
+        self._channel = dial_aio(self.address, self.security, options)
         self.stub = scheduler_pb2_grpc.SchedulerStub(self._channel)
 
     async def close(self) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 
 from services.common.config import add_option
+from services.common.tls import add_client_security_options, add_server_tls_options
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -56,6 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=2048,
         help="pending TCP connections the listening socket holds",
     )
+    add_server_tls_options(parser)
+    add_client_security_options(parser, what="the scheduler", token=False)
 
 
 def _run(args: argparse.Namespace) -> int:

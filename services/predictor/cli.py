@@ -185,10 +185,10 @@ def _predict(args: argparse.Namespace) -> int:
     if args.server:
         import grpc
 
-        from services.common.grpc_server import CHANNEL_OPTIONS
+        from services.common.channels import dial
         from services.pb import predictor_pb2, predictor_pb2_grpc
 
-        with grpc.insecure_channel(args.server, options=CHANNEL_OPTIONS) as channel:
+        with dial(args.server) as channel:  # TLS from SSJF_TLS_* when set
             stub = predictor_pb2_grpc.PredictorStub(channel)
             try:
                 reply = stub.Predict(

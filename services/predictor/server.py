@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+from typing import Any
 
+from services.common.config import host_options
 from services.common.grpc_server import ServiceHost
 from services.predictor.core import LengthPredictor
 from services.predictor.runtime import ArtifactRuntime
@@ -15,9 +17,15 @@ log = logging.getLogger(__name__)
 
 
 def predictor_host(
-    predictor: LengthPredictor, *, host: str, port: int, metrics_port: int | None = None
+    predictor: LengthPredictor,
+    *,
+    host: str,
+    port: int,
+    metrics_port: int | None = None,
+    **security: Any,
 ) -> ServiceHost:
-    """A gRPC server for ``predictor`` (not started): the service, the bench and tests."""
+    """A gRPC server for ``predictor`` (not started): the service, the bench and tests.
+    ``security``: ServiceHost's ``tls`` and ``reflection``."""
     return ServiceHost(
         "predictor",
         host=host,
@@ -25,6 +33,7 @@ def predictor_host(
         service_names=[SERVICE_NAME],
         registrars=[PredictorServicer(predictor).register],
         metrics_port=metrics_port,
+        **security,
     )
 
 
@@ -37,9 +46,7 @@ async def serve(args: argparse.Namespace) -> None:
         max_batch_request=args.max_batch_request,
         cache_size=args.cache_size,
     )
-    host = predictor_host(
-        predictor, host=args.host, port=args.port, metrics_port=args.metrics_port or None
-    )
+    host = predictor_host(predictor, **host_options(args))
     await host.start()  # health answers NOT_SERVING while the model warms up
     await predictor.start()
     await host.set_ready()

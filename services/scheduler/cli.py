@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from services.common.config import add_flag, add_option, add_server_options
+from services.common.tls import add_client_security_options
 from services.scheduler.policies import POLICIES
 
 # The shipped predictor artifact carries the first-stage model too (ssjf train-predictor).
@@ -26,11 +27,49 @@ DEFAULT_FIRST_STAGE = (
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The scheduler's flags (each also an SSJF_* environment variable)."""
     add_server_options(parser, default_port=50051, what="scheduler")
+    security = parser.add_argument_group("security (see SECURITY.md)")
+    add_option(
+        security,
+        "--auth-file",
+        default="",
+        help="credentials file (TOML: client tokens -> tenants and limits, worker tokens or "
+        "certificate names; token digests only, re-read when it changes); empty: auth off",
+    )
+    add_option(
+        security,
+        "--worker-port",
+        type=int,
+        default=-1,
+        help="serve the WorkerGateway on this port only, apart from the client API "
+        "(0: any free port; -1: on --port together with the client API)",
+    )
+    add_option(
+        security,
+        "--worker-host",
+        default="",
+        help="interface of --worker-port (empty: --host)",
+    )
+    add_option(
+        security,
+        "--worker-tls-client-ca-file",
+        default="",
+        help="on --worker-port, require worker certificates signed by this CA (mutual TLS "
+        "for workers only; empty: --tls-client-ca-file)",
+    )
+    add_client_security_options(security, what="the predictor")
     add_option(
         parser,
         "--redis-url",
         default=os.environ.get("REDIS_URL"),
-        help="Redis holding all scheduler state (REDIS_URL is read too); required",
+        help="Redis holding all scheduler state (REDIS_URL is read too; rediss://user:pass@"
+        "host:port/0?ssl_ca_certs=FILE for TLS and ACL: pass a URL with a password through "
+        "REDIS_URL or --redis-url-file, never this flag, which shows in ps); required",
+    )
+    add_option(
+        parser,
+        "--redis-url-file",
+        default="",
+        help="file holding the Redis URL (a mounted secret); wins over --redis-url",
     )
     add_option(
         parser,

@@ -23,9 +23,11 @@ from services.common.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    PermissionDenied,
     ResourceExhausted,
     Unavailable,
 )
+from services.common.principals import UNLIMITED, TenantLimits
 from services.scheduler.conversation import last_user_turn, validate_messages
 from services.scheduler.models import (
     JobEnd,
@@ -38,6 +40,7 @@ from services.scheduler.models import (
     Stop,
     Submission,
     Token,
+    scoped_request_id,
 )
 from services.scheduler.policies import PRIORITY_RANGE, JobFeatures, Policy
 from services.scheduler.prediction import AsyncPredictions, PendingJob, PredictionMode
@@ -50,6 +53,7 @@ from services.scheduler.registry import (
     ServedModel,
 )
 from services.scheduler.store import JobStore, Rejected
+from services.scheduler.tenants import TenantJobs
 
 if TYPE_CHECKING:
     from services.common.first_stage import FirstStageModel
@@ -118,6 +122,7 @@ class SchedulerCore:
             if predictor is not None and config.prediction_mode == PredictionMode.ASYNC
             else None
         )
+        self.tenant_jobs = TenantJobs(store.redis, store.settings.job_ttl_s)
         self._stopping = asyncio.Event()
         self._registrations = RegistrationCache()
 
@@ -173,14 +178,21 @@ class SchedulerCore:
             )
         return llm
 
-    async def submit(self, request: JobRequest) -> Submission:
+    async def submit(self, request: JobRequest, limits: TenantLimits = UNLIMITED) -> Submission:
         """Validate, predict (or fall back), score and queue a job; idempotent by
-        client_request_id."""
+        client_request_id within the tenant; within the tenant's ``limits``."""
         if self._stopping.is_set():
             raise Unavailable("this scheduler replica is shutting down; retry on another")
         llm = self._validate(request)
+        if limits.best_priority is not None and request.priority < limits.best_priority:
+            raise PermissionDenied(
+                f"priority {request.priority} is above what tenant {request.tenant!r} was "
+                f"given: use {limits.best_priority} or higher (lower values run first)"
+            )
         if request.client_request_id:
-            earlier = await self.store.job_for_client_id(request.client_request_id)
+            earlier = await self.store.job_for_client_id(
+                scoped_request_id(request.tenant, request.client_request_id)
+            )
             if earlier is not None:
                 record = await self.store.get(earlier)
                 if record is not None:
@@ -206,7 +218,8 @@ class SchedulerCore:
             ),
             oracle_tokens=request.oracle_output_tokens,
             priority=request.priority,
-            prompt_chars=len(request.prompt),
+            # What the worker will prefill: the prompt, or every turn of a conversation.
+            prompt_chars=len(request.prompt) + sum(len(m.content) for m in request.messages),
         )
         record = JobRecord(
             job_id=new_job_id(),
@@ -224,18 +237,29 @@ class SchedulerCore:
             messages=request.messages,
             submitted_at=submitted_at,
             queued_at=time.time(),
+            tenant=request.tenant,
         )
         deadline_at = (
             submitted_at + request.start_timeout_ms / 1e3 if request.start_timeout_ms else 0.0
         )
+        if limits.max_queued_jobs:
+            await self.tenant_jobs.reserve(
+                request.tenant, record.job_id, limits.max_queued_jobs, submitted_at
+            )
+        queued = False
         try:
             job_id, deduplicated = await self.store.submit(
                 record, deadline_at=deadline_at, max_queue_depth=self.config.max_queue_depth
             )
+            queued = not deduplicated
         except Rejected as full:
             raise ResourceExhausted(
-                f"the queue of {llm!r} is full ({full.depth} jobs, --max-queue-depth); retry later"
+                f"the queue of {llm!r} is full ({full.depth} jobs, --max-queue-depth); retry later",
+                retry_after_s=1.0,
             ) from None
+        finally:
+            if limits.max_queued_jobs and not queued:
+                await self.tenant_jobs.release(request.tenant, record.job_id)
         if deduplicated:
             earlier_record = await self.store.get(job_id)
             if earlier_record is None:
@@ -276,23 +300,29 @@ class SchedulerCore:
         tokens = clamp_prediction(self.first_stage.predict(prompt, llm))
         return Prediction(tokens, self.first_stage.version)
 
-    async def get_job(self, job_id: str) -> JobRecord:
+    async def get_job(self, job_id: str, tenant: str | None = None) -> JobRecord:
+        """The job's record; for ``tenant`` (None: any), only a job of its own: another
+        tenant's job is NotFound, the same answer as a job that does not exist."""
         if not job_id:
             raise InvalidArgument("job_id must not be empty")
         record = await self.store.get(job_id)
-        if record is None:
+        if record is None or (tenant is not None and record.tenant != tenant):
             raise NotFound(f"no job {job_id!r}: unknown, or finished and expired (--job-ttl-s)")
         return record
 
-    async def events(self, job_id: str, from_index: int = 0) -> AsyncIterator[Token | JobEnd]:
+    async def events(
+        self, job_id: str, from_index: int = 0, tenant: str | None = None
+    ) -> AsyncIterator[Token | JobEnd]:
         """A job's tokens from ``from_index`` then its end; works on any replica."""
-        await self.get_job(job_id)
+        await self.get_job(job_id, tenant)
         async for event in self.store.events(job_id, from_index):
             yield event
 
-    async def cancel(self, job_id: str) -> tuple[JobState, bool]:
+    async def cancel(self, job_id: str, tenant: str | None = None) -> tuple[JobState, bool]:
         if not job_id:
             raise InvalidArgument("job_id must not be empty")
+        if tenant is not None:
+            await self.get_job(job_id, tenant)  # a job's owner never changes: no race
         result = await self.store.cancel(job_id, time.time())
         if result is None:
             raise NotFound(f"no job {job_id!r}: unknown, or finished and expired (--job-ttl-s)")

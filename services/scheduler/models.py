@@ -110,6 +110,8 @@ class JobRequest:
     start_timeout_ms: int = 0
     # A conversation instead of a prompt (see services/scheduler/conversation.py).
     messages: tuple[ChatMessage, ...] = ()
+    # The submitting tenant ("" without auth): owns the job and scopes client_request_id.
+    tenant: str = ""
 
 
 @dataclass(frozen=True)
@@ -142,6 +144,7 @@ class JobRecord:
     # A chat job's conversation (prompt then holds its last user turn, what was predicted).
     messages: tuple[ChatMessage, ...] = ()
     prompt_tokens: int = 0  # after the worker's chat template, once a worker reported it
+    tenant: str = ""  # the owner: other tenants are told the job does not exist
 
     @property
     def queue_wait_s(self) -> float:
@@ -154,6 +157,15 @@ class JobRecord:
     @property
     def completion_s(self) -> float:
         return self.finished_at - self.submitted_at if self.finished_at else 0.0
+
+
+def scoped_request_id(tenant: str, client_request_id: str) -> str:
+    """The idempotency key of ``client_request_id`` within ``tenant``: two tenants using the
+    same id get two jobs. Tenant names hold no "/", so the pair is unambiguous; without auth
+    (tenant "") the key is the id itself, as before tenants existed."""
+    if not client_request_id or not tenant:
+        return client_request_id
+    return f"{tenant}/{client_request_id}"
 
 
 @dataclass(frozen=True)

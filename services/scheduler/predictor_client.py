@@ -19,7 +19,8 @@ from enum import StrEnum
 
 import grpc
 
-from services.common.grpc_server import CHANNEL_OPTIONS
+from services.common.channels import dial_aio
+from services.common.tls import ChannelSecurity
 from services.pb import predictor_pb2, predictor_pb2_grpc
 from services.scheduler.policies import PRIORITY_STRIDE
 from services.scheduler.registry import PredictorInfo
@@ -106,6 +107,7 @@ class PredictorClient:
         self,
         address: str,
         timeout_s: float,
+        security: ChannelSecurity | None = None,
         *,
         max_predicted_tokens: float = MAX_PREDICTED_TOKENS,
         breaker: CircuitBreaker | None = None,
@@ -119,7 +121,7 @@ class PredictorClient:
         self.timeout_s = timeout_s
         self.max_predicted_tokens = max_predicted_tokens
         self.breaker = breaker or CircuitBreaker()
-        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._channel = dial_aio(address, security)
         self._stub = predictor_pb2_grpc.PredictorStub(self._channel)
         # Logged on each change only: a predictor outage must not flood the log.
         self._healthy = True

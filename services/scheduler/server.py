@@ -5,12 +5,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+from dataclasses import replace
 from pathlib import Path
 
+from services.common.auth import security_interceptors
+from services.common.config import host_options
 from services.common.errors import FailedPrecondition
 from services.common.first_stage import FirstStageModel
 from services.common.grpc_server import ServiceHost
+from services.common.principals import Kind
 from services.common.redis_store import connect
+from services.common.tls import ChannelSecurity
 from services.pb import scheduler_pb2, scheduler_pb2_grpc
 from services.scheduler.core import SchedulerConfig, SchedulerCore
 from services.scheduler.metrics import refresh_queue_metrics
@@ -22,18 +27,63 @@ from services.scheduler.store import JobStore, StoreSettings
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAMES = [
-    scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name,
-    scheduler_pb2.DESCRIPTOR.services_by_name["WorkerGateway"].full_name,
-]
+SCHEDULER_SERVICE = scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name
+GATEWAY_SERVICE = scheduler_pb2.DESCRIPTOR.services_by_name["WorkerGateway"].full_name
+SERVICE_NAMES = [SCHEDULER_SERVICE, GATEWAY_SERVICE]
+# Which principal each service serves: clients never reach the WorkerGateway, workers never
+# the client API.
+REQUIRED_KIND = {SCHEDULER_SERVICE: Kind.CLIENT, GATEWAY_SERVICE: Kind.WORKER}
+
+
+def redis_url(args: argparse.Namespace) -> str:
+    """From --redis-url-file (a mounted secret) or --redis-url / REDIS_URL."""
+    if args.redis_url_file:
+        return Path(args.redis_url_file).read_text().strip()
+    return args.redis_url or ""
+
+
+def _hosts(
+    args: argparse.Namespace, scheduler: SchedulerServicer, gateway: WorkerGatewayServicer
+) -> list[ServiceHost]:
+    """One server for clients and workers, or two when --worker-port sets the gateway apart."""
+    interceptors = security_interceptors(args.auth_file, REQUIRED_KIND, [SCHEDULER_SERVICE])
+    add_scheduler = lambda server: scheduler_pb2_grpc.add_SchedulerServicer_to_server(  # noqa: E731
+        scheduler, server
+    )
+    add_gateway = lambda server: scheduler_pb2_grpc.add_WorkerGatewayServicer_to_server(  # noqa: E731
+        gateway, server
+    )
+    options = host_options(args)
+    if args.worker_port < 0:
+        return [
+            ServiceHost("scheduler", service_names=SERVICE_NAMES, interceptors=interceptors,
+                        registrars=[add_scheduler, add_gateway], **options)
+        ]  # fmt: skip
+    worker_tls = options["tls"]
+    if worker_tls is not None and args.worker_tls_client_ca_file:
+        worker_tls = replace(worker_tls, client_ca_file=Path(args.worker_tls_client_ca_file))
+    worker_options = {
+        **options,
+        "host": args.worker_host or args.host,
+        "port": args.worker_port,
+        "metrics_port": None,
+        "tls": worker_tls,
+    }
+    return [
+        ServiceHost("scheduler", service_names=[SCHEDULER_SERVICE], interceptors=interceptors,
+                    registrars=[add_scheduler], **options),
+        ServiceHost("worker-gateway", service_names=[GATEWAY_SERVICE],
+                    interceptors=interceptors, registrars=[add_gateway], **worker_options),
+    ]  # fmt: skip
 
 
 async def serve(args: argparse.Namespace) -> None:
-    if not args.redis_url:
+    url = redis_url(args)
+    if not url:
         raise FailedPrecondition("the scheduler needs --redis-url (or REDIS_URL)")
     if args.max_attempts < 1 or args.lease_ttl_s <= 0 or args.job_ttl_s < 1:
         raise FailedPrecondition("--max-attempts, --lease-ttl-s and --job-ttl-s must be positive")
-    redis = connect(args.redis_url)
+    redis = connect(url)
     await redis.ping()
     store = JobStore(
         redis,
@@ -48,6 +98,7 @@ async def serve(args: argparse.Namespace) -> None:
         PredictorClient(
             args.predictor,
             args.predictor_timeout_ms / 1e3,
+            ChannelSecurity.from_args(args),
             max_predicted_tokens=args.max_predicted_tokens,
             breaker=CircuitBreaker(args.breaker_failures, args.breaker_open_s),
         )
@@ -73,18 +124,9 @@ async def serve(args: argparse.Namespace) -> None:
     )
     scheduler = SchedulerServicer(core)
     gateway = WorkerGatewayServicer(core)
-    host = ServiceHost(
-        "scheduler",
-        host=args.host,
-        port=args.port,
-        service_names=SERVICE_NAMES,
-        registrars=[
-            lambda server: scheduler_pb2_grpc.add_SchedulerServicer_to_server(scheduler, server),
-            lambda server: scheduler_pb2_grpc.add_WorkerGatewayServicer_to_server(gateway, server),
-        ],
-        metrics_port=args.metrics_port or None,
-    )
-    await host.start()
+    host, *other_hosts = _hosts(args, scheduler, gateway)
+    for each in (host, *other_hosts):
+        await each.start()
     background = [asyncio.create_task(core.run_reaper())]
     if args.metrics_port:
         background.append(asyncio.create_task(refresh_queue_metrics(core)))
@@ -97,9 +139,18 @@ async def serve(args: argparse.Namespace) -> None:
             "predictor": args.predictor or None,
             "lease_ttl_s": args.lease_ttl_s,
             "max_attempts": args.max_attempts,
+            "auth": "on" if args.auth_file else "off: every caller is trusted",
+            "worker_port": other_hosts[0].port if other_hosts else host.port,
         },
     )
-    await host.set_ready()
+    if not args.auth_file and args.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning(
+            "auth is off on a non-loopback interface: anyone who reaches this port can read "
+            "every job and act as a worker (set --auth-file, see SECURITY.md)",
+            extra={"host": args.host},
+        )
+    for each in (host, *other_hosts):
+        await each.set_ready()
 
     async def drain() -> None:
         # Refuse new submissions, release waiting leases, stop the reaper (the other
@@ -109,6 +160,8 @@ async def serve(args: argparse.Namespace) -> None:
         await asyncio.gather(*background)
         if core.predictions is not None:
             await core.predictions.drain(timeout_s=1.0)
+        for other in other_hosts:
+            await other.server.stop(grace=min(args.drain_s, 5.0))
 
     try:
         await host.serve_until_signal(drain=drain, grace_s=args.drain_s)

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from services.common.auth import current_principal
 from services.common.errors import NotFound
 from services.pb import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from services.scheduler.core import SchedulerCore
@@ -72,8 +73,9 @@ def sampling_to_pb(sampling: SamplingParams) -> common_pb2.SamplingParams:
     )
 
 
-def job_request_from_pb(request: scheduler_pb2.GenerateRequest) -> JobRequest:
+def job_request_from_pb(request: scheduler_pb2.GenerateRequest, tenant: str = "") -> JobRequest:
     return JobRequest(
+        tenant=tenant,
         prompt=request.prompt,
         llm=request.llm,
         sampling=sampling_from_pb(request.sampling),
@@ -186,7 +188,10 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         self, request: scheduler_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[scheduler_pb2.JobEvent]:
         # Shielded: a client gone while its job is being queued must still have it cancelled.
-        submitting = asyncio.ensure_future(self.core.submit(job_request_from_pb(request)))
+        principal = current_principal()
+        submitting = asyncio.ensure_future(
+            self.core.submit(job_request_from_pb(request, principal.tenant), principal.limits)
+        )
         try:
             submission = await asyncio.shield(submitting)
         except asyncio.CancelledError:
@@ -229,7 +234,10 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     async def Submit(
         self, request: scheduler_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> scheduler_pb2.SubmitResponse:
-        submission = await self.core.submit(job_request_from_pb(request))
+        principal = current_principal()
+        submission = await self.core.submit(
+            job_request_from_pb(request, principal.tenant), principal.limits
+        )
         return scheduler_pb2.SubmitResponse(
             job_id=submission.record.job_id,
             deduplicated=submission.deduplicated,
@@ -239,19 +247,20 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     async def Stream(
         self, request: scheduler_pb2.StreamRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[scheduler_pb2.JobEvent]:
-        async for event in self.core.events(request.job_id, request.from_index):
+        tenant = current_principal().tenant
+        async for event in self.core.events(request.job_id, request.from_index, tenant):
             yield event_to_pb(request.job_id, event)
 
     async def Cancel(
         self, request: scheduler_pb2.CancelRequest, context: grpc.aio.ServicerContext
     ) -> scheduler_pb2.CancelResponse:
-        state, cancelled = await self.core.cancel(request.job_id)
+        state, cancelled = await self.core.cancel(request.job_id, current_principal().tenant)
         return scheduler_pb2.CancelResponse(state=_state_pb(state), cancelled=cancelled)
 
     async def GetJob(
         self, request: scheduler_pb2.GetJobRequest, context: grpc.aio.ServicerContext
     ) -> scheduler_pb2.Job:
-        return job_to_pb(await self.core.get_job(request.job_id))
+        return job_to_pb(await self.core.get_job(request.job_id, current_principal().tenant))
 
     async def QueueStats(
         self, request: scheduler_pb2.QueueStatsRequest, context: grpc.aio.ServicerContext

@@ -54,6 +54,7 @@ from services.scheduler.models import (
     Token,
     messages_from_json,
     messages_to_json,
+    scoped_request_id,
 )
 
 PREFIX = "ssjf:"
@@ -254,6 +255,7 @@ def _record_json(record: JobRecord, deadline_at: float) -> str:
             "deadline_at": repr(deadline_at),
             "lease_id": "",
             "lease_expires_at": "0",
+            "tenant": record.tenant,
         },
         ensure_ascii=False,
     )
@@ -285,13 +287,14 @@ def _parse_record(fields: dict[str, str]) -> JobRecord:
         error=fields["error"],
         messages=messages_from_json(fields.get("messages")),
         prompt_tokens=int(fields.get("prompt_tokens") or 0),
+        tenant=fields.get("tenant", ""),
     )
 
 
 def _submit_args(record: JobRecord, deadline_at: float, max_queue_depth: int) -> list:
     return [
         record.job_id,
-        record.client_request_id,
+        scoped_request_id(record.tenant, record.client_request_id),
         record.llm,
         repr(record.score),
         repr(record.submitted_at),

@@ -8,6 +8,7 @@ import shlex
 import sys
 
 from services.common.config import add_option
+from services.common.tls import ChannelSecurity, add_client_security_options
 from services.scheduler.policies import POLICIES
 from services.worker.cli import BATCHING_MODES
 
@@ -67,6 +68,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_option(generate, "--priority", type=int, default=0, help="lower is served first")
     add_option(generate, "--request-id", default="", help="idempotency key")
     add_option(generate, "--timeout-s", type=float, default=600.0, help="give up after this")
+    add_client_security_options(generate, what="the scheduler")
     generate.set_defaults(run=_run_generate)
 
     health = subparsers.add_parser(
@@ -76,6 +78,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     health.add_argument("address", help="HOST:PORT of any SSJF service")
     add_option(health, "--timeout-s", type=float, default=3.0, help="give up after this")
+    add_client_security_options(health, what="the service")
     health.set_defaults(run=_run_health)
 
 
@@ -83,6 +86,7 @@ def _run_up(args: argparse.Namespace) -> int:
     import signal
     import threading
 
+    from services.common.principals import redact_url
     from services.stack.launcher import LocalStack, StackConfig
 
     config = StackConfig(
@@ -106,7 +110,9 @@ def _run_up(args: argparse.Namespace) -> int:
         ssjf = shlex.quote(sys.argv[0]) if sys.argv[0].endswith("ssjf") else "ssjf"
         print(
             f"\nSSJF is up: scheduler on {server}, {args.workers} worker(s), policy "
-            f"{args.policy}, batching {args.batching}, Redis {stack.redis_url}\n"
+            f"{args.policy}, batching {args.batching}, Redis {redact_url(stack.redis_url or '')}\n"
+            "Auth is off: every service listens on 127.0.0.1 only and trusts every caller "
+            "(TLS, tokens and tenants: SECURITY.md).\n"
             "Try it (in another terminal):\n\n"
             f'  {ssjf} generate "Explain shortest-job-first scheduling." --server {server}\n',
             flush=True,
@@ -136,6 +142,7 @@ def _run_generate(args: argparse.Namespace) -> int:
         priority=args.priority,
         request_id=args.request_id,
         timeout_s=args.timeout_s,
+        security=ChannelSecurity.from_args(args),
     )
     return generate(options)
 
@@ -144,7 +151,9 @@ def _run_health(args: argparse.Namespace) -> int:
     from services.common.health import wait_for_serving
 
     try:
-        wait_for_serving(args.address, timeout=args.timeout_s)
+        wait_for_serving(
+            args.address, timeout=args.timeout_s, security=ChannelSecurity.from_args(args)
+        )
     except TimeoutError as error:
         print(error, file=sys.stderr)
         return 1

@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from services.common.grpc_server import CHANNEL_OPTIONS
+from services.common.channels import dial
+from services.common.tls import ChannelSecurity
 from services.pb import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 
@@ -24,6 +25,8 @@ class GenerateOptions:
     priority: int = 0
     request_id: str = ""
     timeout_s: float = 600.0
+    # TLS and the client's token (default: from the SSJF_TLS_* / SSJF_TOKEN* environment).
+    security: ChannelSecurity | None = None
 
 
 def build_request(options: GenerateOptions) -> scheduler_pb2.GenerateRequest:
@@ -46,7 +49,7 @@ def build_request(options: GenerateOptions) -> scheduler_pb2.GenerateRequest:
 
 def generate(options: GenerateOptions) -> int:
     """Stream one answer to stdout, a summary to stderr. Returns a process exit code."""
-    with grpc.insecure_channel(options.server, options=CHANNEL_OPTIONS) as channel:
+    with dial(options.server, options.security) as channel:
         stub = scheduler_pb2_grpc.SchedulerStub(channel)
         call = stub.Generate(build_request(options), timeout=options.timeout_s)
         try:

@@ -90,10 +90,12 @@ class LocalStack:
             self._embedded_redis = EmbeddedRedis()
             self.redis_url = self._embedded_redis.start()
         predictor_port = cfg.predictor_port or free_port()
+        # Every service binds loopback only: a local stack runs without auth (SECURITY.md).
+        loopback = ["--host", "127.0.0.1"]
         predictor = self._spawn(
             "predictor",
             predictor_port,
-            ["predictor", "--port", str(predictor_port), *cfg.predictor_args],
+            ["predictor", "--port", str(predictor_port), *loopback, *cfg.predictor_args],
         )
         scheduler_port = cfg.port or free_port()
         self.address = f"127.0.0.1:{scheduler_port}"
@@ -103,11 +105,13 @@ class LocalStack:
             [
                 "scheduler",
                 "--port", str(scheduler_port),
-                "--redis-url", self.redis_url,
+                *loopback,
                 "--predictor", predictor.address,
                 "--policy", cfg.policy,
                 *cfg.scheduler_args,
             ],
+            # The URL may hold a password: through the environment, not a flag in ps.
+            env={"REDIS_URL": self.redis_url},
         )  # fmt: skip
         workers = []
         for index in range(cfg.workers):
@@ -115,6 +119,7 @@ class LocalStack:
             args = [
                 "worker",
                 "--port", str(port),
+                *loopback,
                 "--scheduler", scheduler.address,
                 "--batching", cfg.batching,
                 "--max-batch-size", str(cfg.max_batch_size),
@@ -148,7 +153,9 @@ class LocalStack:
             self.http_url = f"http://{front.address}/v1"
             log.info("service ready", extra={"service": "http", "url": self.http_url})
 
-    def _spawn(self, name: str, port: int, args: list[str]) -> _Child:
+    def _spawn(
+        self, name: str, port: int, args: list[str], env: dict[str, str] | None = None
+    ) -> _Child:
         log_file = None
         if self.config.log_dir is not None:
             self.config.log_dir.mkdir(parents=True, exist_ok=True)
@@ -156,7 +163,7 @@ class LocalStack:
         command = [sys.executable, "-m", "services.cli", "--log-level", self.config.log_level]
         process = subprocess.Popen(
             [*command, *args],
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
             stdout=log_file,
             stderr=subprocess.STDOUT if log_file else None,
         )

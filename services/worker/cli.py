@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from services.common.config import add_option, add_server_options
+from services.common.tls import add_client_security_options
 
 BATCHING_MODES = ["none", "dynamic", "continuous"]
 
@@ -26,6 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="127.0.0.1:50051",
         help="scheduler address (host:port) whose WorkerGateway hands out jobs",
     )
+    add_client_security_options(worker, what="the scheduler's WorkerGateway")
     add_option(
         worker,
         "--model",

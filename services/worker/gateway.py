@@ -23,8 +23,9 @@ from dataclasses import dataclass
 
 import grpc
 
+from services.common.channels import dial_aio
 from services.common.errors import InvalidArgument
-from services.common.grpc_server import CHANNEL_OPTIONS
+from services.common.tls import ChannelSecurity
 from services.pb import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from services.worker.jobs import FinishReason, JobUpdate, Outcome, Sampling
 from services.worker.runner import EngineRunner
@@ -119,6 +120,7 @@ class GatewayClient:
         llms: list[str],
         default_max_new_tokens: int,
         lease_wait_ms: int = 2000,
+        security: ChannelSecurity | None = None,
     ) -> None:
         self.runner = runner
         self.worker_id = worker_id
@@ -126,7 +128,8 @@ class GatewayClient:
         self.default_max_new_tokens = default_max_new_tokens
         self.lease_wait_ms = lease_wait_ms
         self.lease_ttl_s = _INITIAL_LEASE_TTL_S
-        self._channel = grpc.aio.insecure_channel(scheduler_address, options=CHANNEL_OPTIONS)
+        # TLS and the worker's credential (token or client certificate), from flags or env.
+        self._channel = dial_aio(scheduler_address, security)
         self._stub = scheduler_pb2_grpc.WorkerGatewayStub(self._channel)
         # Leases the engine works on, by key; and each job's current lease key.
         self._held: dict[str, _Lease] = {}

@@ -19,7 +19,9 @@ import socket
 
 import torch
 
+from services.common.config import host_options
 from services.common.grpc_server import ServiceHost
+from services.common.tls import ChannelSecurity
 from services.pb import worker_pb2, worker_pb2_grpc
 from services.worker.engine import Batching, Engine
 from services.worker.gateway import GatewayClient
@@ -57,11 +59,9 @@ async def serve(args: argparse.Namespace) -> None:
     servicer = WorkerServicer(identity)
     host = ServiceHost(
         "worker",
-        host=args.host,
-        port=args.port,
         service_names=[WORKER_SERVICE],
         registrars=[lambda server: worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)],
-        metrics_port=args.metrics_port or None,
+        **host_options(args),
     )
     await host.start()
     model = await asyncio.to_thread(load_model, args.model, args.device, args.dtype)
@@ -78,6 +78,7 @@ async def serve(args: argparse.Namespace) -> None:
         llms=identity.llms,
         default_max_new_tokens=args.default_max_new_tokens,
         lease_wait_ms=args.lease_wait_ms,
+        security=ChannelSecurity.from_args(args),
     )
     client.start()
     await host.set_ready()
