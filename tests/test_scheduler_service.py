@@ -270,7 +270,7 @@ def test_expired_lease_requeues_then_fails_after_max_attempts(start_scheduler) -
 
 def test_ssjf_orders_by_prediction_from_the_predictor(start_scheduler, start_predictor) -> None:
     address, predictor = start_predictor(0.0)
-    node = start_scheduler("--predictor", address)
+    node = start_scheduler("--predictor", address, "--prediction-mode", "sync")
     prompts = ["one two three four five six", "one", "one two three"]
     ids = {}
     for prompt in prompts:
@@ -308,7 +308,10 @@ def test_predictor_down_or_slow_queues_with_fallback(
         address = f"127.0.0.1:{free_port()}"  # nothing listens there
     else:
         address, _ = start_predictor(2.0)
-    node = start_scheduler("--predictor", address, "--predictor-timeout-ms", "100")
+    node = start_scheduler(
+        "--predictor", address, "--predictor-timeout-ms", "100",
+        "--prediction-mode", "sync", "--first-stage", "",
+    )  # fmt: skip
     call = node.scheduler.Generate(request(), timeout=10)
     accepted = next(call)
     assert accepted.accepted.prediction_fallback

@@ -340,6 +340,10 @@ class ServiceHost:
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("ready", extra={"service": self.name, "port": self.port})
 
+    async def set_not_serving(self) -> None:
+        """Report NOT_SERVING: the service can no longer answer (e.g. its model loop died)."""
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+
     async def _set_health(self, status: int) -> None:
         for service in ["", *self.service_names]:
             await self.health.set(service, status)

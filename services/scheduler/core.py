@@ -14,8 +14,8 @@ import re
 import secrets
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Protocol
 
 from redis.exceptions import RedisError
 
@@ -48,7 +48,8 @@ from services.scheduler.models import (
     scoped_request_id,
 )
 from services.scheduler.policies import PRIORITY_RANGE, JobFeatures, Policy
-from services.scheduler.predictor_client import Prediction
+from services.scheduler.prediction import AsyncPredictions, PendingJob, PredictionMode
+from services.scheduler.predictor_client import Prediction, clamp_prediction
 from services.scheduler.registry import (
     KNOWN_LLM_MEMORY_S,
     MAX_WORKER_ID_CHARS,
@@ -58,6 +59,9 @@ from services.scheduler.registry import (
 )
 from services.scheduler.store import JobStore, KeyReused, Rejected
 from services.scheduler.tenants import TenantJobs
+
+if TYPE_CHECKING:
+    from services.common.first_stage import FirstStageModel
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +99,10 @@ class SchedulerConfig:
     # Start deadline of jobs that set none: a job for an LLM no worker serves (a typo, a
     # retired model) fails with DEADLINE instead of waiting, and its Generate hanging, forever.
     default_start_timeout_s: float = 600.0
+    # async: queue at once (first-stage or fallback score), re-score when the prediction
+    # arrives; sync: wait for the prediction before queueing.
+    prediction_mode: PredictionMode = PredictionMode.ASYNC
+    max_predictions_in_flight: int = 4096
 
 
 def shown(value: str, limit: int = 64) -> str:
@@ -142,6 +150,7 @@ class SchedulerCore:
         policy: Policy,
         config: SchedulerConfig,
         predictor: LengthPredictor | None,
+        first_stage: FirstStageModel | None = None,
     ) -> None:
         if policy.uses_oracle and not config.allow_oracle:
             raise FailedPrecondition(
@@ -152,6 +161,12 @@ class SchedulerCore:
         self.policy = policy
         self.config = config
         self.predictor = predictor
+        self.first_stage = first_stage
+        self.predictions = (
+            AsyncPredictions(store, predictor, max_in_flight=config.max_predictions_in_flight)
+            if predictor is not None and config.prediction_mode == PredictionMode.ASYNC
+            else None
+        )
         self.tenant_jobs = TenantJobs(store.redis, store.settings.job_ttl_s)
         self._stopping = asyncio.Event()
         self._background: set[asyncio.Future[object]] = set()
@@ -241,7 +256,7 @@ class SchedulerCore:
         # A chat job's prompt is its last user turn: what the predictor reads and the record
         # keeps (see conversation.py); the worker gets the whole conversation.
         prompt = last_user_turn(request.messages) if request.messages else request.prompt
-        prediction, fallback = await self._predict(prompt, llm)
+        prediction, fallback, predict_later = await self._predict(prompt, llm)
         if self.policy.uses_oracle:
             predicted, predictor_version = float(request.oracle_output_tokens), "oracle"
         elif prediction is not None:
@@ -250,8 +265,12 @@ class SchedulerCore:
             predicted, predictor_version = 0.0, ""
         features = JobFeatures(
             arrival_s=submitted_at,
-            # A job the predictor could not answer for is scored as a typical one.
-            predicted_tokens=self.config.fallback_tokens if fallback else predicted,
+            # A job with no estimate at all is scored as a typical one.
+            predicted_tokens=(
+                self.config.fallback_tokens
+                if prediction is None and self.policy.uses_prediction
+                else predicted
+            ),
             oracle_tokens=request.oracle_output_tokens,
             priority=request.priority,
             # What the worker will prefill: the prompt, or every turn of a conversation.
@@ -307,6 +326,16 @@ class SchedulerCore:
             if earlier_record is None:
                 raise NotFound(f"job {job_id!r} of client_request_id expired; retry")
             return Submission(earlier_record, deduplicated=True)
+        if predict_later and self.predictions is not None:
+            policy = self.policy
+            self.predictions.schedule(
+                PendingJob(
+                    job_id,
+                    llm,
+                    prompt,
+                    lambda tokens: policy.score(replace(features, predicted_tokens=tokens)),
+                )
+            )
         return Submission(record, deduplicated=False)
 
     @staticmethod
@@ -315,14 +344,28 @@ class SchedulerCore:
             raise _key_reused(record.job_id)
         return record
 
-    async def _predict(self, prompt: str, llm: str) -> tuple[Prediction | None, bool]:
-        """(prediction, fallback): policies that need no prediction never ask."""
+    async def _predict(self, prompt: str, llm: str) -> tuple[Prediction | None, bool, bool]:
+        """(estimate to queue with, fallback, predict in the background). Policies that need
+        no prediction never ask. The estimate is the proxy model's (sync mode) or the
+        first-stage model's (async mode, and whenever the predictor cannot answer); None when
+        neither exists (the job gets the fallback score)."""
         if not self.policy.uses_prediction:
-            return None, False
+            return None, False, False
+        first = self._first_stage_estimate(prompt, llm)
         if self.predictor is None:
-            return None, True
+            return first, True, False
+        if self.predictions is not None:
+            return first, False, True
         prediction = await self.predictor.predict(prompt, llm)
-        return prediction, prediction is None
+        if prediction is None:
+            return first, True, False
+        return prediction, False, False
+
+    def _first_stage_estimate(self, prompt: str, llm: str) -> Prediction | None:
+        if self.first_stage is None:
+            return None
+        tokens = clamp_prediction(self.first_stage.predict(prompt, llm))
+        return Prediction(tokens, self.first_stage.version)
 
     async def get_job(self, job_id: str, tenant: str | None = None) -> JobRecord:
         """The job's record; for ``tenant`` (None: any), only a job of its own: another
