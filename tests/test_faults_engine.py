@@ -58,10 +58,10 @@ def test_one_jobs_sampling_failure_fails_it_alone(
 ):
     real = engine_module.next_tokens
 
-    def next_tokens(logits, samplings, generators):
-        if any(s.seed == 666 for s in samplings):
+    def next_tokens(logits, choosers):
+        if any(chooser.sampling.seed == 666 for chooser in choosers):
             raise RuntimeError("probability tensor contains either inf, nan or element < 0")
-        return real(logits, samplings, generators)
+        return real(logits, choosers)
 
     monkeypatch.setattr(engine_module, "next_tokens", next_tokens)
     batch = jobs(model)
