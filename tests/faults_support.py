@@ -26,6 +26,7 @@ from services.pb import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from services.scheduler.keys import (
     LLMS_KEY,
     events_key,
+    job_key,
     leases_key,
     metrics_key,
     queue_key,
@@ -277,7 +278,7 @@ def wait_final(client: redis.Redis, job_ids: list[str], timeout_s: float) -> dic
     left) or the timeout passed."""
     deadline = time.monotonic() + timeout_s
     while True:
-        records = {job_id: client.hgetall(f"ssjf:job:{job_id}") for job_id in job_ids}
+        records = {job_id: client.hgetall(job_key(job_id)) for job_id in job_ids}
         if all(r.get("state") in FINAL for r in records.values()) or time.monotonic() > deadline:
             return records
         time.sleep(0.2)
