@@ -6,9 +6,9 @@ previous one left: healthy containers, a streamed generation from the host, the 
 OpenAI front, three workers all serving, a worker stopped mid-job whose job finishes on
 another, and a queued job that survives `down` + `up` through Redis's AOF volume.
 
-The stack runs as shipped: TLS and tokens on. The host-side client reads the CA and the demo
-tenant's token out of the stack's secrets volume (what `deploy/secrets/generate.sh
---from-compose` does) and dials with services/common/channels.py like every SSJF client.
+The stack runs as shipped: TLS and tokens on. The host-side client gets the CA and the demo
+tenant's token out of the stack's secrets volume with `deploy/secrets/generate.sh
+--from-compose` and dials with services/common/channels.py like every SSJF client.
 """
 
 from __future__ import annotations
@@ -117,16 +117,20 @@ class ComposeStack:
 
     def client_security(self) -> ChannelSecurity:
         """TLS with the stack's CA and the demo tenant's token, copied out of the secrets
-        volume (the `docker compose cp` of generate.sh --from-compose; docker-compose v1
-        has no cp, so `docker cp` from the scheduler container)."""
-        scheduler = self.containers("scheduler")[0]["Id"]
-        for name in ("ca.crt", "tokens/demo.token"):
-            target = self.secrets_dir / Path(name).name
-            subprocess.run(
-                ["docker", "cp", f"{scheduler}:/secrets/{name}", str(target)],
-                check=True, capture_output=True,
-            )  # fmt: skip
-        token_file = self.secrets_dir / "demo.token"
+        volume by the documented helper, deploy/secrets/generate.sh --from-compose."""
+        subprocess.run(
+            ["deploy/secrets/generate.sh", "--from-compose", "--out", str(self.secrets_dir)],
+            cwd=REPO_ROOT,
+            env={
+                **self.env,
+                "COMPOSE_PROJECT_NAME": self.project,
+                "COMPOSE_FILE": os.pathsep.join(self.files),
+            },
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+        token_file = self.secrets_dir / "tokens" / "demo.token"
         return ChannelSecurity(
             tls=True,
             ca_file=str(self.secrets_dir / "ca.crt"),
