@@ -8,20 +8,21 @@ STAMP  := $(VENV)/.installed
 PROTOS := $(wildcard protos/ssjf/v1/*.proto)
 PB_DIR := services/pb
 
-.PHONY: help venv proto proto-check lint test run predictor bench bench-predictor \
-        bench-scheduler bench-worker bench-http bench-security clean bench-sim bench-stack \
+.PHONY: help venv proto proto-check lint test test-faults soak run predictor bench simulate-submit-path \
+        bench-predictor bench-scheduler bench-worker bench-http bench-security bench-streams clean bench-sim bench-stack \
         bench-stack-starvation bench-stack-workers bench-stack-slo bench-sim-full \
         images images-monitoring stubs test-compose
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml requirements-nodeps.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch first and pinned, so nothing can resolve a newer (CUDA, multi-GB) build.
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --no-deps -r requirements-nodeps.txt
 	touch $(STAMP)
 
 venv: $(STAMP)  ## create .venv and install the project with its pinned dependencies
@@ -39,14 +40,31 @@ lint: $(STAMP)  ## ruff
 test: $(STAMP) proto-check  ## run every test (starts its own Redis and services)
 	$(BIN)/python -m pytest -q -rs tests
 
+test-faults: $(STAMP)  ## the fault suite alone (part of `make test`): real processes, each case bounded
+	$(BIN)/python -m pytest -q -rs tests/test_faults_engine.py tests/test_faults_gateway.py \
+		tests/test_faults_inputs.py tests/test_faults_stack.py
+
+soak: $(STAMP)  ## ~10 min soak: random clients, cancels, disconnects; invariant, RSS, keys -> bench/results/soak.json
+	nice -n 10 $(BIN)/python -m tests.soak --duration-s 600 --out bench/results/soak.json
+
 run: $(STAMP)  ## start the whole stack locally on embedded defaults
 	$(BIN)/ssjf up
 
+PREDICTOR_FLAGS = --trainable-layers 6 --epochs 6
+
 predictor: $(STAMP)  ## train the default proxy model into services/predictor/artifacts/default
-	$(BIN)/ssjf train-predictor --trainable-layers 6 --epochs 6 --out services/predictor/artifacts/default
+	$(BIN)/ssjf train-predictor $(PREDICTOR_FLAGS) --out services/predictor/artifacts/default
 
 runs/predictor/comparison.json: | $(STAMP)
 	$(BIN)/ssjf train-predictor --compare --keep-fp32 --out runs/predictor
+
+# The shipped configuration again, keeping the fp32 graph and PyTorch weights for the levers.
+runs/predictor-shipped/metadata.json: | $(STAMP)
+	$(BIN)/ssjf train-predictor $(PREDICTOR_FLAGS) --keep-fp32 --out runs/predictor-shipped
+
+runs/predictor-student3/metadata.json: | $(STAMP)
+	$(BIN)/ssjf train-predictor --encoder-layers 3 --trainable-layers 3 --epochs 6 \
+		--max-prompt-tokens 128 --keep-fp32 --out runs/predictor-student3
 
 # The benchmark grids (docs/bench.md). `make bench` is the headline (~30 min on this 2-core box):
 # the simulator grid with 95% intervals (40,000 jobs per point, ~5 min), then the real-stack
@@ -112,11 +130,20 @@ bench-sim-full: $(STAMP)  ## every simulator study: starvation, SLO throughput, 
 	$(BENCH_SIM) --out bench/results/sizing --policies fcfs,ssjf --max-wait-s 0 \
 		--size-study 500,1000,2000,4000,8000,16000 $(BENCH_SIM_FLAGS)
 
-bench-predictor: $(STAMP) runs/predictor/comparison.json  ## formulations x accuracy, latency, throughput -> bench/results/predictor.json
+bench-predictor: $(STAMP) runs/predictor/comparison.json runs/predictor-shipped/metadata.json runs/predictor-student3/metadata.json  ## formulations x accuracy, latency, throughput, speed levers -> bench/results/predictor*.json
 	$(BIN)/python -m services.predictor.bench
+	nice -n 10 $(BIN)/python -m services.predictor.levers --candidate runs/predictor-shipped \
+		--student runs/predictor-student3
+
+simulate-submit-path: $(STAMP)  ## sync vs async (two-stage) prediction, 1e5 simulated jobs at load 0.9 -> bench/results/submit_path_sim.json
+	nice -n 10 $(BIN)/python -m services.predictor.submit_path_sim --requests 100000 --load 0.9
 
 bench-scheduler: $(STAMP)  ## dispatch latency, submissions/s, 1e3-1e6 queued vs redis-benchmark -> bench/results/scheduler.json
 	$(BIN)/python -m services.scheduler.bench --out bench/results/scheduler.json
+
+bench-streams: $(STAMP)  ## concurrent open streams per scheduler replica -> bench/results/streams.json
+	$(BIN)/python -m services.scheduler.stream_bench --streams 1000,5000 --rounds 2 \
+		--out bench/results/streams.json
 
 bench-worker: $(STAMP)  ## worker engine: tok/s + step latency per batching mode, prefill cost -> bench/results/worker.json
 	$(BIN)/python -m services.worker.bench

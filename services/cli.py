@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "services.scheduler.cli",  # scheduler
     "services.worker.cli",  # worker
     "services.bench.cli",  # bench, simulate
+    "services.collect.cli",  # collect
     "services.http.cli",  # http
     "services.common.cli",  # secrets
 )

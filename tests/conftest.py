@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from services.common.redis_store import RedisServerProcess
+from tests.redis_server import RedisServerProcess
 
 
 @pytest.fixture(scope="session")

@@ -23,10 +23,10 @@ from transformers import AutoTokenizer
 from services.common.grpc_server import CHANNEL_OPTIONS
 from services.common.health import wait_for_http
 from services.common.net import free_port
-from services.common.redis_store import RedisServerProcess
 from services.pb import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from services.worker.tiny_model import ensure_tiny_model
 from tests.helpers import Service, start_service, wait_for_health
+from tests.redis_server import RedisServerProcess
 
 pytestmark = pytest.mark.slow
 

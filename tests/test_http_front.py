@@ -18,7 +18,6 @@ from services.common.net import free_port
 from services.http.bench import MODEL
 from services.http.errors import ApiError, from_grpc
 from services.http.protocol import parse_chat, parse_completion
-from services.pb import common_pb2
 from tests.helpers import REPO_ROOT, Service, start_service, wait_for_health
 from tests.test_http_api import wait_for_front
 
@@ -116,15 +115,15 @@ def test_request_fields_become_the_schedulers_generate_request() -> None:
     assert several.value.param == "prompt"
 
 
-def test_penalties_map_to_sampling_where_the_protos_have_them() -> None:
+def test_penalties_map_to_sampling() -> None:
     body = {"model": "m", "prompt": "p", "presence_penalty": 0.5, "frequency_penalty": -1}
-    if "presence_penalty" in common_pb2.SamplingParams.DESCRIPTOR.fields_by_name:
-        sampling = parse_completion(body).generate.sampling
-        assert sampling.presence_penalty == 0.5 and sampling.frequency_penalty == -1
-    else:
-        with pytest.raises(ApiError) as refused:
-            parse_completion(body)
-        assert refused.value.param == "presence_penalty"
+    sampling = parse_completion(body).generate.sampling
+    assert sampling.presence_penalty == 0.5 and sampling.frequency_penalty == -1
+    # repetition_penalty 1 is passed through: it turns off the served model's default (1.2),
+    # which an unset field (0) would keep.
+    off = parse_completion({"model": "m", "prompt": "p", "repetition_penalty": 1})
+    assert off.generate.sampling.repetition_penalty == 1.0
+    assert parse_completion({"model": "m", "prompt": "p"}).generate.sampling.repetition_penalty == 0
     # The neutral values are always fine; out of range never is.
     parse_completion({"model": "m", "prompt": "p", "presence_penalty": 0})
     with pytest.raises(ApiError):

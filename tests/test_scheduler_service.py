@@ -34,6 +34,7 @@ LLM = "vicuna-13b"
 DONE = common_pb2.JOB_STATE_DONE
 FAILED = common_pb2.JOB_STATE_FAILED
 CANCELLED = common_pb2.JOB_STATE_CANCELLED
+QUEUED = common_pb2.JOB_STATE_QUEUED
 
 
 def lease(node, worker_id: str = "w", max_jobs: int = 1, wait_ms: int = 0):
@@ -106,18 +107,25 @@ def test_unknown_jobs_and_bad_leases_are_refused(start_scheduler) -> None:
 def test_submit_is_idempotent_by_client_request_id(start_scheduler) -> None:
     node = start_scheduler()
     first = node.scheduler.Submit(request(client_request_id="req-1"))
-    again = node.scheduler.Submit(request(prompt="other text", client_request_id="req-1"))
+    again = node.scheduler.Submit(request(client_request_id="req-1"))
     other = node.scheduler.Submit(request(client_request_id="req-2"))
     assert not first.deduplicated and again.deduplicated
     assert again.job_id == first.job_id != other.job_id
+    # The same key with a different request is an error, not the old job (issue 11 item 5).
+    with pytest.raises(grpc.RpcError) as caught:
+        node.scheduler.Submit(request(prompt="other text", client_request_id="req-1"))
+    assert caught.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert first.job_id in caught.value.details()
     stats = node.scheduler.QueueStats(scheduler_pb2.QueueStatsRequest(llm=LLM)).queues[0]
     assert stats.queued == 2 and stats.counters["submitted"] == 2
-    # Generate with a known id attaches to the earlier job (and, closed early, cancels it).
+    # Generate with a known id attaches to the earlier job; closing it early does not cancel
+    # the job, which belongs to the first request (issue 11 item 5).
     call = node.scheduler.Generate(request(client_request_id="req-1"))
     accepted = next(call)
     assert accepted.job_id == first.job_id and accepted.accepted.deduplicated
     call.cancel()
-    wait_for_state(node.scheduler, first.job_id, CANCELLED)
+    time.sleep(0.5)
+    assert node.scheduler.GetJob(scheduler_pb2.GetJobRequest(job_id=first.job_id)).state == QUEUED
 
 
 def test_full_queue_answers_resource_exhausted(start_scheduler) -> None:
@@ -262,7 +270,7 @@ def test_expired_lease_requeues_then_fails_after_max_attempts(start_scheduler) -
 
 def test_ssjf_orders_by_prediction_from_the_predictor(start_scheduler, start_predictor) -> None:
     address, predictor = start_predictor(0.0)
-    node = start_scheduler("--predictor", address)
+    node = start_scheduler("--predictor", address, "--prediction-mode", "sync")
     prompts = ["one two three four five six", "one", "one two three"]
     ids = {}
     for prompt in prompts:
@@ -300,7 +308,10 @@ def test_predictor_down_or_slow_queues_with_fallback(
         address = f"127.0.0.1:{free_port()}"  # nothing listens there
     else:
         address, _ = start_predictor(2.0)
-    node = start_scheduler("--predictor", address, "--predictor-timeout-ms", "100")
+    node = start_scheduler(
+        "--predictor", address, "--predictor-timeout-ms", "100",
+        "--prediction-mode", "sync", "--first-stage", "",
+    )  # fmt: skip
     call = node.scheduler.Generate(request(), timeout=10)
     accepted = next(call)
     assert accepted.accepted.prediction_fallback

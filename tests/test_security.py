@@ -29,6 +29,7 @@ from services.common.net import free_port
 from services.common.pki import CertificateAuthority
 from services.common.tls import ChannelSecurity
 from services.pb import common_pb2, scheduler_pb2, scheduler_pb2_grpc
+from services.scheduler.keys import job_key
 from tests.helpers import REPO_ROOT, start_service
 from tests.scheduler_support import ReportSession, progress, request
 from tests.security_support import (
@@ -475,7 +476,7 @@ def test_scheduler_uses_redis_over_tls_with_an_acl_user(
     node = start_secure_scheduler("--redis-url-file", str(url_file), redis="redis://unused")
     job_id = node.scheduler().Submit(request(), timeout=20).job_id
     stored = redis.Redis.from_url(tls_redis, decode_responses=True)
-    assert stored.hget(f"ssjf:job:{job_id}", "state") == "QUEUED"
+    assert stored.hget(job_key(job_id), "state") == "QUEUED"
     # The password is nowhere on the process's command line.
     assert "s3cret" not in " ".join(node.service.process.args)
 

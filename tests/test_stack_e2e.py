@@ -68,6 +68,7 @@ class Stack:
                     "--scheduler", self.scheduler_address,
                     "--batching", "none",
                     "--max-batch-size", "1",
+                    "--model", "tiny-llama",
                     "--served-model-name", LLM,
                 ]
             )

@@ -127,6 +127,7 @@ def setup() -> Iterator[Setup]:
             "--port", str(worker_port),
             "--batching", "continuous",
             "--max-batch-size", "4",
+            "--model", "tiny-llama",
             "--served-model-name", f"other-llm,{LLM}",
             "--lease-wait-ms", "300",
             "--torch-threads", "1",
@@ -274,6 +275,8 @@ def test_sigterm_finishes_held_jobs_then_exits():
             "--port", str(worker_port),
             "--batching", "dynamic",
             "--max-batch-size", "2",
+            "--model", "tiny-llama",
+            "--served-model-name", LLM,
             "--lease-wait-ms", "200",
             "--torch-threads", "1",
         ]

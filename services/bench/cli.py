@@ -232,6 +232,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "which must match --policies/--batching); unset: start stacks",
     )
     add_option(bench, "--timeout-s", type=float, default=600.0, help="per-request timeout")
+    add_option(
+        bench,
+        "--generation",
+        default="replay",
+        choices=["replay", "real"],
+        help="replay: workers generate exactly the replayed lengths; real: smollm2-135m-instruct "
+        "answers each prompt to EOS, greedy (sets --llm smollm2-135m-instruct and "
+        "--length-scale 1; oracle SJF gets the greedy lengths of --labels)",
+    )
+    add_option(
+        bench,
+        "--labels",
+        type=Path,
+        help="with --generation real: a greedy ssjf collect directory (default: "
+        "data/smollm2-135m-instruct/alpaca_eval-greedy)",
+    )
     bench.add_argument(
         "--export-workload",
         action="store_true",
@@ -330,6 +346,9 @@ def _run_bench(args: argparse.Namespace) -> int:
     if args.server and (len(args.policies) > 1 or len(args.batching) > 1):
         print("--server runs one stack: give exactly one --policies and one --batching")
         return 2
+    from services.bench.realgen import REAL_MODEL
+
+    real = args.generation == "real"
     config = BenchConfig(
         out_dir=args.out,
         policies=args.policies,
@@ -338,9 +357,12 @@ def _run_bench(args: argparse.Namespace) -> int:
         requests=args.requests,
         duration_s=args.duration_s,
         rounds=args.rounds,
-        length_scale=args.length_scale,
-        llm=args.llm,
+        length_scale=1.0 if real else args.length_scale,
+        llm=REAL_MODEL if real else args.llm,
         lengths=args.lengths,
+        generation=args.generation,
+        labels=args.labels,
+        model=REAL_MODEL if real else "tiny-llama",
         max_batch_size=args.max_batch_size,
         workers=args.workers,
         recalibrate=args.recalibrate,

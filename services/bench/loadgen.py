@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 
 import grpc
 
+from services.bench.realgen import REAL_MAX_NEW_TOKENS
 from services.bench.workload import Request
 from services.common.channels import dial_aio
 from services.pb import common_pb2, scheduler_pb2, scheduler_pb2_grpc
@@ -79,10 +80,16 @@ def generate_request(
         client_request_id=f"{run_id}-{request.index}",
         llm=request.llm or llm,
         prompt=request.prompt,
-        sampling=common_pb2.SamplingParams(replay_output_tokens=request.output_tokens),
+        sampling=_sampling(request),
         # Only the oracle policy may see the true length; the scheduler refuses it otherwise.
         oracle_output_tokens=request.output_tokens if oracle else 0,
     )
+
+
+def _sampling(request: Request) -> common_pb2.SamplingParams:
+    if request.real:  # greedy to EOS under the serving defaults, as the labels were made
+        return common_pb2.SamplingParams(max_new_tokens=REAL_MAX_NEW_TOKENS)
+    return common_pb2.SamplingParams(replay_output_tokens=request.output_tokens)
 
 
 async def _one_request(

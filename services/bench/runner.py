@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -40,6 +41,7 @@ from services.bench.calibrate import (
 )
 from services.bench.latency import LatencyModel
 from services.bench.loadgen import RequestResult, run_open_loop
+from services.bench.realgen import DEFAULT_LABELS, load_greedy_lengths
 from services.bench.simulator import base_policy, guard_for
 from services.bench.workload import PromptLength, build_requests, llm_names, load_workload
 
@@ -86,6 +88,12 @@ class BenchConfig:
     stack_ready_timeout_s: float = 600.0
     extra_scheduler_args: list[str] = field(default_factory=list)
     extra_worker_args: list[str] = field(default_factory=list)
+    # "replay": workers generate exactly the replayed lengths (any model; the tiny one by
+    # default). "real": the LLM answers to EOS, greedy (services/bench/realgen.py), with the
+    # greedy lengths in ``labels`` as the oracle.
+    generation: str = "replay"
+    labels: Path | None = None
+    model: str = "tiny-llama"
 
 
 def _scheduler_args(config: BenchConfig, spec: str) -> list[str]:
@@ -119,6 +127,7 @@ def stack_for(config: BenchConfig, policy: str, batching: str) -> Iterator[str]:
         max_batch_size=config.max_batch_size,
         # Every worker serves every LLM of a mixed stream (one queue per LLM).
         served_model_name=",".join(llm_names(config.llm)),
+        model=config.model,
         scheduler_args=_scheduler_args(config, policy),
         # One intra-op thread: on a small machine the proxy model shares the cores with the
         # LLM, and ONNX Runtime's spinning worker threads would take the worker's CPU.
@@ -161,6 +170,8 @@ def _run_round(
         config.arrivals,
         config.data_dir,
     )
+    if config.generation == "real":
+        requests = [dataclasses.replace(request, real=True) for request in requests]
     bar = tqdm(total=len(requests), desc=label, unit="job", leave=False)
     results = asyncio.run(
         run_open_loop(
@@ -410,6 +421,7 @@ def _meta(config: BenchConfig, items: Sequence[PromptLength], source: str) -> di
             "length_scale": config.length_scale,
             "mean_output_tokens_replayed": float(np.mean(scaled)),
             "arrivals": config.arrivals,
+            "generation": config.generation,
         },
         "config": {k: v for k, v in asdict(config).items() if k != "out_dir"},
         "latency_models": {},
@@ -421,9 +433,15 @@ def _predictor_version(results: Sequence[RequestResult]) -> str | None:
     return ",".join(versions) or None
 
 
+def _load_items(config: BenchConfig) -> tuple[list[PromptLength], str]:
+    if config.generation == "real":
+        return load_greedy_lengths(config.labels or DEFAULT_LABELS)
+    return load_workload(config.llm, config.data_dir, config.lengths)
+
+
 def run_bench(config: BenchConfig) -> dict[str, Any]:
     """Run the grid; writes summary.json, per-job files, the latency models and the plots."""
-    items, source = load_workload(config.llm, config.data_dir, config.lengths)
+    items, source = _load_items(config)
     out = config.out_dir
     (out / "jobs").mkdir(parents=True, exist_ok=True)
     meta = _meta(config, items, source)
@@ -512,7 +530,7 @@ def run_slo_search(config: BenchConfig) -> dict[str, Any]:
     ``slo_factor`` x the unloaded mean JCT (the calibrated model's mean solo JCT over the
     workload). Bisection over rates, ``requests`` jobs per evaluation (the same jobs at every
     rate), to 10%: each evaluation is a real run, so this is coarse and slow."""
-    items, source = load_workload(config.llm, config.data_dir, config.lengths)
+    items, source = _load_items(config)
     meta = _meta(config, items, source)
     results_by_batching: dict[str, Any] = {}
     versions: set[str] = set()

@@ -68,6 +68,8 @@ class Request:
     true_output_tokens: int
     # The LLM asked for ("" : the run's one LLM).
     llm: str = ""
+    # Real generation (services/bench/realgen.py): the LLM answers to EOS, no replay.
+    real: bool = False
 
 
 def vendored_workload_path(llm: str) -> Path:

@@ -3,7 +3,7 @@
 The shared format (``../shared/data/alpaca_eval`` and the slices vendored into this repo) is a
 directory holding two files:
 
-- ``prompts.jsonl``: one JSON object per line with ``prompt_id`` (int) and ``prompt`` (text);
+- ``prompts.jsonl``: one JSON object per line with ``prompt_id`` and ``prompt`` (text);
   other keys (``source``, ``prompt_tokens``) are kept in :attr:`Prompt.extra`.
 - ``lengths.csv``: header ``model,prompt_id,output_tokens[,output_chars]``: how many tokens
   ``model`` answered ``prompt_id`` with.
@@ -43,9 +43,34 @@ PROMPTS_FILE = "prompts.jsonl"
 LENGTHS_FILE = "lengths.csv"
 
 
+# Prompt ids are integers (alpaca_eval) or strings (hex, UUID or text ids of other data sets).
+# A decimal string in canonical form ("42") is read as the integer, so a prompts.jsonl with
+# integers and a lengths.csv (always text) agree; "0042" or "0x2a" stay strings.
+PromptId = int | str
+
+
+def parse_prompt_id(value: object) -> PromptId:
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError(f"prompt_id must be an integer or a string, got {value!r}")
+    if isinstance(value, int):
+        return value
+    text = value.strip()
+    if not text:
+        raise ValueError("prompt_id is empty")
+    if text.isdecimal() and str(int(text)) == text:
+        return int(text)
+    return text
+
+
+def _id_order(prompt_id: PromptId) -> tuple[bool, int | str]:
+    """Integers first in numeric order (the split of all-integer data is unchanged), then
+    strings."""
+    return (isinstance(prompt_id, str), prompt_id)
+
+
 @dataclass(frozen=True)
 class Prompt:
-    prompt_id: int
+    prompt_id: PromptId
     text: str
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
@@ -55,17 +80,17 @@ class LengthDataset:
     """Prompts and, per model, the number of tokens each prompt was answered with."""
 
     prompts: list[Prompt]
-    lengths: dict[str, dict[int, int]]
+    lengths: dict[str, dict[PromptId, int]]
 
     @property
     def llms(self) -> list[str]:
         return sorted(self.lengths)
 
     @property
-    def prompt_ids(self) -> list[int]:
+    def prompt_ids(self) -> list[PromptId]:
         return [prompt.prompt_id for prompt in self.prompts]
 
-    def lengths_for(self, llm: str) -> dict[int, int]:
+    def lengths_for(self, llm: str) -> dict[PromptId, int]:
         if llm not in self.lengths:
             known = ", ".join(self.llms[:10])
             raise KeyError(f"no lengths for LLM {llm!r} (the data has {known}, ...)")
@@ -82,7 +107,7 @@ class LengthDataset:
                     matrix[row, column] = tokens
         return matrix
 
-    def subset(self, prompt_ids: Iterable[int]) -> LengthDataset:
+    def subset(self, prompt_ids: Iterable[PromptId]) -> LengthDataset:
         keep = set(prompt_ids)
         return LengthDataset(
             prompts=[prompt for prompt in self.prompts if prompt.prompt_id in keep],
@@ -101,18 +126,26 @@ def load_prompts(path: Path) -> list[Prompt]:
                 continue
             record = json.loads(line)
             try:
-                prompt_id, text = int(record.pop("prompt_id")), str(record.pop("prompt"))
+                prompt_id = parse_prompt_id(record.pop("prompt_id"))
+                text = str(record.pop("prompt"))
             except KeyError as missing:
                 raise ValueError(f"{path}:{number}: missing key {missing}") from None
+            except ValueError as bad:
+                raise ValueError(f"{path}:{number}: {bad}") from None
             prompts.append(Prompt(prompt_id, text, record))
     return prompts
 
 
-def load_lengths(path: Path) -> dict[str, dict[int, int]]:
-    lengths: dict[str, dict[int, int]] = {}
+def load_lengths(path: Path) -> dict[str, dict[PromptId, int]]:
+    lengths: dict[str, dict[PromptId, int]] = {}
     with path.open(encoding="utf-8", newline="") as rows:
-        for row in csv.DictReader(rows):
-            lengths.setdefault(row["model"], {})[int(row["prompt_id"])] = int(row["output_tokens"])
+        for number, row in enumerate(csv.DictReader(rows), start=2):
+            try:
+                prompt_id = parse_prompt_id(row["prompt_id"])
+                tokens = int(row["output_tokens"])
+            except (KeyError, ValueError, TypeError) as bad:
+                raise ValueError(f"{path}:{number}: {bad!r}") from None
+            lengths.setdefault(row["model"], {})[prompt_id] = tokens
     return lengths
 
 
@@ -145,25 +178,27 @@ def write_dataset(
         writer = csv.writer(rows)
         writer.writerow(["model", "prompt_id", "output_tokens"])
         for llm in llms or dataset.llms:
-            for prompt_id, tokens in sorted(dataset.lengths_for(llm).items()):
+            for prompt_id, tokens in sorted(
+                dataset.lengths_for(llm).items(), key=lambda item: _id_order(item[0])
+            ):
                 writer.writerow([llm, prompt_id, tokens])
 
 
 def split_by_prompt(
-    prompt_ids: Iterable[int], fractions: Sequence[float], seed: int = 0
-) -> list[list[int]]:
+    prompt_ids: Iterable[PromptId], fractions: Sequence[float], seed: int = 0
+) -> list[list[PromptId]]:
     """Shuffle the distinct ids with ``seed`` and cut them into parts of the given fractions.
 
     The last part takes the rounding remainder. Ids come back sorted within each part.
     """
     if not math.isclose(sum(fractions), 1.0):
         raise ValueError(f"fractions must sum to 1, got {list(fractions)}")
-    ids = sorted(set(prompt_ids))
+    ids = sorted(set(prompt_ids), key=_id_order)
     random.Random(seed).shuffle(ids)
     parts, start = [], 0
     for index, fraction in enumerate(fractions):
         end = len(ids) if index == len(fractions) - 1 else start + round(fraction * len(ids))
-        parts.append(sorted(ids[start:end]))
+        parts.append(sorted(ids[start:end], key=_id_order))
         start = end
     return parts
 

@@ -44,6 +44,10 @@ class PermissionDenied(ServiceError):
     status = "PERMISSION_DENIED"
 
 
+class AlreadyExists(ServiceError):
+    status = "ALREADY_EXISTS"
+
+
 class FailedPrecondition(ServiceError):
     status = "FAILED_PRECONDITION"
 

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import signal
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -20,7 +20,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection as grpc_reflection
 from prometheus_client import Counter, Histogram, start_http_server
 
-from services.common.errors import ServiceError
+from services.common.errors import InvalidArgument, ServiceError
 
 if TYPE_CHECKING:
     from services.common.tls import ServerTls
@@ -36,6 +36,23 @@ CHANNEL_OPTIONS = [
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
+]
+# Servers accept the keepalive pings CHANNEL_OPTIONS make clients send (every 20 s, also on a
+# connection whose streams are idle, e.g. a Generate waiting in the queue). gRPC's server
+# default allows one such ping per 5 minutes and then answers GOAWAY "too_many_pings",
+# which cancelled every call on the connection.
+SERVER_OPTIONS = [
+    *CHANNEL_OPTIONS,
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_ping_strikes", 0),
+    # Calls that arrived but are not yet picked up by the server's loop: gRPC's defaults
+    # (1,000, hard limit 3,000) cancelled a burst of thousands of new calls (clients
+    # reconnecting after a replica restart); they wait their turn instead.
+    ("grpc.server.max_pending_requests", 20_000),
+    ("grpc.server.max_pending_requests_hard_limit", 40_000),
+    # ... for as long as the client's own deadline allows, not gRPC's 30 s (a busy replica,
+    # e.g. thousands of streams ending at once on a starved CPU, picks calls up late).
+    ("grpc.server_max_unrequested_time_in_server", 600),
 ]
 
 
@@ -54,8 +71,33 @@ Behaviour = Callable[[Any, grpc.aio.ServicerContext], Any]
 BehaviourWrapper = Callable[[Behaviour, str, bool], Behaviour]
 
 
+class Undecodable:
+    """Stands for a request message that failed to parse (malformed protobuf, invalid UTF-8
+    in a string field): the error mapping answers it with INVALID_ARGUMENT, where gRPC
+    itself would answer UNKNOWN or INTERNAL."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as error:
+            return Undecodable(error)
+
+    return deserialize
+
+
 def _rewrap(
-    handler: grpc.RpcMethodHandler, method: str, wrap: BehaviourWrapper
+    handler: grpc.RpcMethodHandler,
+    method: str,
+    wrap: BehaviourWrapper,
+    tolerant: bool = False,
 ) -> grpc.RpcMethodHandler:
     """The same handler with its behaviour wrapped, whichever of the four RPC kinds it is."""
     kinds = (
@@ -67,9 +109,10 @@ def _rewrap(
     for attribute, factory, streaming in kinds:
         behaviour = getattr(handler, attribute)
         if behaviour is not None:
+            deserializer = handler.request_deserializer
             return factory(
                 wrap(behaviour, method, streaming),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_tolerant(deserializer) if tolerant else deserializer,
                 response_serializer=handler.response_serializer,
             )
     return handler
@@ -79,6 +122,7 @@ class _WrappingInterceptor(grpc.aio.ServerInterceptor):
     """Applies ``wrap`` to every application RPC (not health or reflection)."""
 
     wrap: BehaviourWrapper
+    tolerant = False  # whether undecodable requests reach ``wrap`` (as Undecodable)
 
     async def intercept_service(
         self,
@@ -88,25 +132,51 @@ class _WrappingInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or handler_call_details.method.startswith("/grpc."):
             return handler
-        return _rewrap(handler, handler_call_details.method, type(self).wrap)
+        return _rewrap(handler, handler_call_details.method, type(self).wrap, self.tolerant)
+
+
+# Longest status message sent: a message quoting a huge client value would otherwise exceed
+# the metadata limit, and the client would see RESOURCE_EXHAUSTED instead of the reason.
+MAX_STATUS_DETAILS_CHARS = 2000
+
+
+def _undecodable(error: Undecodable) -> ServiceError:
+    return InvalidArgument(f"the request message could not be parsed: {error.error}")
+
+
+async def _checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for request in requests:
+        if isinstance(request, Undecodable):
+            raise _undecodable(request)
+        yield request
 
 
 def _map_errors(behaviour: Behaviour, method: str, streaming: bool) -> Behaviour:
     async def abort(error: ServiceError, context: grpc.aio.ServicerContext) -> None:
-        log.info("rpc refused", extra={"method": method, "code": error.status, "why": str(error)})
+        details = str(error)
+        if len(details) > MAX_STATUS_DETAILS_CHARS:
+            details = details[:MAX_STATUS_DETAILS_CHARS] + "... (cut)"
+        log.info("rpc refused", extra={"method": method, "code": error.status, "why": details})
         retry_after_s = getattr(error, "retry_after_s", None)
         trailers = (
             (("retry-after-ms", str(max(1, round(retry_after_s * 1e3)))),)
             if retry_after_s is not None
             else ()
         )
-        await context.abort(getattr(grpc.StatusCode, error.status), str(error), trailers)
+        await context.abort(getattr(grpc.StatusCode, error.status), details, trailers)
+
+    def checked(request: Any) -> Any:
+        if isinstance(request, Undecodable):
+            raise _undecodable(request)
+        if hasattr(request, "__aiter__"):  # a client-streaming call's requests
+            return _checked(request)
+        return request
 
     if streaming:
 
         async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
             try:
-                async for item in behaviour(request, context):
+                async for item in behaviour(checked(request), context):
                     yield item
             except ServiceError as error:
                 await abort(error, context)
@@ -115,7 +185,7 @@ def _map_errors(behaviour: Behaviour, method: str, streaming: bool) -> Behaviour
 
     async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
-            return await behaviour(request, context)
+            return await behaviour(checked(request), context)
         except ServiceError as error:
             await abort(error, context)
 
@@ -126,6 +196,7 @@ class ErrorInterceptor(_WrappingInterceptor):
     """Turns domain errors into gRPC statuses, so servicers stay free of status plumbing."""
 
     wrap = staticmethod(_map_errors)
+    tolerant = True
 
 
 # For interceptors elsewhere (services/common/auth.py) that wrap handlers the same way.
@@ -207,7 +278,7 @@ class ServiceHost:
         # Metrics outermost, so they see the status the error mapping produced.
         self.server = grpc.aio.server(
             interceptors=[MetricsInterceptor(), ErrorInterceptor(), *interceptors],
-            options=CHANNEL_OPTIONS,
+            options=SERVER_OPTIONS,
         )
         for register in registrars:
             register(self.server)
@@ -268,6 +339,10 @@ class ServiceHost:
         """Report SERVING: call after models are loaded and warmed up."""
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("ready", extra={"service": self.name, "port": self.port})
+
+    async def set_not_serving(self) -> None:
+        """Report NOT_SERVING: the service can no longer answer (e.g. its model loop died)."""
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
 
     async def _set_health(self, status: int) -> None:
         for service in ["", *self.service_names]:

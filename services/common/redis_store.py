@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import socket
-import subprocess
-import time
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
-
-from services.common.net import free_port
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 log = logging.getLogger(__name__)
 
@@ -25,23 +23,50 @@ REDIS_URL_ENV = "REDIS_URL"
 
 CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
 
+# Connections one client (one replica) opens at most; more concurrent commands wait for a
+# free one (up to POOL_WAIT_S) instead of failing with "Too many connections". Open streams
+# take none (one multiplexed reader per replica); each idle worker's Lease long poll holds
+# one while it blocks in BLPOP.
+MAX_CONNECTIONS = 256
+POOL_WAIT_S = 30.0
 
-def connect(url: str) -> aioredis.Redis:
-    """An asyncio client for ``url`` that returns str, not bytes. ``redis+cluster://HOST:PORT``
-    (any one node) connects to a Redis Cluster instead (the scheduler's keys are hash-tagged
-    per LLM queue for it: services/scheduler/keys.py)."""
+
+def connect(url: str, max_connections: int = MAX_CONNECTIONS) -> aioredis.Redis:
+    """An asyncio client for ``url`` that returns str, not bytes, and rides through a short
+    connection loss. ``redis+cluster://HOST:PORT`` (any one node) connects to a Redis Cluster
+    instead (the scheduler's keys are hash-tagged per LLM queue for it:
+    services/scheduler/keys.py).
+
+    Pooled connections are health-checked (a PING before reuse after 2 s idle) and a command
+    that meets a dead connection (Redis restarted, ``CLIENT KILL``, a proxy's idle timeout)
+    is retried on a fresh one with backoff, instead of each stale pooled connection failing
+    one request. Every command SSJF sends is safe to repeat: reads, and Lua scripts that
+    are idempotent by job id, lease id and token index.
+    """
     # No socket read timeout: blocking reads (XREAD BLOCK, BLPOP) legitimately wait longer
-    # than redis-py's 5 s default; the health check catches dead connections instead.
+    # than redis-py's 5 s default; keepalive and the health check catch dead connections.
     if url.startswith(CLUSTER_SCHEMES):
         return RedisCluster.from_url(  # type: ignore[return-value]
             url.replace("+cluster", "", 1),
             decode_responses=True,
-            health_check_interval=30,
+            health_check_interval=2,
             socket_timeout=None,
+            socket_keepalive=True,
+            max_connections=max_connections,
         )
-    return aioredis.from_url(
-        url, decode_responses=True, health_check_interval=30, socket_timeout=None
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url,
+        decode_responses=True,
+        health_check_interval=2,
+        socket_timeout=None,
+        socket_connect_timeout=5,
+        socket_keepalive=True,
+        retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=6),
+        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        max_connections=max_connections,
+        timeout=POOL_WAIT_S,
     )
+    return aioredis.Redis.from_pool(pool)  # closing the client closes the pool
 
 
 class EmbeddedRedis:
@@ -57,51 +82,17 @@ class EmbeddedRedis:
         self._server.start()
         url = self._server.connection_url
         log.info("embedded redis started", extra={"url": url})
+        log.warning(
+            "the embedded Redis keeps jobs in memory only: if it stops, every queued and "
+            "running job is lost. Set REDIS_URL to a Redis with AOF persistence "
+            "(appendonly yes, appendfsync everysec; docker compose and deploy/k8s do) to "
+            "keep jobs across a Redis restart"
+        )
         return url
 
     def stop(self) -> None:
         self._server.stop()
         log.info("embedded redis stopped")
-
-
-class RedisServerProcess:
-    """A real ``redis-server`` on a free port, for tests and benchmarks: kill and restart it
-    at will (nothing is persisted)."""
-
-    def __init__(self) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise RuntimeError("redis-server not found: install it (apt-get install redis-server)")
-        self.binary = binary
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return
-            except OSError:
-                time.sleep(0.05)
-        raise TimeoutError("redis-server did not start")
-
-    def kill(self) -> None:
-        if self.process is not None:
-            self.process.kill()
-            self.process.wait()
-            self.process = None
-
-    def restart(self) -> None:
-        self.kill()
-        self.start()
 
 
 def url_from_env() -> str | None:

@@ -147,10 +147,14 @@ def _sampling(body: dict[str, Any]) -> common_pb2.SamplingParams:
         sampling.seed = seed
     for field, low, high, neutral in _PENALTIES:
         value = _number(body, field, low, high)
-        if value is None or value == neutral:
+        if value is None:
             continue
         if field not in _SAMPLING_FIELDS:
+            if value == neutral:
+                continue
             raise invalid(f"{field} is not supported by this server (use {neutral:g})", field)
+        # Passed through even when neutral: repetition_penalty 1 turns off the served
+        # model's default penalty (0, the proto default, means "the server's default").
         setattr(sampling, field, value)
     return sampling
 

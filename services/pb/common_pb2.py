@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14ssjf/v1/common.proto\x12\x07ssjf.v1\"\x94\x01\n\x0eSamplingParams\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x0c\n\x04stop\x18\x04 \x03(\t\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x1c\n\x14replay_output_tokens\x18\x06 \x01(\rB\x07\n\x05_seed\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"6\n\x05Token\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x10\n\x08token_id\x18\x03 \x01(\r*\xdf\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13JOB_STATE_SUBMITTED\x10\x01\x12\x17\n\x13JOB_STATE_PREDICTED\x10\x02\x12\x14\n\x10JOB_STATE_QUEUED\x10\x03\x12\x14\n\x10JOB_STATE_LEASED\x10\x04\x12\x17\n\x13JOB_STATE_STREAMING\x10\x05\x12\x12\n\x0eJOB_STATE_DONE\x10\x06\x12\x14\n\x10JOB_STATE_FAILED\x10\x07\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x08*\xf2\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x02\x12\x1f\n\x1b\x46INISH_REASON_STOP_SEQUENCE\x10\x03\x12\x1f\n\x1b\x46INISH_REASON_REPLAY_LENGTH\x10\x04\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x05\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x06\x12\x1a\n\x16\x46INISH_REASON_DEADLINE\x10\x07\x42;\n\x0b\x64\x65v.ssjf.v1P\x01Z*github.com/ssjf/ssjf/gen/go/ssjf/v1;ssjfv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14ssjf/v1/common.proto\x12\x07ssjf.v1\"\xe5\x01\n\x0eSamplingParams\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x0c\n\x04stop\x18\x04 \x03(\t\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x1c\n\x14replay_output_tokens\x18\x06 \x01(\r\x12\x1a\n\x12repetition_penalty\x18\x07 \x01(\x02\x12\x18\n\x10presence_penalty\x18\x08 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\t \x01(\x02\x42\x07\n\x05_seed\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"6\n\x05Token\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x10\n\x08token_id\x18\x03 \x01(\r*\xdf\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13JOB_STATE_SUBMITTED\x10\x01\x12\x17\n\x13JOB_STATE_PREDICTED\x10\x02\x12\x14\n\x10JOB_STATE_QUEUED\x10\x03\x12\x14\n\x10JOB_STATE_LEASED\x10\x04\x12\x17\n\x13JOB_STATE_STREAMING\x10\x05\x12\x12\n\x0eJOB_STATE_DONE\x10\x06\x12\x14\n\x10JOB_STATE_FAILED\x10\x07\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x08*\xf2\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x02\x12\x1f\n\x1b\x46INISH_REASON_STOP_SEQUENCE\x10\x03\x12\x1f\n\x1b\x46INISH_REASON_REPLAY_LENGTH\x10\x04\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x05\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x06\x12\x1a\n\x16\x46INISH_REASON_DEADLINE\x10\x07\x42;\n\x0b\x64\x65v.ssjf.v1P\x01Z*github.com/ssjf/ssjf/gen/go/ssjf/v1;ssjfv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,14 +32,14 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ssjf.v1.common_pb2', _globa
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\013dev.ssjf.v1P\001Z*github.com/ssjf/ssjf/gen/go/ssjf/v1;ssjfv1'
-  _globals['_JOBSTATE']._serialized_start=287
-  _globals['_JOBSTATE']._serialized_end=510
-  _globals['_FINISHREASON']._serialized_start=513
-  _globals['_FINISHREASON']._serialized_end=755
+  _globals['_JOBSTATE']._serialized_start=368
+  _globals['_JOBSTATE']._serialized_end=591
+  _globals['_FINISHREASON']._serialized_start=594
+  _globals['_FINISHREASON']._serialized_end=836
   _globals['_SAMPLINGPARAMS']._serialized_start=34
-  _globals['_SAMPLINGPARAMS']._serialized_end=182
-  _globals['_CHATMESSAGE']._serialized_start=184
-  _globals['_CHATMESSAGE']._serialized_end=228
-  _globals['_TOKEN']._serialized_start=230
-  _globals['_TOKEN']._serialized_end=284
+  _globals['_SAMPLINGPARAMS']._serialized_end=263
+  _globals['_CHATMESSAGE']._serialized_start=265
+  _globals['_CHATMESSAGE']._serialized_end=309
+  _globals['_TOKEN']._serialized_start=311
+  _globals['_TOKEN']._serialized_end=365
 # @@protoc_insertion_point(module_scope)

@@ -262,12 +262,14 @@ class LeaseResponse(_message.Message):
     def __init__(self, jobs: _Optional[_Iterable[_Union[LeasedJob, _Mapping]]] = ..., lease_ttl_s: _Optional[float] = ...) -> None: ...
 
 class WorkerReport(_message.Message):
-    __slots__ = ("worker_id", "progress")
+    __slots__ = ("worker_id", "progress", "sequence")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     progress: _containers.RepeatedCompositeFieldContainer[JobProgress]
-    def __init__(self, worker_id: _Optional[str] = ..., progress: _Optional[_Iterable[_Union[JobProgress, _Mapping]]] = ...) -> None: ...
+    sequence: int
+    def __init__(self, worker_id: _Optional[str] = ..., progress: _Optional[_Iterable[_Union[JobProgress, _Mapping]]] = ..., sequence: _Optional[int] = ...) -> None: ...
 
 class JobProgress(_message.Message):
     __slots__ = ("job_id", "lease_id", "tokens", "outcome")
@@ -298,13 +300,15 @@ class JobOutcome(_message.Message):
     def __init__(self, finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., error: _Optional[str] = ..., generated_tokens: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., prefill_s: _Optional[float] = ..., decode_s: _Optional[float] = ...) -> None: ...
 
 class WorkerDirective(_message.Message):
-    __slots__ = ("stop",)
+    __slots__ = ("stop", "ack_sequence")
     STOP_FIELD_NUMBER: _ClassVar[int]
+    ACK_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     stop: _containers.RepeatedCompositeFieldContainer[StopJob]
-    def __init__(self, stop: _Optional[_Iterable[_Union[StopJob, _Mapping]]] = ...) -> None: ...
+    ack_sequence: int
+    def __init__(self, stop: _Optional[_Iterable[_Union[StopJob, _Mapping]]] = ..., ack_sequence: _Optional[int] = ...) -> None: ...
 
 class StopJob(_message.Message):
-    __slots__ = ("job_id", "reason")
+    __slots__ = ("job_id", "reason", "lease_id")
     class Reason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         REASON_UNSPECIFIED: _ClassVar[StopJob.Reason]
@@ -317,6 +321,8 @@ class StopJob(_message.Message):
     REASON_FINISHED: StopJob.Reason
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     reason: StopJob.Reason
-    def __init__(self, job_id: _Optional[str] = ..., reason: _Optional[_Union[StopJob.Reason, str]] = ...) -> None: ...
+    lease_id: str
+    def __init__(self, job_id: _Optional[str] = ..., reason: _Optional[_Union[StopJob.Reason, str]] = ..., lease_id: _Optional[str] = ...) -> None: ...

@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -106,29 +107,52 @@ def _time_calls(call: Callable[[list[str]], Any], prompts: list[str], batch: int
     return done / (time.perf_counter() - started)
 
 
-def speed(run: Path, prompts: list[str], threads: int) -> dict[str, Any]:
+def command_line(module: str, argv: list[str] | None) -> str:
+    """The command a result came from, for its JSON."""
+    return f"python -m {module} " + " ".join(sys.argv[1:] if argv is None else argv)
+
+
+def write_result(path: str | Path, result: dict[str, Any]) -> Path:
+    """Write a benchmark's JSON result (creating its directory) and say where."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+    return out
+
+
+def eager_engine(
+    run: Path, runtime: ArtifactRuntime, threads: int
+) -> Callable[[list[str]], np.ndarray]:
+    """PyTorch eager on ``run``'s weights doing the same work as ``runtime.predict_all``
+    (same tokenization, same similar-length sub-batches)."""
     import torch
 
     from services.predictor.model import LengthModel
 
     torch.set_num_threads(threads)
-    int8 = ArtifactRuntime(run, intra_op_threads=threads)
-    fp32 = ArtifactRuntime(run, intra_op_threads=threads, model_file=FP32_MODEL_FILE)
     eager = LengthModel.from_state_dict(
-        int8.formulation, torch.load(run / TORCH_STATE_FILE, weights_only=True)
+        runtime.formulation, torch.load(run / TORCH_STATE_FILE, weights_only=True)
     )
 
     def torch_call(batch: list[str]) -> np.ndarray:
-        """The same work as ArtifactRuntime.predict_all (same sub-batches), in PyTorch."""
-        rows = int8.tokenizer.token_ids(batch)
-        tokens = np.empty((len(rows), len(int8.llms) + 1), dtype=np.float32)
+        rows = runtime.tokenizer.token_ids(batch)
+        tokens = np.empty((len(rows), len(runtime.llms) + 1), dtype=np.float32)
         with torch.inference_mode():
             for chunk in similar_length_chunks([len(row) for row in rows]):
-                input_ids, mask = int8.tokenizer.pad([rows[index] for index in chunk])
+                input_ids, mask = runtime.tokenizer.pad([rows[index] for index in chunk])
                 tokens[chunk] = eager.predict_tokens(
                     torch.from_numpy(input_ids), torch.from_numpy(mask)
                 ).numpy()
         return tokens
+
+    return torch_call
+
+
+def speed(run: Path, prompts: list[str], threads: int) -> dict[str, Any]:
+    int8 = ArtifactRuntime(run, intra_op_threads=threads)
+    fp32 = ArtifactRuntime(run, intra_op_threads=threads, model_file=FP32_MODEL_FILE)
+    torch_call = eager_engine(run, int8, threads)
 
     engines: dict[str, Callable[[list[str]], Any]] = {
         "onnx-int8": int8.predict_all,
@@ -292,11 +316,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{service['prompts_per_s']:.1f} prompts/s, p50 {service['p50_ms']:.1f} ms, "
         f"p99 {service['p99_ms']:.1f} ms, mean batch {service['mean_batch_size']:.1f}"
     )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = write_result(args.out, result)
     _plot(result, out.with_suffix(".png"))
-    print(f"\nwrote {out} and {out.with_suffix('.png')}")
+    print(f"wrote {out.with_suffix('.png')}")
     return 0
 
 

@@ -43,6 +43,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_option(
         serve,
+        "--cache-size",
+        default=10_000,
+        type=int,
+        help="prompts whose predictions are kept (by prompt hash) and answered without the "
+        "model (0: no cache)",
+    )
+    add_option(
+        serve,
         "--threads",
         default=0,
         type=int,
@@ -84,7 +92,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         train,
         "--formulation",
         default=DEFAULT_FORMULATION,
-        choices=["regression-l1", "regression-mse", "classification", "ranking"],
+        choices=["regression-l1", "regression-mse", "classification", "ranking", "listwise"],
         help="learning formulation",
     )
     add_flag(
@@ -115,6 +123,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=int,
         help="top encoder layers fine-tuned (of 6); the rest and the embeddings stay frozen",
     )
+    add_option(
+        train,
+        "--encoder-layers",
+        default=6,
+        type=int,
+        help="keep the encoder's first N of 6 layers (a smaller, faster student; 6: all)",
+    )
     add_option(train, "--seed", default=0, type=int, help="random seed (training)")
     add_option(train, "--threads", default=2, type=int, help="torch threads")
     add_option(
@@ -126,6 +141,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_option(train, "--out", default=str(DEFAULT_ARTIFACT), help="artifact directory to write")
     add_option(train, "--name", default="minilm-length", help="artifact name (in its version)")
+    add_flag(
+        train,
+        "--first-stage-only",
+        help="only fit the scheduler's first-stage model (hashed n-gram ridge) into the "
+        "existing artifact --out (seconds)",
+    )
     add_flag(train, "--fp32", help="ship the fp32 graph instead of int8 dynamic quantization")
     add_flag(
         train,
@@ -204,6 +225,10 @@ def _data_dir(args: argparse.Namespace) -> Path:
 def _train(args: argparse.Namespace) -> int:
     from services.predictor import pipeline
 
+    if args.first_stage_only:
+        summary = pipeline.add_first_stage(_data_dir(args), Path(args.out))
+        print(json.dumps(summary, indent=2))
+        return 0
     formulations = pipeline.FORMULATIONS if args.compare else (args.formulation,)
     results = pipeline.train_and_export(
         data_dir=_data_dir(args),
@@ -215,6 +240,7 @@ def _train(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         max_prompt_tokens=args.max_prompt_tokens,
         trainable_layers=args.trainable_layers,
+        encoder_layers=args.encoder_layers,
         seed=args.seed,
         threads=args.threads,
         max_train_prompts=args.max_train_prompts or None,

@@ -11,6 +11,7 @@ answers in tokens: one column per LLM plus a last ``*`` column (the all-LLM head
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +22,10 @@ from transformers import AutoModel, BertModel
 from transformers.masking_utils import create_bidirectional_mask
 
 ALL_LLMS = "*"
-FORMULATIONS = ("regression-l1", "regression-mse", "classification", "ranking")
+FORMULATIONS = ("regression-l1", "regression-mse", "classification", "ranking", "listwise")
+# Formulations whose scores have no scale of their own: a fitted line maps them onto z.
+SCORE_FORMULATIONS = ("ranking", "listwise")
+LISTWISE_TEMPERATURE = 0.5
 NUM_BUCKETS = 10
 # Pairs whose normalised log lengths differ by less than this are ties, not training signal.
 RANK_TIE = 0.1
@@ -78,9 +82,14 @@ class LengthModel(nn.Module):
 
     @classmethod
     def from_pretrained_encoder(
-        cls, formulation: str, stats: LengthStats, path: Path | None = None
+        cls, formulation: str, stats: LengthStats, path: Path | None = None, layers: int = 0
     ) -> LengthModel:
+        """The pretrained encoder, cut to its first ``layers`` transformer layers when given
+        (a student: fewer layers, proportionally less compute per token)."""
         encoder = AutoModel.from_pretrained(str(path or encoder_dir()))
+        if layers:
+            encoder.encoder.layer = encoder.encoder.layer[:layers]
+            encoder.config.num_hidden_layers = layers
         return cls(encoder, formulation, stats)
 
     @classmethod
@@ -93,7 +102,8 @@ class LengthModel(nn.Module):
             bucket_edges=torch.zeros(n_llms, NUM_BUCKETS - 1),
             bucket_centers=torch.zeros(n_llms, NUM_BUCKETS),
         )
-        model = cls.from_pretrained_encoder(formulation, stats)
+        layers = {key.split(".")[3] for key in state if key.startswith("encoder.encoder.layer.")}
+        model = cls.from_pretrained_encoder(formulation, stats, layers=len(layers))
         model.load_state_dict(state)
         return model.eval()
 
@@ -163,6 +173,8 @@ class LengthModel(nn.Module):
         if self.formulation == "classification":
             buckets = bucket_of(z, self.bucket_edges)
             return F.cross_entropy(raw[known], buckets[known])
+        if self.formulation == "listwise":
+            return listwise_loss(raw[..., 0], z, known)
         return pairwise_margin_loss(raw[..., 0], z, known)
 
 
@@ -180,3 +192,16 @@ def pairwise_margin_loss(
     z_gap = z.unsqueeze(1) - z.unsqueeze(0)
     valid = known.unsqueeze(1) & known.unsqueeze(0) & (z_gap > RANK_TIE)
     return F.relu(RANK_MARGIN - score_gap)[valid].mean()
+
+
+def listwise_loss(scores: torch.Tensor, z: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+    """ListNet, per LLM over the batch's prompts: cross-entropy between the softmax of the true
+    ``z`` (temperature ``LISTWISE_TEMPERATURE``) and the softmax of the scores. Prompts an LLM
+    did not answer are left out of its list."""
+    masked_scores = scores.masked_fill(~known, -math.inf)
+    masked_z = (z / LISTWISE_TEMPERATURE).masked_fill(~known, -math.inf)
+    target = masked_z.softmax(0)  # [batch, llm], each column a distribution
+    log_predicted = masked_scores.log_softmax(0).masked_fill(~known, 0.0)
+    answered = known.sum(0) >= 2
+    per_llm = -(target.nan_to_num(0.0) * log_predicted).sum(0)
+    return per_llm[answered].mean()

@@ -3,20 +3,34 @@ formulations: what ``ssjf train-predictor`` and ``make predictor`` run."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from services.common.alpaca import LengthDataset, load_dataset
-from services.predictor.evaluate import evaluate_artifact
+from services.common.first_stage import FIRST_STAGE_FILE, fit_first_stage
+from services.predictor.evaluate import evaluate_artifact, score
 from services.predictor.export import FP32_MODEL_FILE, METADATA_FILE, write_artifact
 from services.predictor.model import FORMULATIONS
 from services.predictor.runtime import ArtifactRuntime
-from services.predictor.training import DEFAULT_LLM, TrainConfig, Trainer
+from services.predictor.training import (
+    DEFAULT_LLM,
+    EVAL_LLMS,
+    Split,
+    TrainConfig,
+    Trainer,
+    split_dataset,
+)
 
 log = logging.getLogger(__name__)
+
+# The served model's own LLM gets a first-stage head whenever its labels are in the data.
+FIRST_STAGE_EXTRA_LLMS = ("smollm2-135m-instruct",)
 
 __all__ = ["FORMULATIONS", "format_table", "train_and_export"]
 
@@ -57,8 +71,15 @@ def train_and_export(
             training_summary=trainer.summary(),
         )
         test_set = dataset.subset(trainer.split.test)
-        held_out = held_out_metrics(ArtifactRuntime(directory), test_set, trainer.eval_llms)
+        report_llms = [
+            *trainer.eval_llms,
+            *(llm for llm in FIRST_STAGE_EXTRA_LLMS if llm in trainer.llms),
+        ]
+        held_out = held_out_metrics(ArtifactRuntime(directory), test_set, report_llms)
         metadata["held_out_test"] = held_out
+        metadata["first_stage"] = write_first_stage(
+            dataset, trainer.split, [*trainer.eval_llms, default_llm], directory
+        )
         if keep_fp32 and quantize:
             fp32 = ArtifactRuntime(directory, model_file=FP32_MODEL_FILE)
             metadata["held_out_test_fp32"] = held_out_metrics(fp32, test_set, trainer.eval_llms)
@@ -76,6 +97,55 @@ def train_and_export(
     if nested:
         (out / "comparison.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
+
+
+def write_first_stage(
+    dataset: LengthDataset, split: Split, heads: Sequence[str], directory: Path
+) -> dict[str, Any]:
+    """Fit the scheduler's first-stage model (hashed n-gram ridge) on the split's training and
+    dev prompts for ``heads`` (plus the served model's, when its labels are in the data),
+    write it into the artifact ``directory`` and score it on the held-out test prompts."""
+    heads = list(dict.fromkeys(heads))
+    heads += [llm for llm in FIRST_STAGE_EXTRA_LLMS if llm in dataset.lengths and llm not in heads]
+    fitted_on = dataset.subset(split.train + split.dev)
+    model = fit_first_stage(
+        [prompt.text for prompt in fitted_on.prompts],
+        np.log1p(fitted_on.length_matrix(heads)),
+        heads,
+    )
+    digest = hashlib.sha256(model.weights.astype(np.float16).tobytes()).hexdigest()[:12]
+    model.version = f"first-stage-{digest}"
+    model.save(directory / FIRST_STAGE_FILE)
+    test_set = dataset.subset(split.test)
+    held_out = {}
+    for llm in heads:
+        answered = test_set.lengths_for(llm)
+        prompts = [prompt for prompt in test_set.prompts if prompt.prompt_id in answered]
+        if len(prompts) < 2:
+            continue
+        metrics = score(
+            [model.predict(prompt.text, llm) for prompt in prompts],
+            [answered[prompt.prompt_id] for prompt in prompts],
+        )
+        held_out[llm] = metrics.as_dict()
+    return {
+        "file": FIRST_STAGE_FILE,
+        "version": model.version,
+        "heads": model.heads,
+        "trained_on_prompts": len(fitted_on.prompts),
+        "held_out_test": held_out,
+    }
+
+
+def add_first_stage(data_dir: Path, directory: Path) -> dict[str, Any]:
+    """Fit and write the first-stage model into an existing artifact (its metadata too)."""
+    dataset = load_dataset(data_dir)
+    metadata = json.loads((directory / METADATA_FILE).read_text())
+    heads = [*EVAL_LLMS, metadata["default_llm"]]
+    heads = [llm for llm in heads if llm in dataset.lengths]
+    metadata["first_stage"] = write_first_stage(dataset, split_dataset(dataset), heads, directory)
+    (directory / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
+    return metadata["first_stage"]
 
 
 def held_out_metrics(

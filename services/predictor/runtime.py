@@ -120,6 +120,10 @@ class ArtifactRuntime:
             return self.default_llm
         return llm if llm in self._column else ALL_LLMS
 
+    def column(self, head: str) -> int:
+        """Column of ``head`` (an LLM of the artifact, or ``*``) in :meth:`predict_all`."""
+        return self._column[head]
+
     def predict_all(self, prompts: Sequence[str]) -> np.ndarray:
         """Predicted tokens ``[len(prompts), len(llms) + 1]`` (last column: all-LLM head)."""
         for prompt in prompts:

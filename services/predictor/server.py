@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 from typing import Any
 
@@ -43,9 +44,22 @@ async def serve(args: argparse.Namespace) -> None:
         max_batch_size=args.max_batch_size,
         max_wait_s=args.max_wait_ms / 1000.0,
         max_batch_request=args.max_batch_request,
+        cache_size=args.cache_size,
     )
     host = predictor_host(predictor, **host_options(args))
     await host.start()  # health answers NOT_SERVING while the model warms up
     await predictor.start()
     await host.set_ready()
-    await host.serve_until_signal(drain=predictor.stop)
+    watchdog = asyncio.create_task(_not_serving_when_batcher_dies(predictor, host))
+    try:
+        await host.serve_until_signal(drain=predictor.stop)
+    finally:
+        watchdog.cancel()
+
+
+async def _not_serving_when_batcher_dies(predictor: LengthPredictor, host: ServiceHost) -> None:
+    """A dead batch loop answers nothing: say so, so load balancers and orchestrators route
+    around this replica and restart it."""
+    await predictor.batcher.failed.wait()
+    log.error("predictor batch loop died: health is NOT_SERVING")
+    await host.set_not_serving()

@@ -20,8 +20,14 @@ import torch
 from scipy.stats import kendalltau
 from tqdm import tqdm
 
-from services.common.alpaca import LengthDataset, split_by_prompt
-from services.predictor.model import NUM_BUCKETS, LengthModel, LengthStats, encoder_dir
+from services.common.alpaca import LengthDataset, PromptId, split_by_prompt
+from services.predictor.model import (
+    NUM_BUCKETS,
+    SCORE_FORMULATIONS,
+    LengthModel,
+    LengthStats,
+    encoder_dir,
+)
 from services.predictor.tokenization import PromptTokenizer
 
 log = logging.getLogger(__name__)
@@ -55,6 +61,9 @@ class TrainConfig:
     # The embeddings and the lower layers stay as pretrained (their states are computed once);
     # only the top ``trainable_layers`` of the 6 and the heads learn.
     trainable_layers: int = 2
+    # A student keeps only the encoder's first ``encoder_layers`` of 6 (half the layers: about
+    # half the serving cost) and is fine-tuned like the full model.
+    encoder_layers: int = ENCODER_LAYERS
     seed: int = 0
     threads: int = 2
     max_train_prompts: int | None = None  # smoke runs only
@@ -63,9 +72,9 @@ class TrainConfig:
 
 @dataclass
 class Split:
-    train: list[int]
-    dev: list[int]
-    test: list[int]
+    train: list[PromptId]
+    dev: list[PromptId]
+    test: list[PromptId]
 
 
 def split_dataset(dataset: LengthDataset, seed: int = SPLIT_SEED) -> Split:
@@ -149,11 +158,15 @@ def pad_states(states: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
 
 class Trainer:
     def __init__(
-        self, dataset: LengthDataset, config: TrainConfig, lower: LowerStates | None = None
+        self,
+        dataset: LengthDataset,
+        config: TrainConfig,
+        lower: LowerStates | None = None,
+        split: Split | None = None,
     ) -> None:
         self.config = config
         self.dataset = dataset
-        self.split = split_dataset(dataset)
+        self.split = split or split_dataset(dataset)
         self.llms = config.llms or dataset.llms
         self.eval_llms = [llm for llm in config.eval_llms if llm in self.llms] or self.llms[:1]
         train_ids = self.split.train
@@ -162,8 +175,11 @@ class Trainer:
         self.train_set = dataset.subset(train_ids)
         self.dev_set = dataset.subset(self.split.dev)
         self.tokenizer = PromptTokenizer(encoder_dir() / "tokenizer.json", config.max_prompt_tokens)
-        self.lower = lower or LowerStates(self.tokenizer, ENCODER_LAYERS - config.trainable_layers)
-        if self.lower.frozen_layers != ENCODER_LAYERS - config.trainable_layers:
+        if not 1 <= config.encoder_layers <= ENCODER_LAYERS:
+            raise ValueError(f"encoder_layers must be within [1, {ENCODER_LAYERS}]")
+        frozen_layers = max(0, config.encoder_layers - config.trainable_layers)
+        self.lower = lower or LowerStates(self.tokenizer, frozen_layers)
+        if self.lower.frozen_layers != frozen_layers:
             raise ValueError("shared LowerStates freeze a different number of layers")
         train_log = np.log1p(self.train_set.length_matrix(self.llms))
         self.stats = length_stats(train_log)
@@ -221,7 +237,9 @@ class Trainer:
         config = self.config
         torch.set_num_threads(config.threads)
         seed_everything(config.seed)
-        model = LengthModel.from_pretrained_encoder(config.formulation, self.stats)
+        model = LengthModel.from_pretrained_encoder(
+            config.formulation, self.stats, layers=config.encoder_layers
+        )
         frozen = [
             model.encoder.embeddings,
             *model.encoder.encoder.layer[: self.lower.frozen_layers],
@@ -265,7 +283,7 @@ class Trainer:
                 losses.append(loss.item())
                 progress.update()
                 progress.set_postfix(epoch=epoch, loss=f"{np.mean(losses):.4f}")
-            if config.formulation == "ranking":
+            if config.formulation in SCORE_FORMULATIONS:
                 self.fit_calibration(model)
             tau = self.dev_tau(model)
             self.history.append({"epoch": epoch, "loss": float(np.mean(losses)), "dev_tau": tau})

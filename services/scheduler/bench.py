@@ -42,12 +42,13 @@ from services.common.grpc_server import CHANNEL_OPTIONS
 from services.common.health import wait_for_serving
 from services.common.net import free_port
 from services.common.paths import CHECKOUT_ROOT
-from services.common.redis_store import RedisServerProcess, connect
+from services.common.redis_store import connect
 from services.pb import scheduler_pb2, scheduler_pb2_grpc
 from services.scheduler.core import new_job_id
 from services.scheduler.keys import arrivals_key, queue_key
 from services.scheduler.models import JobRecord, JobState, SamplingParams
 from services.scheduler.store import JobStore, StoreSettings
+from tests.redis_server import RedisServerProcess  # benchmarks run from a checkout, like tests
 
 LLM = "bench-llm"
 FILL_BATCH = 5_000

@@ -14,6 +14,15 @@ from services.common.config import add_flag, add_option, add_server_options
 from services.common.tls import add_client_security_options
 from services.scheduler.policies import POLICIES
 
+# The shipped predictor artifact carries the first-stage model too (ssjf train-predictor).
+DEFAULT_FIRST_STAGE = (
+    Path(__file__).resolve().parent.parent
+    / "predictor"
+    / "artifacts"
+    / "default"
+    / "first_stage.npz"
+)
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The scheduler's flags (each also an SSJF_* environment variable)."""
@@ -73,7 +82,46 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--predictor-timeout-ms",
         default=200,
         type=int,
-        help="longest wait for a prediction before queueing with the fallback score",
+        help="longest wait for one prediction (then the job keeps its first-stage or "
+        "fallback score)",
+    )
+    add_option(
+        parser,
+        "--prediction-mode",
+        default="async",
+        choices=["async", "sync"],
+        help="async: queue each job at once with its first-stage score and re-score it when "
+        "the prediction arrives (an idle worker never waits); sync: wait for the prediction "
+        "before queueing",
+    )
+    add_option(
+        parser,
+        "--first-stage",
+        default=str(DEFAULT_FIRST_STAGE),
+        help="first-stage model file (hashed n-gram linear model, microseconds per prompt) "
+        "scoring jobs before their prediction arrives; empty: the fallback score instead",
+    )
+    add_option(
+        parser,
+        "--max-predicted-tokens",
+        default=1e6,
+        type=float,
+        help="predictions are clamped to [1, this] (at most 1e6: far below the priority "
+        "stride, so no prediction outweighs a priority class)",
+    )
+    add_option(
+        parser,
+        "--breaker-failures",
+        default=3,
+        type=int,
+        help="consecutive predictor failures that open the circuit breaker (no calls then)",
+    )
+    add_option(
+        parser,
+        "--breaker-open-s",
+        default=5.0,
+        type=float,
+        help="how long the open breaker makes no predictor calls before one probe call",
     )
     add_option(
         parser,
@@ -157,6 +205,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=1.0,
         type=float,
         help="how often this replica looks for expired leases and missed deadlines",
+    )
+    add_option(
+        parser,
+        "--default-start-timeout-s",
+        default=600.0,
+        type=float,
+        help="start deadline of a job whose request sets no start_timeout_ms: one no worker "
+        "started by then (e.g. sent to an LLM no worker serves) fails with "
+        "FINISH_REASON_DEADLINE instead of waiting forever (0: no default deadline)",
     )
     add_option(
         parser,

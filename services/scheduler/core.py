@@ -14,12 +14,13 @@ import re
 import secrets
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Protocol
 
 from redis.exceptions import RedisError
 
 from services.common.errors import (
+    AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -27,6 +28,7 @@ from services.common.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from services.common.penalties import check_penalties
 from services.common.principals import UNLIMITED, TenantLimits
 from services.scheduler.conversation import last_user_turn, validate_messages
 from services.scheduler.keys import llm_tag
@@ -42,10 +44,12 @@ from services.scheduler.models import (
     Stop,
     Submission,
     Token,
+    request_digest,
     scoped_request_id,
 )
 from services.scheduler.policies import PRIORITY_RANGE, JobFeatures, Policy
-from services.scheduler.predictor_client import Prediction
+from services.scheduler.prediction import AsyncPredictions, PendingJob, PredictionMode
+from services.scheduler.predictor_client import Prediction, clamp_prediction
 from services.scheduler.registry import (
     KNOWN_LLM_MEMORY_S,
     MAX_WORKER_ID_CHARS,
@@ -53,15 +57,23 @@ from services.scheduler.registry import (
     RegistrationCache,
     ServedModel,
 )
-from services.scheduler.store import JobStore, Rejected
+from services.scheduler.store import JobStore, KeyReused, Rejected
 from services.scheduler.tenants import TenantJobs
+
+if TYPE_CHECKING:
+    from services.common.first_stage import FirstStageModel
 
 log = logging.getLogger(__name__)
 
 # LLM names become part of Redis keys: keep them to plain characters.
-_LLM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$")
+_LLM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}")
 MAX_CLIENT_REQUEST_ID_CHARS = 256
 MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256  # per stop string: they are matched against the tail of the answer
+# Largest answer a job may ask for (max_new_tokens or replay_output_tokens); a worker also
+# ends a job when its model's context is full.
+MAX_OUTPUT_TOKENS = 32_768
+MAX_JOB_ID_CHARS = 128
 MAX_LEASE_JOBS = 256
 MAX_LEASE_WAIT_MS = 60_000
 
@@ -84,6 +96,44 @@ class SchedulerConfig:
     fallback_tokens: float = 256.0
     allow_oracle: bool = False
     reap_interval_s: float = 1.0
+    # Start deadline of jobs that set none: a job for an LLM no worker serves (a typo, a
+    # retired model) fails with DEADLINE instead of waiting, and its Generate hanging, forever.
+    default_start_timeout_s: float = 600.0
+    # async: queue at once (first-stage or fallback score), re-score when the prediction
+    # arrives; sync: wait for the prediction before queueing.
+    prediction_mode: PredictionMode = PredictionMode.ASYNC
+    max_predictions_in_flight: int = 4096
+
+
+def shown(value: str, limit: int = 64) -> str:
+    """A client's value quoted in an error message, cut short: a message echoing a huge
+    value would itself exceed gRPC's metadata limit (and become RESOURCE_EXHAUSTED)."""
+    return repr(value) if len(value) <= limit else f"{value[:limit]!r}... ({len(value)} chars)"
+
+
+def check_llm_name(llm: str) -> None:
+    # fullmatch: with match and $, "vicuna-13b\n" passed ($ matches before a final newline).
+    if not _LLM_NAME.fullmatch(llm):
+        raise InvalidArgument(
+            f"llm {shown(llm)} is not a valid name (letters, digits and ._:/@+- only, "
+            "at most 128 characters)"
+        )
+
+
+def check_job_id(job_id: str) -> None:
+    if not job_id:
+        raise InvalidArgument("job_id must not be empty")
+    if len(job_id) > MAX_JOB_ID_CHARS:
+        raise InvalidArgument(
+            f"job_id has {len(job_id)} characters; job ids have at most {MAX_JOB_ID_CHARS}"
+        )
+
+
+def _key_reused(job_id: str) -> AlreadyExists:
+    return AlreadyExists(
+        f"client_request_id is already used by job {job_id!r} for a different request "
+        "(prompt, llm, sampling or priority differ): use a new id for a new request"
+    )
 
 
 def new_job_id(llm: str = "") -> str:
@@ -100,6 +150,7 @@ class SchedulerCore:
         policy: Policy,
         config: SchedulerConfig,
         predictor: LengthPredictor | None,
+        first_stage: FirstStageModel | None = None,
     ) -> None:
         if policy.uses_oracle and not config.allow_oracle:
             raise FailedPrecondition(
@@ -110,8 +161,15 @@ class SchedulerCore:
         self.policy = policy
         self.config = config
         self.predictor = predictor
+        self.first_stage = first_stage
+        self.predictions = (
+            AsyncPredictions(store, predictor, max_in_flight=config.max_predictions_in_flight)
+            if predictor is not None and config.prediction_mode == PredictionMode.ASYNC
+            else None
+        )
         self.tenant_jobs = TenantJobs(store.redis, store.settings.job_ttl_s)
         self._stopping = asyncio.Event()
+        self._background: set[asyncio.Future[object]] = set()
         self._registrations = RegistrationCache()
 
     # Client side -----------------------------------------------------------------------
@@ -119,11 +177,7 @@ class SchedulerCore:
     def _validate(self, request: JobRequest) -> str:
         """Returns the LLM the job goes to; raises InvalidArgument for a malformed request."""
         llm = request.llm or self.config.default_llm
-        if not _LLM_NAME.match(llm):
-            raise InvalidArgument(
-                f"llm {llm!r} is not a valid name (letters, digits and ._:/@+- only, "
-                "at most 128 characters)"
-            )
+        check_llm_name(llm)
         if request.messages:
             if request.prompt:
                 raise InvalidArgument("set either prompt or messages, not both")
@@ -142,10 +196,22 @@ class SchedulerCore:
             )
         if not math.isfinite(sampling.top_p) or not 0 <= sampling.top_p <= 1:
             raise InvalidArgument(f"sampling.top_p must be within (0, 1], got {sampling.top_p}")
-        if len(sampling.stop) > MAX_STOP_STRINGS or any(not stop for stop in sampling.stop):
+        check_penalties(
+            sampling.repetition_penalty, sampling.presence_penalty, sampling.frequency_penalty
+        )
+        if len(sampling.stop) > MAX_STOP_STRINGS or any(
+            not stop or len(stop) > MAX_STOP_CHARS for stop in sampling.stop
+        ):
             raise InvalidArgument(
-                f"sampling.stop takes at most {MAX_STOP_STRINGS} non-empty strings"
+                f"sampling.stop takes at most {MAX_STOP_STRINGS} non-empty strings of at most "
+                f"{MAX_STOP_CHARS} characters each"
             )
+        for name in ("max_new_tokens", "replay_output_tokens"):
+            if getattr(sampling, name) > MAX_OUTPUT_TOKENS:
+                raise InvalidArgument(
+                    f"sampling.{name} must be at most {MAX_OUTPUT_TOKENS}, "
+                    f"got {getattr(sampling, name)}"
+                )
         low, high = PRIORITY_RANGE
         if not low <= request.priority <= high:
             raise InvalidArgument(
@@ -172,6 +238,7 @@ class SchedulerCore:
         if self._stopping.is_set():
             raise Unavailable("this scheduler replica is shutting down; retry on another")
         llm = self._validate(request)
+        request_hash = request_digest(request, llm)
         if limits.best_priority is not None and request.priority < limits.best_priority:
             raise PermissionDenied(
                 f"priority {request.priority} is above what tenant {request.tenant!r} was "
@@ -184,12 +251,12 @@ class SchedulerCore:
             if earlier is not None:
                 record = await self.store.get(earlier)
                 if record is not None:
-                    return Submission(record, deduplicated=True)
-        submitted_at = time.time()
+                    return Submission(self._same_request(record, request_hash), deduplicated=True)
+        submitted_at = self.store.now()
         # A chat job's prompt is its last user turn: what the predictor reads and the record
         # keeps (see conversation.py); the worker gets the whole conversation.
         prompt = last_user_turn(request.messages) if request.messages else request.prompt
-        prediction, fallback = await self._predict(prompt, llm)
+        prediction, fallback, predict_later = await self._predict(prompt, llm)
         if self.policy.uses_oracle:
             predicted, predictor_version = float(request.oracle_output_tokens), "oracle"
         elif prediction is not None:
@@ -198,8 +265,12 @@ class SchedulerCore:
             predicted, predictor_version = 0.0, ""
         features = JobFeatures(
             arrival_s=submitted_at,
-            # A job the predictor could not answer for is scored as a typical one.
-            predicted_tokens=self.config.fallback_tokens if fallback else predicted,
+            # A job with no estimate at all is scored as a typical one.
+            predicted_tokens=(
+                self.config.fallback_tokens
+                if prediction is None and self.policy.uses_prediction
+                else predicted
+            ),
             oracle_tokens=request.oracle_output_tokens,
             priority=request.priority,
             # What the worker will prefill: the prompt, or every turn of a conversation.
@@ -220,12 +291,16 @@ class SchedulerCore:
             prompt=prompt,
             messages=request.messages,
             submitted_at=submitted_at,
-            queued_at=time.time(),
+            queued_at=self.store.now(),
+            request_hash=request_hash,
             tenant=request.tenant,
         )
-        deadline_at = (
-            submitted_at + request.start_timeout_ms / 1e3 if request.start_timeout_ms else 0.0
+        start_timeout_s = (
+            request.start_timeout_ms / 1e3
+            if request.start_timeout_ms
+            else self.config.default_start_timeout_s
         )
+        deadline_at = submitted_at + start_timeout_s if start_timeout_s > 0 else 0.0
         if limits.max_queued_jobs:
             await self.tenant_jobs.reserve(
                 request.tenant, record.job_id, limits.max_queued_jobs, submitted_at
@@ -241,6 +316,8 @@ class SchedulerCore:
                 f"the queue of {llm!r} is full ({full.depth} jobs, --max-queue-depth); retry later",
                 retry_after_s=1.0,
             ) from None
+        except KeyReused as reused:
+            raise _key_reused(reused.job_id) from None
         finally:
             if limits.max_queued_jobs and not queued:
                 await self.tenant_jobs.release(request.tenant, record.job_id)
@@ -249,22 +326,51 @@ class SchedulerCore:
             if earlier_record is None:
                 raise NotFound(f"job {job_id!r} of client_request_id expired; retry")
             return Submission(earlier_record, deduplicated=True)
+        if predict_later and self.predictions is not None:
+            policy = self.policy
+            self.predictions.schedule(
+                PendingJob(
+                    job_id,
+                    llm,
+                    prompt,
+                    lambda tokens: policy.score(replace(features, predicted_tokens=tokens)),
+                )
+            )
         return Submission(record, deduplicated=False)
 
-    async def _predict(self, prompt: str, llm: str) -> tuple[Prediction | None, bool]:
-        """(prediction, fallback): policies that need no prediction never ask."""
+    @staticmethod
+    def _same_request(record: JobRecord, request_hash: str) -> JobRecord:
+        if record.request_hash and record.request_hash != request_hash:
+            raise _key_reused(record.job_id)
+        return record
+
+    async def _predict(self, prompt: str, llm: str) -> tuple[Prediction | None, bool, bool]:
+        """(estimate to queue with, fallback, predict in the background). Policies that need
+        no prediction never ask. The estimate is the proxy model's (sync mode) or the
+        first-stage model's (async mode, and whenever the predictor cannot answer); None when
+        neither exists (the job gets the fallback score)."""
         if not self.policy.uses_prediction:
-            return None, False
+            return None, False, False
+        first = self._first_stage_estimate(prompt, llm)
         if self.predictor is None:
-            return None, True
+            return first, True, False
+        if self.predictions is not None:
+            return first, False, True
         prediction = await self.predictor.predict(prompt, llm)
-        return prediction, prediction is None
+        if prediction is None:
+            return first, True, False
+        return prediction, False, False
+
+    def _first_stage_estimate(self, prompt: str, llm: str) -> Prediction | None:
+        if self.first_stage is None:
+            return None
+        tokens = clamp_prediction(self.first_stage.predict(prompt, llm))
+        return Prediction(tokens, self.first_stage.version)
 
     async def get_job(self, job_id: str, tenant: str | None = None) -> JobRecord:
         """The job's record; for ``tenant`` (None: any), only a job of its own: another
         tenant's job is NotFound, the same answer as a job that does not exist."""
-        if not job_id:
-            raise InvalidArgument("job_id must not be empty")
+        check_job_id(job_id)
         record = await self.store.get(job_id)
         if record is None or (tenant is not None and record.tenant != tenant):
             raise NotFound(f"no job {job_id!r}: unknown, or finished and expired (--job-ttl-s)")
@@ -279,11 +385,10 @@ class SchedulerCore:
             yield event
 
     async def cancel(self, job_id: str, tenant: str | None = None) -> tuple[JobState, bool]:
-        if not job_id:
-            raise InvalidArgument("job_id must not be empty")
+        check_job_id(job_id)
         if tenant is not None:
             await self.get_job(job_id, tenant)  # a job's owner never changes: no race
-        result = await self.store.cancel(job_id, time.time())
+        result = await self.store.cancel(job_id)
         if result is None:
             raise NotFound(f"no job {job_id!r}: unknown, or finished and expired (--job-ttl-s)")
         state, cancelled = result
@@ -292,7 +397,7 @@ class SchedulerCore:
         return state, cancelled
 
     async def queue_stats(self, llm: str = "") -> list[QueueStats]:
-        return await self.store.stats([llm] if llm else [], time.time())
+        return await self.store.stats([llm] if llm else [], self.store.now())
 
     # Worker side -----------------------------------------------------------------------
 
@@ -308,21 +413,14 @@ class SchedulerCore:
         if not llms:
             raise InvalidArgument("llms must name at least one LLM the worker serves")
         for llm in llms:
-            if not _LLM_NAME.match(llm):
-                raise InvalidArgument(f"llm {llm!r} is not a valid name")
+            check_llm_name(llm)
         if not 1 <= max_jobs <= MAX_LEASE_JOBS:
             raise InvalidArgument(f"max_jobs must be within [1, {MAX_LEASE_JOBS}], got {max_jobs}")
         wait_s = min(wait_ms, MAX_LEASE_WAIT_MS) / 1e3
         await self._register_worker(worker_id, llms, wait_s)
         deadline = time.monotonic() + wait_s
         while not self._stopping.is_set():
-            jobs = await self.store.claim(
-                worker_id,
-                llms,
-                max_jobs=max_jobs,
-                now=time.time(),
-                max_wait_s=self.config.max_wait_s,
-            )
+            jobs = await self._claim(worker_id, llms, max_jobs)
             if jobs:
                 log.debug(
                     "leased", extra={"worker_id": worker_id, "jobs": [job.job_id for job in jobs]}
@@ -332,6 +430,26 @@ class SchedulerCore:
             if remaining <= 0 or not await self._wait_for_work(llms, remaining):
                 return []
         return []
+
+    async def _claim(self, worker_id: str, llms: list[str], max_jobs: int) -> list[LeasedJob]:
+        """Claim, even when the Lease call is cancelled meanwhile: then the jobs claimed for
+        a worker that will never hear of them are released at once, not orphaned until
+        their leases expire (each losing an attempt)."""
+        claiming = asyncio.ensure_future(
+            self.store.claim(worker_id, llms, max_jobs=max_jobs, max_wait_s=self.config.max_wait_s)
+        )
+        try:
+            return await asyncio.shield(claiming)
+        except asyncio.CancelledError:
+            claiming.add_done_callback(self._release_when_claimed)
+            raise
+
+    def _release_when_claimed(self, claiming: asyncio.Future[list[LeasedJob]]) -> None:
+        if claiming.cancelled() or claiming.exception() is not None or not claiming.result():
+            return
+        task = asyncio.ensure_future(self.store.release(claiming.result()))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _wait_for_work(self, llms: list[str], timeout_s: float) -> bool:
         """True when woken by a queued job; False on timeout or shutdown."""
@@ -347,7 +465,7 @@ class SchedulerCore:
     async def report(self, progress: list[Progress], worker_id: str = "") -> list[Stop]:
         if 0 < len(worker_id) <= MAX_WORKER_ID_CHARS:
             await self._refresh_worker(worker_id)
-        stops = await self.store.apply_progress(progress, time.time())
+        stops = await self.store.apply_progress(progress)
         await observe_finished_jobs(self, progress)  # JCT/TTFT/prediction-error histograms
         return stops
 
@@ -356,7 +474,7 @@ class SchedulerCore:
     async def _register_worker(self, worker_id: str, llms: list[str], wait_s: float) -> None:
         """A Lease call registers its worker as live for the long poll plus one lease TTL
         (the worker calls again or heartbeats through Report before that)."""
-        now = time.time()
+        now = self.store.now()
         ttl_s = wait_s + self.store.settings.lease_ttl_s
         served = tuple(sorted(set(llms)))
         # Written only when the last registration would lapse within half a lease TTL.
@@ -367,7 +485,7 @@ class SchedulerCore:
     async def _refresh_worker(self, worker_id: str) -> None:
         """A Report (heartbeats every third of the lease TTL) keeps a busy worker, which does
         not call Lease while its batch is full, registered."""
-        now = time.time()
+        now = self.store.now()
         ttl_s = self.store.settings.lease_ttl_s
         if self._registrations.needs_refresh(worker_id, now + ttl_s / 2):
             # Remembered even when there was nothing to refresh (the registration lapsed):
@@ -377,14 +495,14 @@ class SchedulerCore:
 
     async def live_llms(self) -> set[str]:
         """LLM names at least one live worker serves now."""
-        workers = await self.store.live_workers(time.time())
+        workers = await self.store.live_workers(self.store.now())
         return {llm for llms in workers.values() for llm in llms}
 
     async def list_models(self, include_offline: bool = False) -> list[ServedModel]:
         """The LLMs live workers serve now, with the predictor head ordering each one;
         ``include_offline`` adds those a worker served within KNOWN_LLM_MEMORY_S, with
         workers=0."""
-        now = time.time()
+        now = self.store.now()
         workers = await self.store.live_workers(now)
         counts: dict[str, int] = {}
         for llms in workers.values():
@@ -416,7 +534,8 @@ class SchedulerCore:
         one; the reap script is atomic, so they never requeue a job twice."""
         while not self._stopping.is_set():
             try:
-                requeued, failed, missed = await self.store.reap(time.time())
+                await self.store.sync_clock()
+                requeued, failed, missed = await self.store.reap()
                 if requeued or failed or missed:
                     log.info(
                         "reaped",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -53,6 +54,9 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     replay_output_tokens: int = 0
+    repetition_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def to_json(self) -> str:
         """Only the fields that differ from their defaults (usually none: ``{}``), so most
@@ -66,6 +70,9 @@ class SamplingParams:
                 ("stop", self.stop, ()),
                 ("seed", self.seed, None),
                 ("replay_output_tokens", self.replay_output_tokens, 0),
+                ("repetition_penalty", self.repetition_penalty, 0.0),
+                ("presence_penalty", self.presence_penalty, 0.0),
+                ("frequency_penalty", self.frequency_penalty, 0.0),
             )
             if value != default
         }
@@ -114,6 +121,23 @@ class JobRequest:
     tenant: str = ""
 
 
+def request_digest(request: JobRequest, llm: str) -> str:
+    """What makes two requests "the same" for idempotency: everything the client chose."""
+    payload = json.dumps(
+        [
+            llm,
+            request.prompt,
+            request.sampling.to_json(),
+            request.priority,
+            request.oracle_output_tokens,
+            request.start_timeout_ms,
+            [[message.role, message.content] for message in request.messages],
+        ],
+        ensure_ascii=False,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:32]
+
+
 @dataclass(frozen=True)
 class JobRecord:
     """A job as kept in Redis (the ``ssjf:job:<id>`` hash)."""
@@ -141,6 +165,9 @@ class JobRecord:
     generated_tokens: int = 0
     finish_reason: FinishReason = FinishReason.UNSPECIFIED
     error: str = ""
+    # Digest of what the client asked (request_digest): a client_request_id reused with a
+    # different request is refused instead of silently returning this job.
+    request_hash: str = ""
     # A chat job's conversation (prompt then holds its last user turn, what was predicted).
     messages: tuple[ChatMessage, ...] = ()
     prompt_tokens: int = 0  # after the worker's chat template, once a worker reported it
@@ -226,6 +253,7 @@ class Progress:
 class Stop:
     job_id: str
     reason: StopReason
+    lease_id: str = ""  # the lease stopped (a newer lease of the same job keeps running)
 
 
 @dataclass(frozen=True)

@@ -44,9 +44,9 @@ from services.common.net import free_port
 from services.common.paths import CHECKOUT_ROOT
 from services.common.pki import CertificateAuthority, new_token
 from services.common.principals import token_digest
-from services.common.redis_store import RedisServerProcess
 from services.common.tls import ChannelSecurity
 from services.pb import common_pb2, scheduler_pb2, scheduler_pb2_grpc
+from tests.redis_server import RedisServerProcess  # benchmarks run from a checkout
 
 SUBMIT_LLM = "bench-submit"
 STREAM_LLM = "bench-stream"

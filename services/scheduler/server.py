@@ -11,6 +11,7 @@ from pathlib import Path
 from services.common.auth import security_interceptors
 from services.common.config import host_options
 from services.common.errors import FailedPrecondition
+from services.common.first_stage import FirstStageModel
 from services.common.grpc_server import ServiceHost
 from services.common.principals import Kind
 from services.common.redis_store import connect
@@ -19,7 +20,8 @@ from services.pb import scheduler_pb2, scheduler_pb2_grpc
 from services.scheduler.core import SchedulerConfig, SchedulerCore
 from services.scheduler.metrics import refresh_queue_metrics
 from services.scheduler.policies import make_policy
-from services.scheduler.predictor_client import PredictorClient
+from services.scheduler.prediction import PredictionMode
+from services.scheduler.predictor_client import CircuitBreaker, PredictorClient
 from services.scheduler.servicer import SchedulerServicer, WorkerGatewayServicer
 from services.scheduler.store import JobStore, StoreSettings
 
@@ -94,11 +96,16 @@ async def serve(args: argparse.Namespace) -> None:
     )
     predictor = (
         PredictorClient(
-            args.predictor, args.predictor_timeout_ms / 1e3, ChannelSecurity.from_args(args)
+            args.predictor,
+            args.predictor_timeout_ms / 1e3,
+            ChannelSecurity.from_args(args),
+            max_predicted_tokens=args.max_predicted_tokens,
+            breaker=CircuitBreaker(args.breaker_failures, args.breaker_open_s),
         )
         if args.predictor
         else None
     )
+    first_stage = _load_first_stage(args.first_stage)
     core = SchedulerCore(
         store,
         make_policy(args.policy, args.aging_rate),
@@ -110,8 +117,11 @@ async def serve(args: argparse.Namespace) -> None:
             fallback_tokens=args.fallback_tokens,
             allow_oracle=args.allow_oracle,
             reap_interval_s=args.reap_interval_s,
+            default_start_timeout_s=args.default_start_timeout_s,
+            prediction_mode=PredictionMode(args.prediction_mode),
         ),
         predictor,
+        first_stage,
     )
     scheduler = SchedulerServicer(core)
     gateway = WorkerGatewayServicer(core)
@@ -149,6 +159,8 @@ async def serve(args: argparse.Namespace) -> None:
         # elsewhere with Stream.
         core.stop()
         await asyncio.gather(*background)
+        if core.predictions is not None:
+            await core.predictions.drain(timeout_s=1.0)
         for other in other_hosts:
             await other.server.stop(grace=min(args.drain_s, 5.0))
 
@@ -159,7 +171,25 @@ async def serve(args: argparse.Namespace) -> None:
             task.cancel()
         if predictor is not None:
             await predictor.close()
+        await store.close()
         await redis.aclose()
+
+
+def _load_first_stage(path: str) -> FirstStageModel | None:
+    if not path:
+        return None
+    if not Path(path).exists():
+        log.warning(
+            "no first-stage model; jobs wait in the queue with the fallback score "
+            "until their prediction arrives",
+            extra={"path": path},
+        )
+        return None
+    model = FirstStageModel.load(Path(path))
+    log.info(
+        "first-stage model loaded", extra={"version": model.version, "heads": len(model.heads)}
+    )
+    return model
 
 
 def run(args: argparse.Namespace) -> int:

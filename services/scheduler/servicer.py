@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 
 import grpc
 
 from services.common.auth import current_principal
-from services.common.errors import NotFound
+from services.common.errors import NotFound, Unavailable
 from services.pb import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from services.scheduler.core import SchedulerCore
 from services.scheduler.models import (
@@ -30,6 +29,9 @@ from services.scheduler.models import (
 )
 
 log = logging.getLogger(__name__)
+
+# Retries (with backoff up to 5 s, about 2 minutes in all) of a disconnected client's cancel.
+_ABANDONED_CANCEL_TRIES = 30
 
 _STOP_REASON = {
     StopReason.CANCELLED: scheduler_pb2.StopJob.REASON_CANCELLED,
@@ -59,6 +61,9 @@ def sampling_from_pb(sampling: common_pb2.SamplingParams) -> SamplingParams:
         stop=tuple(sampling.stop),
         seed=sampling.seed if sampling.HasField("seed") else None,
         replay_output_tokens=sampling.replay_output_tokens,
+        repetition_penalty=sampling.repetition_penalty,
+        presence_penalty=sampling.presence_penalty,
+        frequency_penalty=sampling.frequency_penalty,
     )
 
 
@@ -70,6 +75,9 @@ def sampling_to_pb(sampling: SamplingParams) -> common_pb2.SamplingParams:
         stop=list(sampling.stop),
         seed=sampling.seed,
         replay_output_tokens=sampling.replay_output_tokens,
+        repetition_penalty=sampling.repetition_penalty,
+        presence_penalty=sampling.presence_penalty,
+        frequency_penalty=sampling.frequency_penalty,
     )
 
 
@@ -198,7 +206,6 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             submitting.add_done_callback(self._cancel_when_queued)
             raise
         record = submission.record
-        ended = False
         try:
             yield scheduler_pb2.JobEvent(
                 job_id=record.job_id,
@@ -209,16 +216,21 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                 ),
             )
             async for event in self.core.events(record.job_id):
-                ended = isinstance(event, JobEnd)
                 yield event_to_pb(record.job_id, event)
-        finally:
-            # The client closed the call before the end: that cancels the job, unless this
-            # replica is shutting down (the client resumes with Stream on another replica).
-            if not ended and not self.core.stopping:
+        except (asyncio.CancelledError, GeneratorExit):
+            # The client closed the call before the end: that cancels the job, unless
+            # - this replica is shutting down (the client resumes with Stream elsewhere);
+            # - the submission was deduplicated: the job belongs to the first request with
+            #   this client_request_id, and a retry or a second client must not cancel it.
+            # An error on our side (Redis unreachable: "resume with Stream") cancels nothing.
+            if not submission.deduplicated and not self.core.stopping:
                 self._cancel_in_background(record.job_id)
+            raise
 
     def _cancel_when_queued(self, submitting: asyncio.Future[Submission]) -> None:
-        if not submitting.cancelled() and submitting.exception() is None:
+        if submitting.cancelled() or submitting.exception() is not None:
+            return
+        if not submitting.result().deduplicated:
             self._cancel_in_background(submitting.result().record.job_id)
 
     def _cancel_in_background(self, job_id: str) -> None:
@@ -227,9 +239,26 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         task.add_done_callback(self._cancellations.discard)
 
     async def _cancel_abandoned(self, job_id: str) -> None:
-        # NotFound: its record already expired, nothing is left to cancel.
-        with contextlib.suppress(NotFound):
-            await self.core.cancel(job_id)
+        """Cancel a disconnected client's job, retrying while Redis is unreachable, so no
+        abandoned job stays queued (its error is logged, never left unretrieved)."""
+        delay = 0.1
+        for _ in range(_ABANDONED_CANCEL_TRIES):
+            try:
+                await self.core.cancel(job_id)
+                return
+            except NotFound:
+                return  # its record already expired: nothing is left to cancel
+            except Unavailable as error:
+                log.warning(
+                    "cannot cancel an abandoned job yet",
+                    extra={"job_id": job_id, "error": str(error)},
+                )
+                await asyncio.sleep(delay)
+                delay = min(5.0, delay * 2)
+            except Exception:
+                log.exception("cancelling an abandoned job failed", extra={"job_id": job_id})
+                return
+        log.error("gave up cancelling an abandoned job", extra={"job_id": job_id})
 
     async def Submit(
         self, request: scheduler_pb2.GenerateRequest, context: grpc.aio.ServicerContext
@@ -333,7 +362,10 @@ class WorkerGatewayServicer(scheduler_pb2_grpc.WorkerGatewayServicer):
                 )
             yield scheduler_pb2.WorkerDirective(
                 stop=[
-                    scheduler_pb2.StopJob(job_id=s.job_id, reason=_STOP_REASON[s.reason])
+                    scheduler_pb2.StopJob(
+                        job_id=s.job_id, reason=_STOP_REASON[s.reason], lease_id=s.lease_id
+                    )
                     for s in stops
-                ]
+                ],
+                ack_sequence=report.sequence,
             )

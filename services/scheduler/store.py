@@ -26,7 +26,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from services.common.errors import Unavailable
+from services.common.errors import NotFound, Unavailable
 from services.scheduler.keys import (
     LLMS_KEY,
     LLMS_SEEN_KEY,
@@ -58,12 +58,12 @@ from services.scheduler.models import (
     messages_to_json,
     scoped_request_id,
 )
+from services.scheduler.streams import SlotStreamHubs, StreamHub
 
 # Index entries of workers gone this long are pruned (long enough for replicas' clock skew;
 # the worker:<id> key's own Redis expiry is what decides liveness).
 _WORKER_INDEX_GRACE_S = 60.0
 _LUA_DIR = Path(__file__).with_name("lua")
-_STREAM_READ_COUNT = 512
 _Method = TypeVar("_Method", bound=Callable[..., Awaitable[Any]])
 _Item = TypeVar("_Item")
 _RELIST_S = 5.0
@@ -76,6 +76,19 @@ class StoreSettings:
     max_attempts: int  # leases a job may get before a lost lease fails it
     completions_maxlen: int  # approximate cap of the ssjf:completions stream
     reap_batch: int = 256  # expired leases handled per reaper script call
+
+
+def _time_arg(now: float | None) -> str:
+    """A script's time argument: '' makes the script read Redis's own clock."""
+    return "" if now is None else repr(now)
+
+
+class KeyReused(Exception):
+    """The client_request_id belongs to an earlier job with a different request."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(job_id)
+        self.job_id = job_id
 
 
 class Rejected(Exception):
@@ -227,6 +240,7 @@ def _record_json(record: JobRecord, deadline_at: float) -> str:
             "finish_reason": "",
             "error": "",
             "deadline_at": repr(deadline_at),
+            "request_hash": record.request_hash,
             "lease_id": "",
             "lease_expires_at": "0",
             "tenant": record.tenant,
@@ -259,6 +273,7 @@ def _parse_record(fields: dict[str, str]) -> JobRecord:
         generated_tokens=int(fields["generated_tokens"]),
         finish_reason=FinishReason(fields["finish_reason"]),
         error=fields["error"],
+        request_hash=fields.get("request_hash", ""),
         messages=messages_from_json(fields.get("messages")),
         prompt_tokens=int(fields.get("prompt_tokens") or 0),
         tenant=fields.get("tenant", ""),
@@ -276,6 +291,7 @@ def _submit_args(record: JobRecord, deadline_at: float, max_queue_depth: int) ->
         max_queue_depth,
         int(record.prediction_fallback),
         _record_json(record, deadline_at),
+        record.request_hash,
     ]
 
 
@@ -283,6 +299,8 @@ def _submit_result(reply: list[str]) -> tuple[str, bool]:
     status, value = reply
     if status == "full":
         raise Rejected(int(value))
+    if status == "conflict":
+        raise KeyReused(value)
     return value, status == "dup"
 
 
@@ -302,6 +320,12 @@ class JobStore:
         # LLM -> when this process last added it to LLMS_KEY (re-added every few seconds, so
         # a Redis that lost the set, e.g. restarted without persistence, gets it back).
         self._listed_llms: dict[str, float] = {}
+        self._release = BatchedScript(redis, "release")
+        # One multiplexed XREAD per replica (per slot on a cluster) serves every open stream.
+        self.hub: StreamHub | SlotStreamHubs = (
+            SlotStreamHubs(redis) if self._cluster else StreamHub(redis)
+        )
+        self._clock_offset = 0.0
 
     def _by_slot(self, items: list[_Item], key: Callable[[_Item], str]) -> list[list[_Item]]:
         """``items`` grouped by the cluster slot of ``key(item)``, in first-seen order; one
@@ -359,8 +383,8 @@ class JobStore:
         for reply in replies:
             try:
                 results.append(reply if isinstance(reply, Exception) else _submit_result(reply))
-            except Rejected as full:
-                results.append(full)
+            except (Rejected, KeyReused) as refused:
+                results.append(refused)
         return results
 
     @_unavailable_without_redis
@@ -379,7 +403,7 @@ class JobStore:
         llms: list[str],
         *,
         max_jobs: int,
-        now: float,
+        now: float | None = None,
         max_wait_s: float,
     ) -> list[LeasedJob]:
         """Atomically lease up to ``max_jobs`` of the best queued jobs of ``llms``.
@@ -398,7 +422,7 @@ class JobStore:
                 [
                     worker_id,
                     f"{lease_prefix}{number or ''}",
-                    repr(now),
+                    _time_arg(now),
                     self.settings.lease_ttl_s,
                     max_jobs - len(rows),
                     max_wait_s,
@@ -439,6 +463,38 @@ class JobStore:
         return token_ids
 
     @_unavailable_without_redis
+    async def release(self, leases: list[LeasedJob]) -> int:
+        """Give back leases their worker never received (its Lease call was cancelled after
+        the claim): the jobs are queued again, their attempts not counted."""
+        if not leases:
+            return 0
+        groups = self._by_slot(leases, lambda job: job_key(job.job_id))
+        released = await asyncio.gather(
+            *(
+                self._release(
+                    job_key(group[0].job_id),
+                    [value for job in group for value in (job.job_id, job.lease_id)],
+                )
+                for group in groups
+            )
+        )
+        return sum(released)
+
+    @_unavailable_without_redis
+    async def sync_clock(self) -> float:
+        """Measure this replica's clock against Redis's; ``now`` then reads Redis's clock
+        without a round trip (submission times and aging agree with the scripts' clock)."""
+        before = time.time()
+        seconds, microseconds = await self.redis.time()
+        after = time.time()
+        self._clock_offset = seconds + microseconds / 1e6 - (before + after) / 2
+        return self._clock_offset
+
+    def now(self) -> float:
+        """Redis's clock, as last measured by ``sync_clock`` (this replica's before that)."""
+        return time.time() + self._clock_offset
+
+    @_unavailable_without_redis
     async def wait_for_work(self, llms: list[str], timeout_s: float) -> bool:
         """Block until a job is queued for one of ``llms`` (True) or the timeout (False).
 
@@ -454,7 +510,9 @@ class JobStore:
         return False
 
     @_unavailable_without_redis
-    async def apply_progress(self, progress: list[Progress], now: float) -> list[Stop]:
+    async def apply_progress(
+        self, progress: list[Progress], now: float | None = None
+    ) -> list[Stop]:
         """Apply a worker report; returns the jobs the worker must stop."""
         if not progress:
             return []
@@ -469,14 +527,14 @@ class JobStore:
         for group, reply in zip(groups, replies, strict=True):
             status_of.update({id(item): status for item, status in zip(group, reply, strict=True)})
         return [
-            Stop(item.job_id, _STOP_FOR_STATUS[status_of[id(item)]])
+            Stop(item.job_id, _STOP_FOR_STATUS[status_of[id(item)]], item.lease_id)
             for item in progress
             if status_of[id(item)] in _STOP_FOR_STATUS
         ]
 
     def _progress_args(self, progress: list[Progress], now: float) -> list[str | int | float]:
         args: list[str | int | float] = [
-            repr(now),
+            _time_arg(now),
             self.settings.lease_ttl_s,
             self.settings.job_ttl_s,
             self.settings.completions_maxlen,
@@ -505,21 +563,23 @@ class JobStore:
         return args
 
     @_unavailable_without_redis
-    async def cancel(self, job_id: str, now: float) -> tuple[JobState, bool] | None:
+    async def cancel(self, job_id: str, now: float | None = None) -> tuple[JobState, bool] | None:
         """Cancel a live job. Returns (state after, cancelled by this call), None if unknown."""
-        reply = await self._cancel(job_key(job_id), [job_id, repr(now), self.settings.job_ttl_s])
+        reply = await self._cancel(
+            job_key(job_id), [job_id, _time_arg(now), self.settings.job_ttl_s]
+        )
         if not reply:
             return None
         return JobState(reply[0]), reply[1] == 1
 
     @_unavailable_without_redis
-    async def reap(self, now: float) -> tuple[int, int, int]:
+    async def reap(self, now: float | None = None) -> tuple[int, int, int]:
         """Requeue or fail jobs whose lease expired; fail queued jobs past their deadline.
         Returns (requeued, failed, deadline_missed). One script per LLM (one slot each)."""
         llms = sorted(await self.redis.smembers(LLMS_KEY))
         if not llms:
             return 0, 0, 0
-        args = [repr(now), self.settings.max_attempts, self.settings.job_ttl_s]
+        args = [_time_arg(now), self.settings.max_attempts, self.settings.job_ttl_s]
         replies = await self._reap.run_many(
             [(queue_key(llm), [*args, self.settings.reap_batch, llm]) for llm in llms]
         )
@@ -534,36 +594,52 @@ class JobStore:
         self, job_id: str, from_index: int, block_ms: int = 5000
     ) -> AsyncIterator[Token | JobEnd]:
         """A job's tokens from ``from_index``, stored ones first, then live ones as workers
-        report them (from any replica), then its JobEnd. Ends early if the record expires."""
-        stream = events_key(job_id)
-        last_entry = "0-0"
-        while True:
-            try:
-                reply = await self.redis.xread(
-                    {stream: last_entry}, count=_STREAM_READ_COUNT, block=block_ms
-                )
-            except (RedisConnectionError, RedisTimeoutError) as error:
-                raise Unavailable(
-                    f"Redis is unreachable ({error}); resume with Stream(job_id, from_index)"
-                ) from error
-            if not reply:
-                if not await self.redis.exists(job_key(job_id)):
-                    return
-                continue
-            for entry_id, fields in reply[0][1]:
-                last_entry = entry_id
-                if fields["k"] == "end":
-                    record = await self.get(job_id)
-                    if record is not None:
+        report them (from any replica), then its JobEnd. Read through the replica's one
+        multiplexed reader (streams.py), so an open stream holds no Redis connection.
+        Raises NotFound if the record expires before its end."""
+        subscription = self.hub.subscribe(events_key(job_id))
+        try:
+            while True:
+                try:
+                    batch = await asyncio.wait_for(subscription.queue.get(), block_ms / 1e3)
+                except TimeoutError:
+                    batch = []
+                if isinstance(batch, Exception) or not batch:
+                    # Quiet, or the reader lost Redis: is the job still there? (Raises
+                    # Unavailable once Redis stays unreachable past the client's retries.)
+                    if not await self._exists(job_id):
+                        raise NotFound(
+                            f"job {job_id!r} expired before its end (--job-ttl-s); "
+                            "its answer is gone"
+                        )
+                    continue
+                for _entry_id, fields in batch:
+                    if fields["k"] == "end":
+                        record = await self.get(job_id)
+                        if record is None:
+                            raise NotFound(f"job {job_id!r} expired (--job-ttl-s)")
                         yield JobEnd(record)
-                    return
-                first = int(fields["i"])
-                texts = json.loads(fields["t"])
-                for offset, (token_id, text) in enumerate(
-                    zip(fields["ids"].split(","), texts, strict=True)
-                ):
-                    if first + offset >= from_index:
-                        yield Token(first + offset, text, int(token_id))
+                        return
+                    first = int(fields["i"])
+                    texts = json.loads(fields["t"])
+                    for offset, (token_id, text) in enumerate(
+                        zip(fields["ids"].split(","), texts, strict=True)
+                    ):
+                        if first + offset >= from_index:
+                            yield Token(first + offset, text, int(token_id))
+        finally:
+            self.hub.unsubscribe(subscription)
+
+    async def _exists(self, job_id: str) -> bool:
+        try:
+            return bool(await self.redis.exists(job_key(job_id)))
+        except (RedisConnectionError, RedisTimeoutError) as error:
+            raise Unavailable(
+                f"Redis is unreachable ({error}); resume with Stream(job_id, from_index)"
+            ) from error
+
+    async def close(self) -> None:
+        await self.hub.close()
 
     @_unavailable_without_redis
     async def stats(self, llms: list[str], now: float) -> list[QueueStats]:

@@ -7,6 +7,7 @@ import json
 import shlex
 import sys
 
+from services.collect.cli import add_sampling_options, sampling_args
 from services.common.config import add_option
 from services.common.tls import ChannelSecurity, add_client_security_options
 from services.scheduler.policies import POLICIES
@@ -36,11 +37,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_option(
         up,
         "--model",
-        help="LLM for the workers: a local path or hub id (default: the built-in small model, "
-        "whose text is random)",
+        default="smollm2-135m-instruct",
+        help="LLM for the workers: smollm2-135m-instruct (built in, prepared once on first "
+        "start), tiny-llama (random weights, for tests), a save_pretrained directory, a .gguf "
+        "file, or a hub id",
     )
     add_option(
-        up, "--served-model-name", default="vicuna-13b", help="LLM name the workers answer to"
+        up,
+        "--served-model-name",
+        default="",
+        help="LLM name the workers answer to (empty: the --model value)",
+    )
+    add_option(
+        up,
+        "--default-max-new-tokens",
+        type=int,
+        default=0,
+        help="workers' answer length cap for requests that set none (0: the worker's default)",
     )
     add_option(
         up,
@@ -60,11 +73,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     generate.add_argument("prompt", help="the prompt text")
     add_option(generate, "--server", default="127.0.0.1:50051", help="scheduler HOST:PORT")
     add_option(generate, "--llm", default="", help="LLM name (empty: the scheduler's default)")
-    add_option(generate, "--max-new-tokens", type=int, default=64, help="most tokens to generate")
-    add_option(generate, "--temperature", type=float, default=0.0, help="0 = greedy")
-    add_option(generate, "--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    add_option(
+        generate,
+        "--max-new-tokens",
+        type=int,
+        default=0,
+        help="most tokens to generate (0: the worker's default)",
+    )
     generate.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    add_option(generate, "--seed", type=int, help="sampling seed")
+    add_sampling_options(generate)
     add_option(generate, "--priority", type=int, default=0, help="lower is served first")
     add_option(generate, "--request-id", default="", help="idempotency key")
     add_option(generate, "--timeout-s", type=float, default=600.0, help="give up after this")
@@ -89,6 +106,10 @@ def _run_up(args: argparse.Namespace) -> int:
     from services.common.principals import redact_url
     from services.stack.launcher import LocalStack, StackConfig
 
+    served_model_name = args.served_model_name or args.model
+    worker_args = []
+    if args.default_max_new_tokens:
+        worker_args = ["--default-max-new-tokens", str(args.default_max_new_tokens)]
     config = StackConfig(
         port=args.port,
         workers=args.workers,
@@ -96,10 +117,11 @@ def _run_up(args: argparse.Namespace) -> int:
         policy=args.policy,
         batching=args.batching,
         max_batch_size=args.max_batch_size,
-        served_model_name=args.served_model_name,
+        served_model_name=served_model_name,
         model=args.model,
         log_level=args.log_level,
-        scheduler_args=["--default-llm", args.served_model_name],
+        scheduler_args=["--default-llm", served_model_name],
+        worker_args=worker_args,
         http_port=args.http_port or None,
     )
     stop = threading.Event()
@@ -118,7 +140,7 @@ def _run_up(args: argparse.Namespace) -> int:
             flush=True,
         )
         if stack.http_url:
-            print(openai_examples(stack.http_url, args.served_model_name), flush=True)
+            print(openai_examples(stack.http_url, served_model_name), flush=True)
         print("Ctrl-C stops the stack.\n", flush=True)
         while not stop.wait(1.0):
             if not stack.alive():
@@ -135,13 +157,11 @@ def _run_generate(args: argparse.Namespace) -> int:
         prompt=args.prompt,
         llm=args.llm,
         max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
         stop=args.stop,
-        seed=args.seed,
         priority=args.priority,
         request_id=args.request_id,
         timeout_s=args.timeout_s,
+        **sampling_args(args),
         security=ChannelSecurity.from_args(args),
     )
     return generate(options)

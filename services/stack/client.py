@@ -17,11 +17,14 @@ class GenerateOptions:
     server: str
     prompt: str
     llm: str = ""
-    max_new_tokens: int = 64
+    max_new_tokens: int = 0
     temperature: float = 0.0
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    repetition_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     priority: int = 0
     request_id: str = ""
     timeout_s: float = 600.0
@@ -35,6 +38,9 @@ def build_request(options: GenerateOptions) -> scheduler_pb2.GenerateRequest:
         temperature=options.temperature,
         top_p=options.top_p,
         stop=options.stop,
+        repetition_penalty=options.repetition_penalty,
+        presence_penalty=options.presence_penalty,
+        frequency_penalty=options.frequency_penalty,
     )
     if options.seed is not None:
         sampling.seed = options.seed

@@ -35,8 +35,10 @@ class StackConfig:
     policy: str = "ssjf"
     batching: str = "continuous"
     max_batch_size: int = 8
-    served_model_name: str = "vicuna-13b"
-    model: str | None = None
+    # The default: the real instruct LLM, served under its own name (the predictor has a
+    # head for it). Tests that need speed pass model="tiny-llama".
+    served_model_name: str = "smollm2-135m-instruct"
+    model: str | None = "smollm2-135m-instruct"
     # Extra flags passed through to each service, for anything not named above.
     predictor_args: list[str] = field(default_factory=list)
     scheduler_args: list[str] = field(default_factory=list)

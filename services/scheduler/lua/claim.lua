@@ -3,12 +3,12 @@
 -- Order: a job that has waited longer than max_wait_s goes first (oldest of those first);
 -- otherwise the lowest (score, job_id) across the LLMs' queues, as Redis orders a sorted set.
 -- A never-started job past its start deadline is failed instead of leased.
--- ARGV: worker_id, lease_prefix, now, lease_ttl_s, max_jobs, max_wait_s (0: off), job_ttl_s,
+-- ARGV: worker_id, lease_prefix, now ('': Redis's clock), lease_ttl_s, max_jobs, max_wait_s (0: off), job_ttl_s,
 --       then the LLM names.
 -- Returns one {job_id, lease_id, attempt, llm, prompt, sampling, predicted, next_index,
 -- messages} per lease (messages: a chat job's conversation as JSON, '' for a prompt job).
 local worker, lease_prefix = ARGV[1], ARGV[2]
-local now, ttl = tonumber(ARGV[3]), tonumber(ARGV[4])
+local now, ttl = time_arg(ARGV[3]), tonumber(ARGV[4])
 local max_jobs, max_wait, job_ttl = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
 local llms = {}
 for i = 8, #ARGV do llms[#llms + 1] = ARGV[i] end
@@ -68,6 +68,13 @@ while #leased < max_jobs do
       leased[#leased + 1] = {id, lease_id, attempts, llm, prompt, sampling, predicted, next_index,
         messages or ''}
     end
+  end
+end
+-- Jobs left behind get a fresh wake-up: one lost with a cancelled BLPOP (its client went
+-- away after Redis popped it) is replaced, so no idle worker sleeps past queued work.
+for _, llm in ipairs(llms) do
+  if redis.call('ZCARD', queue_key(llm)) > 0 and redis.call('LLEN', notify_key(llm)) == 0 then
+    notify(llm)
   end
 end
 return leased

@@ -3,6 +3,19 @@
 -- store.py generates from services/scheduler/keys.py, their one definition.
 local NOTIFY_CAP = 1024
 
+-- Redis's clock, in seconds: leases, deadlines and aging compare times written by any
+-- replica, so they all read this one clock, not each replica's own.
+local function server_time()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1e6
+end
+
+-- A time argument: '' means "now, by Redis's clock"; tests and the simulator pass their own.
+local function time_arg(value)
+  if value == nil or value == '' then return server_time() end
+  return tonumber(value)
+end
+
 local function count(llm, name)
   redis.call('HINCRBY', metrics_key(llm), name, 1)
 end
@@ -16,6 +29,18 @@ end
 
 local function is_finished(state)
   return state == 'DONE' or state == 'FAILED' or state == 'CANCELLED'
+end
+
+-- Puts a leased job back in its queue with its original score and arrival (aging and the
+-- max-wait guard still count its first submission); extra record fields are set too.
+local function requeue(id, llm, score, arrival, ...)
+  redis.call('ZREM', leases_key(llm), id)
+  redis.call('SREM', running_key(llm), id)
+  redis.call('HSET', job_key(id), 'state', 'QUEUED', 'lease_id', '', 'worker_id', '',
+    'lease_expires_at', 0, ...)
+  redis.call('ZADD', queue_key(llm), score, id)
+  redis.call('ZADD', arrivals_key(llm), arrival, id)
+  notify(llm)
 end
 
 local FINISH_COUNTER = {DONE = 'completed', FAILED = 'failed', CANCELLED = 'cancelled'}

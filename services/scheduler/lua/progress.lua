@@ -2,13 +2,13 @@
 -- the job's event stream (indexes already stored are dropped, so a resent report is
 -- harmless), and finishes the job when an outcome is given. Progress under a stale lease
 -- changes nothing.
--- ARGV: now, lease_ttl_s, job_ttl_s, completions_maxlen, then 11 values per JobProgress:
+-- ARGV: now ('': Redis's clock), lease_ttl_s, job_ttl_s, completions_maxlen, then 11 values per JobProgress:
 --       job_id, lease_id, first_index, token_count, token_ids (comma-separated), token_texts
 --       (JSON array), finish_reason ('' when no outcome), error, prompt_tokens, prefill_s,
 --       decode_s.
 -- Returns one status per JobProgress: 'ok' | 'done' | 'cancelled' | 'finished' | 'lost' |
 -- 'gap' (tokens skipped indexes: protocol error, the job is failed).
-local now, ttl, job_ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local now, ttl, job_ttl = time_arg(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local completions_maxlen = tonumber(ARGV[4])
 local FIELDS = 11
 
@@ -45,7 +45,12 @@ local function apply(base)
   if not state then return 'lost' end
   if state == 'CANCELLED' then return 'cancelled' end
   if is_finished(state) then return 'finished' end
-  if current_lease ~= lease_id then return 'lost' end
+  -- Only the holder of the job's current lease may report: never an empty lease id, never
+  -- a job that is not leased (a QUEUED job's lease id is empty too).
+  if lease_id == '' or current_lease ~= lease_id
+      or (state ~= 'LEASED' and state ~= 'STREAMING') then
+    return 'lost'
+  end
 
   redis.call('ZADD', leases_key(llm), 'XX', now + ttl, id)
   redis.call('HSET', key, 'lease_expires_at', now + ttl)

@@ -4,8 +4,9 @@
 --    once it has been leased max_attempts times.
 -- 2. Queued jobs past their start deadline fail with DEADLINE.
 -- One LLM's jobs per call (its keys share one Redis Cluster slot).
--- ARGV: now, max_attempts, job_ttl_s, batch, llm. Returns {requeued, failed, deadline_missed}.
-local now, max_attempts = tonumber(ARGV[1]), tonumber(ARGV[2])
+-- ARGV: now ('': Redis's clock), max_attempts, job_ttl_s, batch, llm.
+-- Returns {requeued, failed, deadline_missed}.
+local now, max_attempts = time_arg(ARGV[1]), tonumber(ARGV[2])
 local job_ttl, batch, reaped_llm = tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
 local LEASES, DEADLINES = leases_key(reaped_llm), deadlines_key(reaped_llm)
 local requeued, failed, missed = 0, 0, 0
@@ -20,14 +21,8 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', LEASES, '-inf', now, 'LIMIT', 0,
         attempts .. ' times, the maximum (--max-attempts)', now, job_ttl)
       failed = failed + 1
     else
-      redis.call('ZREM', LEASES, id)
-      redis.call('SREM', running_key(llm), id)
-      redis.call('HSET', key, 'state', 'QUEUED', 'lease_id', '', 'worker_id', '',
-        'lease_expires_at', 0, 'queued_at', now)
-      redis.call('ZADD', queue_key(llm), score, id)
-      redis.call('ZADD', arrivals_key(llm), arrival, id)
+      requeue(id, llm, score, arrival, 'queued_at', now)
       count(llm, 'requeued')
-      notify(llm)
       requeued = requeued + 1
     end
   else

@@ -2,15 +2,22 @@
 -- ARGV: job_id, client_request_id, llm, score, arrival, deadline_at (0: none),
 --       max_queue_depth (0: unbounded), prediction_fallback (0/1), the record as a JSON
 --       object of string values (one argument: far cheaper for the client to send than
---       dozens).
--- Returns {'ok', job_id} | {'dup', existing_job_id} | {'full', depth}.
+--       dozens), the request's digest.
+-- Returns {'ok', job_id} | {'dup', existing_job_id} | {'full', depth} |
+--         {'conflict', existing_job_id} (the client id was used for a different request).
 local id, crid, llm = ARGV[1], ARGV[2], ARGV[3]
 local score, arrival, deadline_at = ARGV[4], ARGV[5], tonumber(ARGV[6])
 local max_depth, fallback = tonumber(ARGV[7]), ARGV[8]
 local idem = idempotency_key(llm, crid)
 if crid ~= '' then
   local existing = redis.call('GET', idem)
-  if existing then return {'dup', existing} end
+  if existing then
+    local earlier_hash = redis.call('HGET', job_key(existing), 'request_hash')
+    if earlier_hash and earlier_hash ~= '' and earlier_hash ~= ARGV[10] then
+      return {'conflict', existing}
+    end
+    return {'dup', existing}
+  end
 end
 local queue = queue_key(llm)
 local depth = redis.call('ZCARD', queue)

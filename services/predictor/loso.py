@@ -1,0 +1,117 @@
+"""Leave-one-source-out: how the proxy model and the first-stage model generalise to prompts
+from a source they never saw.
+
+alpaca_eval's 805 prompts come from five sources (selfinstruct, oasst, koala, helpful_base,
+vicuna). For each source: train on the other four (90% train, 10% dev for epoch selection,
+split by prompt, seed 0), test on every prompt of the held-out source. Reported per LLM as
+Kendall's tau, beside the in-distribution number of the same configuration.
+
+``python -m services.predictor.loso [--data DIR] [--epochs 3] [--trainable-layers 2] ...``
+prints a table and writes ``bench/results/predictor_loso.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from typing import Any
+
+import numpy as np
+from scipy.stats import kendalltau
+
+from services.common.alpaca import default_data_dir, load_dataset, split_by_prompt
+from services.common.first_stage import fit_first_stage
+from services.common.paths import CHECKOUT_ROOT
+from services.predictor.bench import command_line, write_result
+from services.predictor.training import EVAL_LLMS, Split, TrainConfig, Trainer
+
+REPORT_LLMS = (*EVAL_LLMS[:3], "smollm2-135m-instruct")
+
+
+def _tau(predicted: np.ndarray, true: np.ndarray) -> float | None:
+    known = ~np.isnan(true)
+    if known.sum() < 5:
+        return None
+    return float(kendalltau(predicted[known], true[known]).statistic)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=str(default_data_dir() or ""))
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--trainable-layers", type=int, default=2)
+    parser.add_argument("--encoder-layers", type=int, default=6)
+    parser.add_argument("--max-prompt-tokens", type=int, default=128)
+    parser.add_argument("--formulation", default="regression-mse")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--out", default=str(CHECKOUT_ROOT / "bench" / "results" / "predictor_loso.json")
+    )
+    args = parser.parse_args(argv)
+    dataset = load_dataset(args.data)
+    llms = [llm for llm in REPORT_LLMS if llm in dataset.lengths]
+    sources = sorted({str(prompt.extra.get("source", "")) for prompt in dataset.prompts})
+    config = TrainConfig(
+        formulation=args.formulation,
+        epochs=args.epochs,
+        trainable_layers=args.trainable_layers,
+        encoder_layers=args.encoder_layers,
+        max_prompt_tokens=args.max_prompt_tokens,
+        threads=args.threads,
+    )
+    result: dict[str, Any] = {
+        "command": command_line("services.predictor.loso", argv),
+        "config": vars(args),
+        "load_average_1m_at_start": os.getloadavg()[0],
+        "folds": {},
+    }
+    lower = None
+    for source in sources:
+        started = time.monotonic()
+        held = [p.prompt_id for p in dataset.prompts if p.extra.get("source") == source]
+        rest = [p.prompt_id for p in dataset.prompts if p.extra.get("source") != source]
+        train_ids, dev_ids = split_by_prompt(rest, (0.9, 0.1), seed=0)
+        trainer = Trainer(dataset, config, lower, split=Split(train_ids, dev_ids, held))
+        lower = trainer.lower
+        model = trainer.train()
+        test = dataset.subset(held)
+        texts = [prompt.text for prompt in test.prompts]
+        predicted = trainer.predict_z(model, texts)
+        true = test.length_matrix(llms)
+        fitted = dataset.subset(train_ids + dev_ids)
+        first = fit_first_stage(
+            [prompt.text for prompt in fitted.prompts], np.log1p(fitted.length_matrix(llms)), llms
+        )
+        fold: dict[str, Any] = {"test_prompts": len(held), "minutes": 0.0, "tau": {}}
+        for row, llm in enumerate(llms):
+            column = trainer.llms.index(llm) if llm in trainer.llms else None
+            fold["tau"][llm] = {
+                "proxy_model": None if column is None else _tau(predicted[column], true[row]),
+                "first_stage": _tau(
+                    np.array([first.predict(text, llm) for text in texts]), true[row]
+                ),
+                "labelled": int((~np.isnan(true[row])).sum()),
+            }
+        fold["minutes"] = (time.monotonic() - started) / 60
+        result["folds"][source] = fold
+        print(f"{source}: {json.dumps(fold['tau'])}", flush=True)
+    result["load_average_1m_at_end"] = os.getloadavg()[0]
+    print(f"\n{'held-out source':<14}{'n':>5}" + "".join(f"{llm[:22]:>25}" for llm in llms))
+    for source, fold in result["folds"].items():
+        cells = ""
+        for llm in llms:
+            entry = fold["tau"][llm]
+            proxy, first = entry["proxy_model"], entry["first_stage"]
+            text = f"{proxy:.3f}" if proxy is not None else "-"
+            text += f" / {first:.3f}" if first is not None else " / -"
+            cells += f"{text:>25}"
+        print(f"{source:<14}{fold['test_prompts']:>5}{cells}")
+    print("(each cell: proxy model / first stage, Kendall's tau on the held-out source)")
+    write_result(args.out, result)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

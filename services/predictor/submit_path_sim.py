@@ -1,0 +1,229 @@
+"""The submit path in simulated time: how much of oracle SJF's gain SSJF keeps when prediction
+is synchronous, asynchronous (two-stage), or first-stage only.
+
+Built on the bench's discrete-event simulator (services/bench/simulator.py: the scheduler's
+own queue and policies, workers following the latency model fitted to the real worker):
+
+- ``fcfs`` and ``sjf-oracle``: the references.
+- ``ssjf-sync`` (the old path): a job joins the queue only ``delay`` after it arrives, with
+  the proxy model's score; its JCT still counts from its arrival.
+- ``ssjf-async`` (the new path): a job joins the queue on arrival with the first-stage
+  model's score and is re-scored with the proxy model's ``delay`` later, only if still queued
+  (as lua/rescore.lua does); an idle worker takes it at once.
+- ``ssjf-first-stage``: the first-stage score only (the predictor down).
+- ``ssjf-instant``: the proxy model's score with no delay (what the predictor is worth).
+
+``delay`` is the predictor's latency (``--prediction-delay-ms``, default the p50 measured by
+``make bench-predictor`` on this CPU). Reported per batching mode: mean JCT and the fraction
+of oracle's gain ``(FCFS - X) / (FCFS - oracle)``.
+
+``python -m services.predictor.submit_path_sim --artifact DIR [--requests 100000]
+[--load 0.9] [--llm vicuna-13b]`` prints a table and writes
+``bench/results/submit_path_sim.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from services.bench.calibrate import capacity_rps
+from services.bench.simulate import load_latency, proxy_predictions
+from services.bench.simulator import BATCHING_MODES, SimJob, Simulation
+from services.bench.workload import build_requests, load_prompt_lengths
+from services.common.first_stage import FIRST_STAGE_FILE, FirstStageModel
+from services.common.paths import CHECKOUT_ROOT, SHARED_DATA_DIR
+from services.predictor.bench import command_line, write_result
+from services.predictor.runtime import DEFAULT_ARTIFACT
+
+VARIANTS = ("fcfs", "sjf-oracle", "ssjf-sync", "ssjf-async", "ssjf-first-stage", "ssjf-instant")
+
+
+class TwoStageSimulation(Simulation):
+    """Simulation whose jobs may be re-scored while queued, ``delay_s`` after arrival."""
+
+    _RESCORE = 2
+
+    def run_two_stage(
+        self, jobs: Sequence[SimJob], final_scores: Sequence[float], delay_s: float
+    ) -> list[SimJob]:
+        final = {job.index: score for job, score in zip(jobs, final_scores, strict=True)}
+        for job in jobs:
+            job.remaining = job.tokens
+            self._push(job.arrival_s, self._ARRIVAL, job.index)
+            self._push(job.arrival_s + delay_s, self._RESCORE, job.index)
+        by_index = {job.index: job for job in jobs}
+        self._next_arrival = _Arrivals(sorted(job.arrival_s for job in jobs))
+        self.rescored = self.late = 0
+        while self._events:
+            now, kind, _, target = heapq.heappop(self._events)
+            if kind == self._ARRIVAL:
+                self._next_arrival.pop()
+                self.queue.push(by_index[target], now)
+                for worker in self.workers:
+                    if worker.idle and not worker.scheduled:
+                        worker.scheduled = True
+                        self._push(now, self._BOUNDARY, worker.index)
+            elif kind == self._RESCORE:
+                job = by_index[target]
+                if self.queue.queue.remove(f"{job.index:012d}"):
+                    job.predicted_tokens = final[target]
+                    self.queue.push(job, job.arrival_s)  # same arrival: same aging, same ties
+                    self.rescored += 1
+                else:
+                    self.late += 1
+            else:
+                self._boundary(self.workers[target], now)
+        return list(jobs)
+
+
+class _Arrivals:
+    def __init__(self, times: list[float]) -> None:
+        self._times, self._next = times, 0
+
+    def peek(self) -> float | None:
+        return self._times[self._next] if self._next < len(self._times) else None
+
+    def pop(self) -> None:
+        self._next += 1
+
+
+def simulate_variant(
+    variant: str,
+    latency: Any,
+    batching: str,
+    max_batch_size: int,
+    requests: Sequence[Any],
+    first: Sequence[float],
+    proxy: Sequence[float],
+    delay_s: float,
+) -> dict[str, Any]:
+    def job(request: Any, score: float, arrival: float | None = None) -> SimJob:
+        at = request.arrival_s if arrival is None else arrival
+        return SimJob(request.index, at, request.output_tokens, score)
+
+    policy = {"fcfs": "fcfs", "sjf-oracle": "sjf-oracle"}.get(variant, "ssjf")
+    simulation = TwoStageSimulation(latency, policy, batching, max_batch_size)
+    extra: dict[str, Any] = {}
+    if variant in ("fcfs", "sjf-oracle"):
+        jobs = [job(r, float(r.output_tokens)) for r in requests]
+        done = simulation.run(jobs)
+    elif variant == "ssjf-sync":
+        jobs = [job(r, p, r.arrival_s + delay_s) for r, p in zip(requests, proxy, strict=True)]
+        done = simulation.run(jobs)
+        for finished, request in zip(done, requests, strict=True):
+            finished.arrival_s = request.arrival_s  # JCT counts from the real arrival
+    elif variant == "ssjf-async":
+        jobs = [job(r, f) for r, f in zip(requests, first, strict=True)]
+        done = simulation.run_two_stage(jobs, proxy, delay_s)
+        extra = {
+            "rescored": simulation.rescored,
+            "dispatched_before_prediction": simulation.late / len(requests),
+        }
+    else:
+        scores = first if variant == "ssjf-first-stage" else proxy
+        done = simulation.run([job(r, s) for r, s in zip(requests, scores, strict=True)])
+    jct = np.array([d.jct_s + latency.overhead_s for d in done])
+    return {"mean_jct_s": float(jct.mean()), "p99_jct_s": float(np.percentile(jct, 99)), **extra}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--artifact", default=str(DEFAULT_ARTIFACT))
+    parser.add_argument("--llm", default="vicuna-13b")
+    parser.add_argument("--requests", type=int, default=100_000)
+    parser.add_argument("--load", type=float, default=0.9)
+    parser.add_argument("--max-batch-size", type=int, default=4)
+    parser.add_argument("--length-scale", type=float, default=16.0)
+    parser.add_argument("--prediction-delay-ms", type=float, default=10.0)
+    parser.add_argument("--seeds", type=int, default=3, help="independent workloads (rounds)")
+    parser.add_argument("--batchings", default=",".join(BATCHING_MODES))
+    parser.add_argument(
+        "--out", default=str(CHECKOUT_ROOT / "bench" / "results" / "submit_path_sim.json")
+    )
+    args = parser.parse_args(argv)
+    artifact = Path(args.artifact)
+    data_dir = SHARED_DATA_DIR if (SHARED_DATA_DIR / "alpaca_eval").is_dir() else None
+    items, source = load_prompt_lengths(args.llm, data_dir)
+    prompts = {item.prompt_id: item.prompt for item in items}
+    proxy_by_key, _ = proxy_predictions(items, args.llm, artifact)
+    first_stage = FirstStageModel.load(artifact / FIRST_STAGE_FILE)
+    first_by_id = {pid: first_stage.predict(text, args.llm) for pid, text in prompts.items()}
+    delay_s = args.prediction_delay_ms / 1e3
+    result: dict[str, Any] = {
+        "command": command_line("services.predictor.submit_path_sim", argv),
+        "workload": source,
+        "llm": args.llm,
+        "artifact": str(artifact),
+        "first_stage": first_stage.version,
+        "requests": args.requests,
+        "load": args.load,
+        "seeds": args.seeds,
+        "prediction_delay_ms": args.prediction_delay_ms,
+        "load_average_1m_at_start": os.getloadavg()[0],
+        "modes": {},
+    }
+    for batching in args.batchings.split(","):
+        latency, _ = load_latency(batching, None)
+        scaled = [max(1, round(i.output_tokens / args.length_scale)) for i in items]
+        capacity = capacity_rps(latency, scaled * 4, batching, args.max_batch_size, 1)
+        per_seed: dict[str, list[dict[str, Any]]] = {variant: [] for variant in VARIANTS}
+        for seed in range(args.seeds):
+            requests = build_requests(
+                items, args.requests, args.load * capacity, args.length_scale, seed
+            )
+            first = [first_by_id[r.prompt_id] for r in requests]
+            proxy = [proxy_by_key[(r.llm or args.llm, r.prompt_id)] for r in requests]
+            for variant in VARIANTS:
+                started = time.monotonic()
+                fresh = [replace(r) for r in requests]
+                row = simulate_variant(
+                    variant, latency, batching, args.max_batch_size, fresh, first, proxy, delay_s
+                )
+                row["seconds"] = time.monotonic() - started
+                per_seed[variant].append(row)
+        mode: dict[str, Any] = {"capacity_rps": capacity, "variants": {}}
+        for variant, rows in per_seed.items():
+            fractions = [
+                (fcfs["mean_jct_s"] - row["mean_jct_s"])
+                / (fcfs["mean_jct_s"] - oracle["mean_jct_s"])
+                for row, fcfs, oracle in zip(
+                    rows, per_seed["fcfs"], per_seed["sjf-oracle"], strict=True
+                )
+            ]
+            mode["variants"][variant] = {
+                "mean_jct_s": [row["mean_jct_s"] for row in rows],
+                "fraction_of_oracle_gain": fractions,
+                "fraction_mean": float(np.mean(fractions)),
+                "fraction_min": float(np.min(fractions)),
+                "fraction_max": float(np.max(fractions)),
+                **{
+                    key: float(np.mean([row[key] for row in rows]))
+                    for key in ("dispatched_before_prediction",)
+                    if key in rows[0]
+                },
+            }
+        result["modes"][batching] = mode
+        print(f"\n{batching} batching, load {args.load}, {args.requests} jobs x {args.seeds} seeds")
+        print(f"{'variant':<18}{'mean JCT s':>12}{'oracle gain (min..max)':>30}")
+        for variant, row in mode["variants"].items():
+            print(
+                f"{variant:<18}{np.mean(row['mean_jct_s']):>12.3f}"
+                f"{row['fraction_mean']:>14.3f} "
+                f"({row['fraction_min']:.3f}..{row['fraction_max']:.3f})"
+            )
+    result["load_average_1m_at_end"] = os.getloadavg()[0]
+    write_result(args.out, result)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
