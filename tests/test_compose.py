@@ -29,6 +29,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import yaml
 
 from services.common.channels import dial
 from services.common.health import wait_for_serving
@@ -187,10 +188,16 @@ def assert_dense_and_done(events: list[scheduler_pb2.JobEvent], tokens: int) -> 
     assert events[-1].summary.state == common_pb2.JOB_STATE_DONE, events[-1].summary
 
 
+def served_model() -> str:
+    """The model name compose's workers serve (what an OpenAI client asks for)."""
+    services = yaml.safe_load((REPO_ROOT / "docker-compose.yml").read_text())["services"]
+    return services["worker"]["environment"]["SSJF_SERVED_MODEL_NAME"]
+
+
 def https_chat(stack: ComposeStack, security: ChannelSecurity, max_tokens: int) -> dict:
     """POST /v1/chat/completions to the HTTP front over https, with the demo token."""
     body = {
-        "model": "vicuna-13b",
+        "model": served_model(),
         "messages": [{"role": "user", "content": "Hello over https"}],
         "max_tokens": max_tokens,
     }
