@@ -2,9 +2,13 @@
 
 Needs a Docker engine, docker-compose and the images (`make images`), so it only runs when
 SSJF_COMPOSE_TEST=1. One test walks the whole story, because every step needs the stack the
-previous one left: healthy containers, a streamed generation from the host, three workers all
-serving, a worker stopped mid-job whose job finishes on another, and a queued job that
-survives `down` + `up` through Redis's AOF volume.
+previous one left: healthy containers, a streamed generation from the host, the HTTPS
+OpenAI front, three workers all serving, a worker stopped mid-job whose job finishes on
+another, and a queued job that survives `down` + `up` through Redis's AOF volume.
+
+The stack runs as shipped: TLS and tokens on. The host-side client gets the CA and the demo
+tenant's token out of the stack's secrets volume with `deploy/secrets/generate.sh
+--from-compose` and dials with services/common/channels.py like every SSJF client.
 """
 
 from __future__ import annotations
@@ -12,20 +16,27 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import ssl
 import subprocess
+import tempfile
 import threading
 import time
 import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
+import yaml
 
+from services.common.channels import dial
+from services.common.health import wait_for_serving
 from services.common.net import free_port
+from services.common.tls import ChannelSecurity
 from services.pb import common_pb2, scheduler_pb2, scheduler_pb2_grpc
-from tests.helpers import REPO_ROOT, wait_for_health
+from tests.helpers import REPO_ROOT
 
 pytestmark = [
     pytest.mark.slow,
@@ -57,7 +68,13 @@ class ComposeStack:
         if os.environ.get("SSJF_COMPOSE_MODEL") != "default":
             self.files.append("tests/compose/worker-model.yml")
         self.port = free_port()
-        self.env = {**os.environ, "SSJF_SCHEDULER_PORT": str(self.port)}
+        self.http_port = free_port()
+        self.env = {
+            **os.environ,
+            "SSJF_SCHEDULER_PORT": str(self.port),
+            "SSJF_HTTP_PORT": str(self.http_port),
+        }
+        self.secrets_dir = Path(tempfile.mkdtemp(prefix="ssjf-compose-secrets-"))
 
     def compose(self, *args: str, timeout: float = 600) -> str:
         command = ["docker-compose", "-p", self.project]
@@ -99,6 +116,36 @@ class ComposeStack:
             time.sleep(3)
         pytest.fail(f"containers not healthy in {timeout}s: {states}\n{self.compose('logs')}")
 
+    def client_security(self) -> ChannelSecurity:
+        """TLS with the stack's CA and the demo tenant's token, copied out of the secrets
+        volume by the documented helper, deploy/secrets/generate.sh --from-compose."""
+        subprocess.run(
+            ["deploy/secrets/generate.sh", "--from-compose", "--out", str(self.secrets_dir)],
+            cwd=REPO_ROOT,
+            env={
+                **self.env,
+                "COMPOSE_PROJECT_NAME": self.project,
+                "COMPOSE_FILE": os.pathsep.join(self.files),
+            },
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+        token_file = self.secrets_dir / "tokens" / "demo.token"
+        return ChannelSecurity(
+            tls=True,
+            ca_file=str(self.secrets_dir / "ca.crt"),
+            token=token_file.read_text().strip(),
+            token_file=str(token_file),
+        )
+
+    def dial_scheduler(self) -> tuple[grpc.Channel, scheduler_pb2_grpc.SchedulerStub]:
+        address = f"127.0.0.1:{self.port}"
+        security = self.client_security()
+        wait_for_serving(address, timeout=120, security=security)
+        channel = dial(address, security)
+        return channel, scheduler_pb2_grpc.SchedulerStub(channel)
+
     def worker_hosts(self) -> dict[str, str]:
         """Container hostname (the prefix of its worker ids) -> container name."""
         return {c["Config"]["Hostname"]: c["Name"].lstrip("/") for c in self.containers("worker")}
@@ -119,6 +166,7 @@ def stack() -> Iterator[ComposeStack]:
         yield stack
     finally:
         stack.compose("down", "-v", "--remove-orphans", timeout=300)
+        shutil.rmtree(stack.secrets_dir, ignore_errors=True)
         log("down -v: stack and volumes removed")
 
 
@@ -140,24 +188,64 @@ def assert_dense_and_done(events: list[scheduler_pb2.JobEvent], tokens: int) -> 
     assert events[-1].summary.state == common_pb2.JOB_STATE_DONE, events[-1].summary
 
 
+def served_model() -> str:
+    """The model name compose's workers serve (what an OpenAI client asks for)."""
+    services = yaml.safe_load((REPO_ROOT / "docker-compose.yml").read_text())["services"]
+    return services["worker"]["environment"]["SSJF_SERVED_MODEL_NAME"]
+
+
+def https_chat(stack: ComposeStack, security: ChannelSecurity, max_tokens: int) -> dict:
+    """POST /v1/chat/completions to the HTTP front over https, with the demo token."""
+    body = {
+        "model": served_model(),
+        "messages": [{"role": "user", "content": "Hello over https"}],
+        "max_tokens": max_tokens,
+    }
+    call = urllib.request.Request(
+        f"https://127.0.0.1:{stack.http_port}/v1/chat/completions",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {security.token}"},
+    )
+    context = ssl.create_default_context(cafile=security.ca_file)
+    with urllib.request.urlopen(call, timeout=300, context=context) as reply:
+        assert reply.status == 200
+        return json.load(reply)
+
+
 def test_compose_stack_end_to_end(stack: ComposeStack):
     started = time.monotonic()
-    stack.compose("up", "-d", "--scale", "worker=2", "redis", "predictor", "scheduler", "worker")
-    stack.wait_healthy(expected=5)
-    address = f"127.0.0.1:{stack.port}"
-    wait_for_health(address, timeout=120)
-    channel = grpc.insecure_channel(address)
-    stub = scheduler_pb2_grpc.SchedulerStub(channel)
+    stack.compose(
+        "up", "-d", "--scale", "worker=2", "redis", "predictor", "scheduler", "worker", "http"
+    )  # fmt: skip
+    stack.wait_healthy(expected=6)  # the one-shot secrets container has exited by then
+    channel, stub = stack.dial_scheduler()
+    # Secured as shipped: without the token the scheduler refuses.
+    with grpc.secure_channel(
+        f"127.0.0.1:{stack.port}",
+        grpc.ssl_channel_credentials(Path(stack.secrets_dir / "ca.crt").read_bytes()),
+    ) as anonymous:
+        with pytest.raises(grpc.RpcError) as refused:
+            scheduler_pb2_grpc.SchedulerStub(anonymous).Submit(request("no token", 4), timeout=60)
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED, refused.value
 
     # 1. A generation streamed from the host.
     events = list(stub.Generate(request("Hello from the host", 12), timeout=300))
     assert_dense_and_done(events, 12)
-    assert not events[-1].summary.prediction_fallback, "the predictor container did not answer"
+    # Scored by the predictor container: in time for Submit, or by the async re-score that
+    # follows when it answers late on a loaded host (prediction_fallback is true then).
+    scored = stub.GetJob(scheduler_pb2.GetJobRequest(job_id=events[-1].job_id), timeout=60)
+    assert scored.predictor_version, f"the predictor container did not answer: {scored}"
     log(f"streamed a 12-token generation from the host ({time.monotonic() - started:.0f}s in)")
+
+    # 1b. The OpenAI front over https, the same token.
+    answer = https_chat(stack, stack.client_security(), max_tokens=8)
+    assert answer["choices"][0]["message"]["role"] == "assistant", answer
+    assert 1 <= answer["usage"]["completion_tokens"] <= 8, answer
+    log(f"https /v1/chat/completions answered {answer['usage']['completion_tokens']} tokens")
 
     # 2. Three workers, all serving.
     stack.compose("up", "-d", "--no-recreate", "--scale", "worker=3", "worker")
-    stack.wait_healthy(expected=6)
+    stack.wait_healthy(expected=7)
     hosts = stack.worker_hosts()
     assert len(hosts) == 3
     job_ids = [
@@ -214,13 +302,14 @@ def test_compose_stack_end_to_end(stack: ComposeStack):
     log("down (volumes kept) with one job queued")
     stack.compose("up", "-d", "--scale", "worker=1", "redis", "predictor", "scheduler", "worker")
     stack.wait_healthy(expected=4)
-    with grpc.insecure_channel(address) as channel:
-        stub = scheduler_pb2_grpc.SchedulerStub(channel)
+    channel, stub = stack.dial_scheduler()
+    with channel:
         assert_dense_and_done(stream(stub, queued_id), 8)
     log(f"the queued job survived the restart and finished ({time.monotonic() - started:.0f}s)")
 
 
 def _prometheus(port: int, query: str) -> list[dict]:
+    # Prometheus's own UI/API stays http on the host; its scrapes of /metrics are https.
     url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": query})
     with urllib.request.urlopen(url, timeout=10) as reply:
         return json.load(reply)["data"]["result"]
@@ -242,8 +331,8 @@ def test_monitoring_profile_scrapes_every_service():
             "redis", "predictor", "scheduler", "worker", "prometheus",
         )  # fmt: skip
         stack.wait_healthy(expected=5)  # prometheus has no health check: 4 + 1 running
-        with grpc.insecure_channel(f"127.0.0.1:{stack.port}") as channel:
-            stub = scheduler_pb2_grpc.SchedulerStub(channel)
+        channel, stub = stack.dial_scheduler()
+        with channel:
             assert_dense_and_done(list(stub.Generate(request("Hi", 8), timeout=300)), 8)
         deadline = time.monotonic() + 180
         while True:
@@ -263,3 +352,4 @@ def test_monitoring_profile_scrapes_every_service():
         log(f"prometheus scrapes {sorted(up)}; job and worker histograms recorded")
     finally:
         stack.compose("--profile", "monitoring", "down", "-v", "--remove-orphans", timeout=300)
+        shutil.rmtree(stack.secrets_dir, ignore_errors=True)

@@ -34,8 +34,15 @@ done
 
 if [ "$from_compose" = 1 ]; then
   mkdir -p "$out/tokens"
-  docker compose cp scheduler:/secrets/ca.crt "$out/ca.crt"
-  docker compose cp scheduler:/secrets/tokens/demo.token "$out/tokens/demo.token"
+  if docker compose version >/dev/null 2>&1; then
+    copy() { docker compose cp "scheduler:$1" "$2"; }
+  else  # docker-compose v1 (Debian's 1.29) has no cp: docker cp from the scheduler container
+    scheduler=$(docker-compose ps -q scheduler)
+    [ -n "$scheduler" ] || { echo "no scheduler container: docker-compose up first" >&2; exit 1; }
+    copy() { docker cp "$scheduler:$1" "$2"; }
+  fi
+  copy /secrets/ca.crt "$out/ca.crt"
+  copy /secrets/tokens/demo.token "$out/tokens/demo.token"
   chmod 600 "$out/tokens/demo.token"
   echo "copied ca.crt and tokens/demo.token into $out"
   exit 0
