@@ -270,7 +270,7 @@ def job_id_of(head: str) -> str:
 
 
 def test_a_client_disconnecting_mid_stream_cancels_its_job(stack: HttpStack) -> None:
-    body = {"model": MODEL, "messages": CHAT, "max_tokens": 100_000, "stream": True,
+    body = {"model": MODEL, "messages": CHAT, "max_tokens": 30_000, "stream": True,
             "stop": ["\u2603never\u2603"]}  # fmt: skip
     sock, head, received = open_stream(stack, body)
     job_id = job_id_of(head)
@@ -288,7 +288,7 @@ def test_a_client_disconnecting_mid_stream_cancels_its_job(stack: HttpStack) -> 
 
 def test_a_client_disconnecting_from_a_whole_answer_cancels_its_job(stack: HttpStack) -> None:
     cancelled_before = stack.stats(MODEL).counters.get("cancelled", 0)
-    data = json.dumps({"model": MODEL, "messages": CHAT, "max_tokens": 100_000}).encode()
+    data = json.dumps({"model": MODEL, "messages": CHAT, "max_tokens": 30_000}).encode()
     sock = socket.create_connection(("127.0.0.1", stack.port), timeout=60)
     sock.sendall(
         b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
