@@ -29,7 +29,7 @@ from services.common.net import free_port
 from services.common.pki import CertificateAuthority
 from services.common.tls import ChannelSecurity
 from services.pb import common_pb2, scheduler_pb2, scheduler_pb2_grpc
-from services.scheduler.keys import job_key
+from services.scheduler.keys import completions_key, job_key
 from tests.helpers import REPO_ROOT, start_service
 from tests.scheduler_support import ReportSession, progress, request
 from tests.security_support import (
@@ -236,7 +236,8 @@ def test_the_fake_worker_attack_is_refused_and_training_data_stays_clean(
     events = list(victim.Stream(scheduler_pb2.StreamRequest(job_id=job.job_id), timeout=20))
     assert [e.token.text for e in events if e.HasField("token")] == ["t0 ", "t1 ", "t2 "]
     assert events[-1].summary.state == DONE
-    completions = redis.Redis.from_url(redis_url, decode_responses=True).xrange("ssjf:completions")
+    stored = redis.Redis.from_url(redis_url, decode_responses=True)
+    completions = stored.xrange(completions_key(LLM))
     assert [(fields["job_id"], fields["generated_tokens"]) for _, fields in completions] == [
         (job.job_id, "3")
     ]
