@@ -160,20 +160,29 @@ class Simulation:
         for job in jobs:
             job.remaining = job.tokens
             self._push(job.arrival_s, self._ARRIVAL, job.index)
-        by_index = {job.index: job for job in jobs}
+            self._schedule_extra(job)
+        self._by_index = {job.index: job for job in jobs}
         self._next_arrival = _ArrivalClock(sorted(job.arrival_s for job in jobs))
         while self._events:
             now, kind, _, target = heapq.heappop(self._events)
             if kind == self._ARRIVAL:
                 self._next_arrival.pop()
-                self.queue.push(by_index[target], now)
+                self.queue.push(self._by_index[target], now)
                 for worker in self.workers:
                     if worker.idle and not worker.scheduled:
                         worker.scheduled = True
                         self._push(now, self._BOUNDARY, worker.index)
-            else:
+            elif kind == self._BOUNDARY:
                 self._boundary(self.workers[target], now)
+            else:
+                self._handle_extra(kind, target, now)
         return list(jobs)
+
+    def _schedule_extra(self, job: SimJob) -> None:
+        """Subclasses add events of their own kinds (numbered after _BOUNDARY) per job."""
+
+    def _handle_extra(self, kind: int, target: int, now: float) -> None:
+        raise ValueError(f"unknown simulator event kind {kind}")
 
     def _free_slots(self, worker: _Worker) -> int:
         if self.batching == "continuous" or not worker.active:

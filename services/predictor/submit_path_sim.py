@@ -25,7 +25,6 @@ of oracle's gain ``(FCFS - X) / (FCFS - oracle)``.
 from __future__ import annotations
 
 import argparse
-import heapq
 import os
 import time
 from collections.abc import Sequence
@@ -51,49 +50,31 @@ class TwoStageSimulation(Simulation):
     """Simulation whose jobs may be re-scored while queued, ``delay_s`` after arrival."""
 
     _RESCORE = 2
+    # Set by run_two_stage; a plain run() has no re-score events.
+    _final: dict[int, float] | None = None
+    _delay_s = 0.0
 
     def run_two_stage(
         self, jobs: Sequence[SimJob], final_scores: Sequence[float], delay_s: float
     ) -> list[SimJob]:
-        final = {job.index: score for job, score in zip(jobs, final_scores, strict=True)}
-        for job in jobs:
-            job.remaining = job.tokens
-            self._push(job.arrival_s, self._ARRIVAL, job.index)
-            self._push(job.arrival_s + delay_s, self._RESCORE, job.index)
-        by_index = {job.index: job for job in jobs}
-        self._next_arrival = _Arrivals(sorted(job.arrival_s for job in jobs))
+        self._final = {job.index: score for job, score in zip(jobs, final_scores, strict=True)}
+        self._delay_s = delay_s
         self.rescored = self.late = 0
-        while self._events:
-            now, kind, _, target = heapq.heappop(self._events)
-            if kind == self._ARRIVAL:
-                self._next_arrival.pop()
-                self.queue.push(by_index[target], now)
-                for worker in self.workers:
-                    if worker.idle and not worker.scheduled:
-                        worker.scheduled = True
-                        self._push(now, self._BOUNDARY, worker.index)
-            elif kind == self._RESCORE:
-                job = by_index[target]
-                if self.queue.queue.remove(f"{job.index:012d}"):
-                    job.predicted_tokens = final[target]
-                    self.queue.push(job, job.arrival_s)  # same arrival: same aging, same ties
-                    self.rescored += 1
-                else:
-                    self.late += 1
-            else:
-                self._boundary(self.workers[target], now)
-        return list(jobs)
+        return self.run(jobs)
 
+    def _schedule_extra(self, job: SimJob) -> None:
+        if self._final is not None:
+            self._push(job.arrival_s + self._delay_s, self._RESCORE, job.index)
 
-class _Arrivals:
-    def __init__(self, times: list[float]) -> None:
-        self._times, self._next = times, 0
-
-    def peek(self) -> float | None:
-        return self._times[self._next] if self._next < len(self._times) else None
-
-    def pop(self) -> None:
-        self._next += 1
+    def _handle_extra(self, kind: int, target: int, now: float) -> None:
+        assert self._final is not None  # re-score events exist only in run_two_stage
+        job = self._by_index[target]
+        if self.queue.queue.remove(f"{job.index:012d}"):
+            job.predicted_tokens = self._final[target]
+            self.queue.push(job, job.arrival_s)  # same arrival: same aging, same ties
+            self.rescored += 1
+        else:
+            self.late += 1
 
 
 def simulate_variant(
