@@ -9,10 +9,19 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 
-from services.common.alpaca import load_dataset, split_by_prompt
+from services.common.alpaca import (
+    LengthDataset,
+    Prompt,
+    add_labels,
+    load_dataset,
+    split_by_prompt,
+    write_dataset,
+)
 from services.common.net import free_port
+from services.common.paths import SERVED_MODEL_LABELS
 from services.pb import predictor_pb2, predictor_pb2_grpc
 from services.predictor.batcher import MicroBatcher
 from services.predictor.core import LengthPredictor
@@ -49,6 +58,34 @@ def test_split_by_prompt_is_disjoint_complete_and_repeatable() -> None:
     assert sorted(id_ for part in parts for id_ in part) == list(range(805))
     assert parts == split_by_prompt(reversed(ids), (0.7, 0.1, 0.2), seed=0)
     assert parts != split_by_prompt(ids, (0.7, 0.1, 0.2), seed=1)
+
+
+def test_add_labels_joins_another_llms_lengths_by_prompt_and_refuses_other_prompts(
+    tmp_path: Path,
+) -> None:
+    base = LengthDataset(
+        [Prompt(0, "Name a colour."), Prompt(1, "Write an essay.")],
+        {"vicuna-13b": {0: 5, 1: 400}},
+    )
+    served = tmp_path / "served"
+    write_dataset(
+        LengthDataset(
+            [Prompt(0, "Name a colour."), Prompt(1, "Write an essay."), Prompt(2, "Extra?")],
+            {"smollm2-135m-instruct": {0: 7, 2: 30}},
+        ),
+        served,
+    )
+    joined = add_labels(base, served)
+    assert joined.llms == ["smollm2-135m-instruct", "vicuna-13b"]
+    # Prompt 2 is not in the training data: its label is dropped, not added as a new prompt.
+    assert joined.lengths_for("smollm2-135m-instruct") == {0: 7}
+    assert np.isnan(joined.length_matrix(["smollm2-135m-instruct"])[0, 1])
+    with pytest.raises(ValueError, match="already has lengths"):
+        add_labels(joined, served)
+    other = tmp_path / "other"
+    write_dataset(LengthDataset([Prompt(1, "A different prompt.")], {"x": {1: 3}}), other)
+    with pytest.raises(ValueError, match="not the same prompt"):
+        add_labels(base, other)
 
 
 def test_long_prompts_keep_head_and_tail() -> None:
@@ -268,8 +305,10 @@ def test_train_export_smoke_on_a_handful_of_prompts(tmp_path: Path) -> None:
         "train-predictor",
         "--data",
         str(HELD_OUT),
+        "--labels",
+        str(SERVED_MODEL_LABELS),
         "--llm",
-        "vicuna-13b,gpt4_0314",
+        "vicuna-13b,smollm2-135m-instruct",
         "--epochs",
         "1",
         "--max-train-prompts",
@@ -284,8 +323,13 @@ def test_train_export_smoke_on_a_handful_of_prompts(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     smoke = ArtifactRuntime(out, intra_op_threads=1)
-    assert smoke.llms == ["vicuna-13b", "gpt4_0314"] and smoke.version.startswith("smoke-")
+    assert smoke.llms == ["vicuna-13b", "smollm2-135m-instruct"]
+    assert smoke.version.startswith("smoke-")
+    # The served model's labels (joined from its collect directory) got a head of their own.
+    assert "smollm2-135m-instruct" in smoke.metadata["held_out_test"]
     parity = smoke.metadata["parity"]["fp32_vs_pytorch"]
     assert parity["max_rel_diff"] < 1e-3
-    (prediction,) = smoke.predict(["Tell me a joke."], ["vicuna-13b"])
-    assert prediction.tokens > 0
+    vicuna, smollm2 = smoke.predict(
+        ["Tell me a joke."] * 2, ["vicuna-13b", "smollm2-135m-instruct"]
+    )
+    assert vicuna.tokens > 0 and smollm2.tokens > 0 and smollm2.llm == "smollm2-135m-instruct"

@@ -90,6 +90,20 @@ def test_whole_stack_over_tls_with_tokens(redis_url: str, tmp_path: Path) -> Non
         logs = "\n".join(service.log()[-2000:] for service in services)
         assert generated.returncode == 0, generated.stderr + logs
         assert "[done" in generated.stderr and "predictor fallback" not in generated.stderr
+        # ssjf collect dials the same way (TLS from the environment, the client's token).
+        prompts = tmp_path / "prompts.jsonl"
+        prompts.write_text('{"prompt_id": 1, "prompt": "hi"}\n{"prompt_id": 2, "prompt": "Why?"}\n')
+        collected = subprocess.run(
+            [sys.executable, "-m", "services.cli", "collect", "--server", address["scheduler"],
+             "--prompts", str(prompts), "--out", str(tmp_path / "labels"),
+             "--max-new-tokens", "4", "--label", LLM],
+            cwd=REPO_ROOT,
+            env={**os.environ, "SSJF_TLS_CA_FILE": str(ca.cert),
+                 "SSJF_TOKEN_FILE": str(tmp_path / "client.token")},
+            capture_output=True, text=True, timeout=180,
+        )  # fmt: skip
+        assert collected.returncode == 0, collected.stdout + collected.stderr
+        assert len((tmp_path / "labels" / "lengths.csv").read_text().splitlines()) == 3
         # Without the token the same command is refused.
         refused = subprocess.run(
             [sys.executable, "-m", "services.cli", "generate", "hi",

@@ -35,9 +35,9 @@ run() {  # run NAME ARGS...: one collect directory, retried while prompts fail
   done
 }
 run alpaca_eval-greedy --prompts "$SHARED/alpaca_eval/prompts.jsonl" --label "$MODEL"
-run arena_hard_v2-greedy --prompts "$SHARED/arena_hard_v2/prompts.jsonl" --label "$MODEL"
 for seed in 1 2; do
   run "alpaca_eval-t0.7-seed$seed" --prompts "$SHARED/alpaca_eval/prompts.jsonl" \
     --subset 320 --subset-seed 0 --temperature 0.7 --seed "$seed" --label "$MODEL-t0.7-seed$seed"
 done
+run arena_hard_v2-greedy --prompts "$SHARED/arena_hard_v2/prompts.jsonl" --label "$MODEL"
 echo "$(date -u +%FT%TZ) labelling complete"

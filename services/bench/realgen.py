@@ -15,12 +15,12 @@ from pathlib import Path
 
 from services.bench.workload import PromptLength
 from services.common.alpaca import load_prompts
-from services.common.paths import CHECKOUT_ROOT
+from services.common.paths import SERVED_MODEL_LABELS
 
 REAL_MODEL = "smollm2-135m-instruct"
 # The labels' cap (data/smollm2-135m-instruct/label.sh and the worker's default).
 REAL_MAX_NEW_TOKENS = 1024
-DEFAULT_LABELS = CHECKOUT_ROOT / "data" / REAL_MODEL / "alpaca_eval-greedy"
+DEFAULT_LABELS = SERVED_MODEL_LABELS
 
 
 def load_greedy_lengths(directory: Path) -> tuple[list[PromptLength], str]:

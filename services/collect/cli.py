@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from services.common.config import add_option
+from services.common.tls import ChannelSecurity, add_client_security_options
 
 
 def add_sampling_options(parser: argparse.ArgumentParser) -> None:
@@ -99,6 +100,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_option(
         collect, "--timeout-s", type=float, default=3600.0, help="give up on one prompt after"
     )
+    add_client_security_options(collect, what="the scheduler")
     collect.add_argument(
         "--report",
         nargs="+",
@@ -137,6 +139,7 @@ def _run_collect(args: argparse.Namespace) -> int:
         llm=args.llm,
         max_new_tokens=args.max_new_tokens,
         timeout_s=args.timeout_s,
+        security=ChannelSecurity.from_args(args),
         **sampling_args(args),
     )
     config = CollectConfig(

@@ -31,6 +31,7 @@ from typing import Any, TextIO
 import grpc
 
 from services.common.alpaca import LENGTHS_FILE, PROMPTS_FILE, Prompt, load_prompts
+from services.common.channels import dial_aio
 from services.common.grpc_server import CHANNEL_OPTIONS
 from services.pb import common_pb2, scheduler_pb2_grpc
 from services.stack.client import GenerateOptions, build_request
@@ -230,7 +231,7 @@ async def collect(config: CollectConfig, stream: TextIO = sys.stdout) -> int:
 
     try:
         server = config.request.server
-        async with grpc.aio.insecure_channel(server, options=CHANNEL_OPTIONS) as channel:
+        async with dial_aio(server, config.request.security, CHANNEL_OPTIONS) as channel:
             stub = scheduler_pb2_grpc.SchedulerStub(channel)
             workers = max(1, min(config.concurrency, len(todo)))
             await asyncio.gather(*(work(stub) for _ in range(workers)))

@@ -164,6 +164,26 @@ def load_dataset(
     return LengthDataset(load_prompts(Path(prompts)), load_lengths(Path(lengths)))
 
 
+def add_labels(dataset: LengthDataset, directory: Path | str) -> LengthDataset:
+    """``dataset`` plus the lengths of a shared-format directory labelling the same prompts
+    (an ``ssjf collect`` run, e.g. the served model's own answers). Prompt ids must name the
+    same texts: prompt sets that both count from 0 are refused, not silently mixed."""
+    labels = load_dataset(directory)
+    texts = {prompt.prompt_id: prompt.text for prompt in dataset.prompts}
+    for prompt in labels.prompts:
+        if texts.get(prompt.prompt_id, prompt.text) != prompt.text:
+            raise ValueError(
+                f"{directory}: prompt {prompt.prompt_id!r} is not the same prompt as in the "
+                "training data: label the training data's prompts"
+            )
+    lengths = dict(dataset.lengths)
+    for llm, answered in labels.lengths.items():
+        if llm in lengths:
+            raise ValueError(f"{directory}: the data already has lengths for {llm!r}")
+        lengths[llm] = {pid: tokens for pid, tokens in answered.items() if pid in texts}
+    return LengthDataset(dataset.prompts, lengths)
+
+
 def write_dataset(
     dataset: LengthDataset, directory: Path | str, llms: Sequence[str] | None = None
 ) -> None:

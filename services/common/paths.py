@@ -13,6 +13,10 @@ CHECKOUT_ROOT = Path(__file__).resolve().parents[2]
 # The shared data sits beside a developer's or CI's checkout, never beside a user's clone:
 # training and full benchmarks default to it when it exists and take --data otherwise.
 SHARED_DATA_DIR = CHECKOUT_ROOT.parent / "shared" / "data"
+# The default served model's own greedy answer lengths on the AlpacaEval prompts (committed,
+# see data/smollm2-135m-instruct/README.md): its predictor head's labels, the real-generation
+# benchmark's oracle.
+SERVED_MODEL_LABELS = CHECKOUT_ROOT / "data" / "smollm2-135m-instruct" / "alpaca_eval-greedy"
 
 
 def ssjf_home() -> Path:

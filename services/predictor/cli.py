@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from services.common.config import add_flag, add_option, add_server_options
+from services.common.paths import SERVED_MODEL_LABELS
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 DEFAULT_ARTIFACT = PACKAGE_DIR / "artifacts" / "default"
@@ -87,6 +88,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="",
         help="shared-format data directory "
         "(default: ../shared/data/alpaca_eval beside the repository)",
+    )
+    add_option(
+        train,
+        "--labels",
+        default=str(SERVED_MODEL_LABELS) if SERVED_MODEL_LABELS.exists() else "",
+        help="comma-separated ssjf collect directories with other LLMs' lengths of the same "
+        "prompts, each trained as one more head (default: the served model's committed "
+        "labels; '' for none)",
     )
     add_option(
         train,
@@ -222,16 +231,21 @@ def _data_dir(args: argparse.Namespace) -> Path:
     return data
 
 
+def _label_dirs(args: argparse.Namespace) -> list[Path]:
+    return [Path(directory) for directory in args.labels.split(",") if directory]
+
+
 def _train(args: argparse.Namespace) -> int:
     from services.predictor import pipeline
 
     if args.first_stage_only:
-        summary = pipeline.add_first_stage(_data_dir(args), Path(args.out))
+        summary = pipeline.add_first_stage(_data_dir(args), Path(args.out), _label_dirs(args))
         print(json.dumps(summary, indent=2))
         return 0
     formulations = pipeline.FORMULATIONS if args.compare else (args.formulation,)
     results = pipeline.train_and_export(
         data_dir=_data_dir(args),
+        label_dirs=_label_dirs(args),
         formulations=formulations,
         out=Path(args.out),
         nested=args.compare,

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from services.common.alpaca import LengthDataset, load_dataset
+from services.common.alpaca import LengthDataset, add_labels, load_dataset
 from services.common.first_stage import FIRST_STAGE_FILE, fit_first_stage
 from services.predictor.evaluate import evaluate_artifact, score
 from services.predictor.export import FP32_MODEL_FILE, METADATA_FILE, write_artifact
@@ -35,9 +35,18 @@ FIRST_STAGE_EXTRA_LLMS = ("smollm2-135m-instruct",)
 __all__ = ["FORMULATIONS", "format_table", "train_and_export"]
 
 
+def training_data(data_dir: Path, label_dirs: Sequence[Path] = ()) -> LengthDataset:
+    """The shared-format training data plus other LLMs' labels of the same prompts."""
+    dataset = load_dataset(data_dir)
+    for directory in label_dirs:
+        dataset = add_labels(dataset, directory)
+    return dataset
+
+
 def train_and_export(
     *,
     data_dir: Path,
+    label_dirs: Sequence[Path] = (),
     formulations: Sequence[str],
     out: Path,
     nested: bool,
@@ -49,7 +58,7 @@ def train_and_export(
 ) -> list[dict[str, Any]]:
     """Train each formulation, write its artifact (``out`` or ``out/<formulation>``) and score
     it on the held-out test prompts. Returns one result row per formulation."""
-    dataset = load_dataset(data_dir)
+    dataset = training_data(data_dir, label_dirs)
     results = []
     lower = None  # the frozen layers' states, shared by every formulation
     for formulation in formulations:
@@ -137,9 +146,11 @@ def write_first_stage(
     }
 
 
-def add_first_stage(data_dir: Path, directory: Path) -> dict[str, Any]:
+def add_first_stage(
+    data_dir: Path, directory: Path, label_dirs: Sequence[Path] = ()
+) -> dict[str, Any]:
     """Fit and write the first-stage model into an existing artifact (its metadata too)."""
-    dataset = load_dataset(data_dir)
+    dataset = training_data(data_dir, label_dirs)
     metadata = json.loads((directory / METADATA_FILE).read_text())
     heads = [*EVAL_LLMS, metadata["default_llm"]]
     heads = [llm for llm in heads if llm in dataset.lengths]
