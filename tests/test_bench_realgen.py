@@ -9,22 +9,33 @@ from pathlib import Path
 import pytest
 
 from services.bench.loadgen import generate_request
-from services.bench.realgen import REAL_MAX_NEW_TOKENS, load_greedy_lengths
+from services.bench.realgen import REAL_MAX_NEW_TOKENS, REAL_MODEL, load_greedy_lengths
 from services.bench.workload import build_requests
+from services.common.alpaca import load_dataset
+from services.predictor.training import split_dataset
+
+# Twenty labelled prompts; every third answer was cut at the cap.
+PROMPTS = [
+    (
+        i,
+        f"Prompt number {i}?",
+        REAL_MAX_NEW_TOKENS if i % 3 == 0 else 10 + i,
+        "length" if i % 3 == 0 else "eos",
+    )
+    for i in range(20)
+]
 
 
 def write_collect_dir(directory: Path, temperature: float = 0.0) -> Path:
     directory.mkdir()
-    prompts = [
-        (1, "Say hi.", 5, "eos"),
-        (2, "Write a poem.", 1024, "length"),
-        (4, "2+2?", 9, "eos"),
-    ]
     with (directory / "prompts.jsonl").open("w") as lines:
-        for prompt_id, text, _, _ in prompts:
+        for prompt_id, text, _, _ in PROMPTS:
             lines.write(json.dumps({"prompt_id": prompt_id, "source": "x", "prompt": text}) + "\n")
+    with (directory / "lengths.csv").open("w") as rows:
+        rows.write("model,prompt_id,output_tokens,output_chars\n")
+        rows.writelines(f"{REAL_MODEL},{pid},{tokens},1\n" for pid, _, tokens, _ in PROMPTS)
     with (directory / "outputs.jsonl").open("w") as lines:
-        for prompt_id, _, tokens, reason in prompts:
+        for prompt_id, _, tokens, reason in PROMPTS:
             record = {
                 "prompt_id": prompt_id,
                 "output_tokens": tokens,
@@ -35,13 +46,17 @@ def write_collect_dir(directory: Path, temperature: float = 0.0) -> Path:
     return directory
 
 
-def test_greedy_lengths_leave_out_cut_answers(tmp_path: Path):
-    items, source = load_greedy_lengths(write_collect_dir(tmp_path / "greedy"))
-    assert [(item.prompt_id, item.prompt, item.output_tokens) for item in items] == [
-        (1, "Say hi.", 5),
-        (4, "2+2?", 9),
-    ]
-    assert "2 prompts" in source
+def test_greedy_lengths_are_held_out_prompts_and_leave_out_cut_answers(tmp_path: Path):
+    directory = write_collect_dir(tmp_path / "greedy")
+    items, source = load_greedy_lengths(directory)
+    # The predictor's own split of these prompts: the benchmark never replays a prompt the
+    # proxy model trained on.
+    held_out = set(split_dataset(load_dataset(directory)).test)
+    expected = [(pid, text, tokens) for pid, text, tokens, reason in PROMPTS
+                if pid in held_out and reason == "eos"]  # fmt: skip
+    assert expected and len(expected) < len(held_out)
+    assert [(item.prompt_id, item.prompt, item.output_tokens) for item in items] == expected
+    assert f"{len(expected)} held-out prompts" in source
 
 
 def test_sampled_or_missing_labels_are_refused(tmp_path: Path):

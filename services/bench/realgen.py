@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from services.bench.workload import PromptLength
-from services.common.alpaca import load_prompts
+from services.common.alpaca import load_dataset
 from services.common.paths import SERVED_MODEL_LABELS
 
 REAL_MODEL = "smollm2-135m-instruct"
@@ -26,14 +26,20 @@ DEFAULT_LABELS = SERVED_MODEL_LABELS
 def load_greedy_lengths(directory: Path) -> tuple[list[PromptLength], str]:
     """Prompts answered in a greedy collect directory, with their greedy answer lengths.
 
-    Answers cut at the cap are left out: their length is the cap's, not the model's."""
+    Only the predictor's held-out test prompts (its own split, by prompt) are used, so the
+    proxy model never trained on a benchmark prompt; answers cut at the cap are left out:
+    their length is the cap's, not the model's."""
+    from services.predictor.training import split_dataset
+
     outputs = directory / "outputs.jsonl"
     if not outputs.exists():
         raise FileNotFoundError(
             f"{outputs} is missing: label prompts first with ssjf collect (greedy), see "
             "data/smollm2-135m-instruct/README.md"
         )
-    texts = {prompt.prompt_id: prompt.text for prompt in load_prompts(directory / "prompts.jsonl")}
+    labelled = load_dataset(directory)
+    held_out = set(split_dataset(labelled).test)
+    texts = {prompt.prompt_id: prompt.text for prompt in labelled.prompts}
     items = []
     with outputs.open() as lines:
         for line in lines:
@@ -43,7 +49,7 @@ def load_greedy_lengths(directory: Path) -> tuple[list[PromptLength], str]:
             settings = record.get("settings", {})
             if settings.get("temperature", 0.0) != 0.0:
                 raise ValueError(f"{directory} was sampled, not greedy: no exact oracle")
-            if record["finish_reason"] == "eos":
+            if record["finish_reason"] == "eos" and record["prompt_id"] in held_out:
                 items.append(
                     PromptLength(
                         record["prompt_id"], texts[record["prompt_id"]], record["output_tokens"]
@@ -52,4 +58,4 @@ def load_greedy_lengths(directory: Path) -> tuple[list[PromptLength], str]:
     if not items:
         raise ValueError(f"{directory}: no EOS-terminated greedy answers yet")
     items.sort(key=lambda item: item.prompt_id)
-    return items, f"{directory} (greedy {REAL_MODEL} lengths, {len(items)} prompts)"
+    return items, f"{directory} (greedy {REAL_MODEL} lengths, {len(items)} held-out prompts)"
