@@ -10,7 +10,7 @@ PB_DIR := services/pb
 
 .PHONY: help venv proto proto-check lint test test-faults soak run predictor bench simulate-submit-path \
         bench-predictor bench-scheduler bench-worker bench-http bench-security bench-streams clean bench-sim bench-stack \
-        bench-stack-starvation bench-stack-workers bench-stack-slo bench-sim-full \
+        bench-stack-starvation bench-stack-workers bench-stack-slo bench-sim-full bench-real \
         images images-monitoring stubs test-compose
 
 help:  ## list targets
@@ -103,6 +103,13 @@ bench-stack-workers: $(STAMP)  ## real stack with 2 and 4 workers, each run repl
 bench-stack-slo: $(STAMP)  ## real stack: highest arrival rate under the SLO per policy (slow)
 	$(BIN)/ssjf bench --out bench/results/stack-slo --slo-search --policies fcfs,ssjf,sjf-oracle \
 		--batching none,continuous --requests 120 --max-wait-s 0 $(BENCH_COMMON) $(BENCH_STACK_FLAGS)
+
+# SmolLM2 answering the held-out AlpacaEval prompts to EOS (no replay), the greedy labels as
+# the oracle; one SmolLM2 worker per policy, the policies taking turns round by round.
+bench-real: $(STAMP)  ## real generation: fcfs, ssjf, sjf-oracle on SmolLM2 at load 0.9 -> bench/results/real (~45 min)
+	$(BIN)/ssjf bench --generation real --out bench/results/real --policies fcfs,ssjf,sjf-oracle \
+		--batching continuous --loads 0.9 --requests 50 --rounds 3 --recalibrate once \
+		--max-batch-size 8 --max-wait-s 0 $(BENCH_STACK_FLAGS)
 
 bench-sim-full: $(STAMP)  ## every simulator study: starvation, SLO throughput, LLMs, traces, workers, sizing (~40 min)
 	$(BENCH_SIM) --out bench/results/sim/starvation --loads 0.9 --requests 40000 --rounds 20 \

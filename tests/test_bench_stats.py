@@ -126,6 +126,22 @@ def test_slo_search_finds_the_known_rate_of_a_formula() -> None:
     assert stats.max_rate_under_slo(lambda rate: 0.0, slo, 1.0, 2.0).unbounded
 
 
+def test_slo_targets_put_each_statistic_on_its_own_scale() -> None:
+    # Heavy tail: 98 short jobs and 2 long ones alone on an idle worker.
+    targets = stats.SloTargets.from_solo_jcts([1.0] * 98 + [50.0, 50.0], 5.0, 3.0)
+    assert targets.unloaded_mean_s == pytest.approx(1.98)
+    assert targets.unloaded_p99_s == pytest.approx(50.0)
+    statistics = targets.statistics()
+    (mean, mean_limit), (p99, p99_limit) = statistics["mean"], statistics["p99"]
+    assert mean_limit == pytest.approx(9.9) and p99_limit == pytest.approx(150.0)
+    # With no queueing at all, the p99 would already miss a limit on the mean's scale.
+    unloaded = np.array([1.0] * 98 + [50.0, 50.0])
+    assert mean(unloaded) < mean_limit and mean_limit < p99(unloaded) < p99_limit
+    described = targets.describe()
+    assert described["slo"]["p99"] == "3 x unloaded p99 JCT"
+    assert described["slo_s"] == {"mean": mean_limit, "p99": p99_limit}
+
+
 def test_slo_search_on_a_simulated_server_matches_queueing_theory() -> None:
     """One unbatched worker, every job exactly 1 s, Poisson arrivals: M/D/1, whose mean
     sojourn is 1 + rho / (2 (1 - rho)). Under an SLO of 5 s: rho = 8/9 jobs per second."""
@@ -266,7 +282,9 @@ def test_simulate_summary_schema(tmp_path: Path) -> None:
             assert entry[name]["ci_low"] <= entry[name]["value"] <= entry[name]["ci_high"]
         assert ("oracle_gain_fraction" in entry) == (policy != "sjf-oracle")
     slo = summary["slo_throughput"]["none"]
-    assert slo["slo_s"] == pytest.approx(5 * slo["unloaded_mean_jct_s"])
+    assert slo["slo_s"]["mean"] == pytest.approx(5 * slo["unloaded_mean_jct_s"])
+    assert slo["slo_s"]["p99"] == pytest.approx(3 * slo["unloaded_p99_jct_s"])
+    assert slo["unloaded_p99_jct_s"] > slo["unloaded_mean_jct_s"]
     assert set(slo["ratios_to_fcfs"]) == set(config.policies) - {"fcfs"}
     assert slo["policies"]["fcfs"]["mean"]["max_rate_rps"] > 0
     for plot in ("jct_cdf.png", "mean_jct_vs_load.png", "ratios.png"):

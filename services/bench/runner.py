@@ -77,6 +77,7 @@ class BenchConfig:
     resamples: int = 1000
     slo_search: bool = False
     slo_factor: float = 5.0
+    p99_slo_factor: float = 3.0
     arrivals: str = "poisson"
     seed: int = 0
     aging_rate: float = 0.0
@@ -526,10 +527,11 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
 
 def run_slo_search(config: BenchConfig) -> dict[str, Any]:
     """Throughput at a latency SLO on the real stack: per batching mode and policy, the
-    highest arrival rate whose mean JCT (and, separately, p99 JCT) stays under
-    ``slo_factor`` x the unloaded mean JCT (the calibrated model's mean solo JCT over the
-    workload). Bisection over rates, ``requests`` jobs per evaluation (the same jobs at every
-    rate), to 10%: each evaluation is a real run, so this is coarse and slow."""
+    highest arrival rate whose mean JCT stays under ``slo_factor`` x the unloaded mean JCT,
+    and separately whose p99 JCT stays under ``p99_slo_factor`` x the unloaded p99 JCT
+    (stats.SloTargets; solo JCTs from the calibrated model over the workload). Bisection
+    over rates, ``requests`` jobs per evaluation (the same jobs at every rate), to 10%: each
+    evaluation is a real run, so this is coarse and slow."""
     items, source = _load_items(config)
     meta = _meta(config, items, source)
     results_by_batching: dict[str, Any] = {}
@@ -537,12 +539,13 @@ def run_slo_search(config: BenchConfig) -> dict[str, Any]:
     for batching in config.batchings:
         with stacks_for(config, batching, items) as (addresses, calibrator):
             latency, capacity = calibrator.current.latency, calibrator.current.capacity_rps
-            unloaded = float(np.mean([latency.solo_jct_s(t) for t in calibrator.scaled]))
-            slo = config.slo_factor * unloaded
+            targets = stats.SloTargets.from_solo_jcts(
+                [latency.solo_jct_s(t) for t in calibrator.scaled],
+                config.slo_factor,
+                config.p99_slo_factor,
+            )
             entry: dict[str, Any] = {
-                "slo": f"{config.slo_factor:g} x unloaded mean JCT",
-                "slo_s": slo,
-                "unloaded_mean_jct_s": unloaded,
+                **targets.describe(),
                 "jobs_per_evaluation": config.requests,
                 "job_streams": 1,
                 "capacity_rps": capacity,
@@ -568,13 +571,10 @@ def run_slo_search(config: BenchConfig) -> dict[str, Any]:
                     return cache[rate]
 
                 entry["policies"][policy] = {}
-                for name, statistic in (
-                    ("mean", lambda jct: float(jct.mean())),
-                    ("p99", lambda jct: float(np.percentile(jct, 99))),
-                ):
+                for name, (statistic, limit) in targets.statistics().items():
                     search = stats.max_rate_under_slo(
                         lambda rate, statistic=statistic: statistic(jcts(rate)),
-                        slo,
+                        limit,
                         low=0.3 * capacity,
                         high=1.2 * capacity,
                         relative_tolerance=0.1,

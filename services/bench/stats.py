@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -212,6 +213,50 @@ def oracle_gain_fraction(
         return (base - pooled.mean(policy)) / room if room > 0 else math.nan
 
     return statistic
+
+
+@dataclass(frozen=True)
+class SloTargets:
+    """The latency SLOs of the throughput search, each on its own statistic's scale: mean JCT
+    under ``mean_factor`` x the unloaded mean JCT, p99 JCT under ``p99_factor`` x the unloaded
+    p99 JCT (a job's JCT alone on an idle worker, over the workload). With heavy-tailed
+    lengths the slowest 1% alone take several times the mean, so a p99 SLO on the mean's
+    scale is missed by every policy at almost any load and compares nothing."""
+
+    unloaded_mean_s: float
+    unloaded_p99_s: float
+    mean_factor: float
+    p99_factor: float
+
+    @classmethod
+    def from_solo_jcts(
+        cls, solo_jcts_s: Sequence[float], mean_factor: float, p99_factor: float
+    ) -> SloTargets:
+        solo = np.asarray(solo_jcts_s, dtype=float)
+        return cls(float(solo.mean()), float(np.percentile(solo, 99)), mean_factor, p99_factor)
+
+    def statistics(self) -> dict[str, tuple[Callable[[np.ndarray], float], float]]:
+        """Per statistic name: how to compute it from JCTs, and the limit it must stay under."""
+        return {
+            "mean": (lambda jct: float(np.mean(jct)), self.mean_factor * self.unloaded_mean_s),
+            "p99": (
+                lambda jct: float(np.percentile(jct, 99)),
+                self.p99_factor * self.unloaded_p99_s,
+            ),
+        }
+
+    def describe(self) -> dict[str, Any]:
+        """The SLOs as a summary records them."""
+        limits = {name: limit for name, (_, limit) in self.statistics().items()}
+        return {
+            "slo": {
+                "mean": f"{self.mean_factor:g} x unloaded mean JCT",
+                "p99": f"{self.p99_factor:g} x unloaded p99 JCT",
+            },
+            "slo_s": limits,
+            "unloaded_mean_jct_s": self.unloaded_mean_s,
+            "unloaded_p99_jct_s": self.unloaded_p99_s,
+        }
 
 
 @dataclass
