@@ -19,6 +19,7 @@ a served job pays, which is what the simulator must reproduce.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -29,6 +30,8 @@ from services.bench.latency import LatencyModel, TimedRun, fit_step_times
 from services.bench.loadgen import RequestResult, run_open_loop
 from services.bench.simulator import SimJob, Simulation
 from services.bench.workload import Request
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -59,9 +62,15 @@ async def measure(
     """Runs the plan; returns the timed bursts and each lone job's serving overhead."""
     runs: list[TimedRun] = []
     overheads: list[float] = []
+    bursts = plan.repeats * len(plan.batch_sizes) * len(plan.token_counts)
     for _ in range(plan.repeats):
         for batch in plan.batch_sizes:
             for tokens in plan.token_counts:
+                # Calibration takes minutes on a slow worker: say where it is.
+                log.info(
+                    "calibration burst",
+                    extra={"burst": f"{len(runs) + 1}/{bursts}", "jobs": batch, "tokens": tokens},
+                )
                 burst = [Request(i, 0.0, -1, prompt, tokens, tokens) for i in range(batch)]
                 results = await run_open_loop(address, burst, llm, oracle=oracle)
                 failed = [r for r in results if not r.ok]
@@ -136,6 +145,7 @@ def fit_level(
     one: with several workers on one machine this is each worker's speed while all of them
     are busy."""
     burst = [replace(request, arrival_s=0.0) for request in saturation]
+    log.info("calibration under load", extra={"jobs_at_once": len(burst), "policy": policy})
     results = asyncio.run(run_open_loop(address, burst, llm, oracle=policy == "sjf-oracle"))
     if failed := [r for r in results if not r.ok]:
         raise RuntimeError(f"calibration job failed: {failed[0].state} {failed[0].error}")
