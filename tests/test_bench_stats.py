@@ -30,6 +30,8 @@ from services.bench.workload import (
     load_workload,
     map_lengths_to,
 )
+from services.common.alpaca import load_dataset
+from services.common.paths import SERVED_MODEL_LABELS
 from services.scheduler.policies import EPOCH_S, JobFeatures
 
 # A worker whose every job takes exactly 1 s alone (prefill 0.1 s + 9 steps of 0.1 s).
@@ -234,6 +236,19 @@ def test_azure_lengths_keep_the_order_and_take_the_trace_distribution() -> None:
     lengths = [item.output_tokens for item in mapped]
     assert lengths[0] < lengths[2] == lengths[3] < lengths[1] < lengths[4]
     assert min(target) <= min(lengths) and max(lengths) <= max(target)
+
+
+def test_the_served_models_own_workload_is_vendored_with_held_out_prompts_only() -> None:
+    from services.predictor.training import split_dataset
+
+    items, source = load_workload("smollm2-135m-instruct", data_dir=None)
+    assert "alpaca_smollm2-135m-instruct.jsonl" in source and len(items) > 100
+    labels = load_dataset(SERVED_MODEL_LABELS)
+    held_out = set(split_dataset(labels).test)
+    answered = labels.lengths_for("smollm2-135m-instruct")
+    for item in items:
+        assert item.prompt_id in held_out
+        assert item.output_tokens == answered[item.prompt_id]
 
 
 def test_mixed_stream_asks_for_every_llm() -> None:

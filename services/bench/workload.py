@@ -93,11 +93,16 @@ def load_from_data(data_dir: Path, llm: str) -> list[PromptLength]:
     """The test prompts of the full AlpacaEval set with ``llm``'s real answer lengths.
 
     The split is the predictor's own (by prompt), so the proxy model never saw these prompts.
+    The served model's own labels (``SERVED_MODEL_LABELS``, committed) are joined like the
+    predictor's training joins them, so ``smollm2-135m-instruct`` is a workload too.
     """
-    from services.common.alpaca import load_dataset
+    from services.common.alpaca import add_labels, load_dataset
+    from services.common.paths import SERVED_MODEL_LABELS
     from services.predictor.training import split_dataset
 
     dataset = load_dataset(data_dir / "alpaca_eval")
+    if llm not in dataset.lengths and SERVED_MODEL_LABELS.exists():
+        dataset = add_labels(dataset, SERVED_MODEL_LABELS)
     held_out = set(split_dataset(dataset).test)
     lengths = dataset.lengths_for(llm)
     return [
