@@ -16,15 +16,17 @@ import argparse
 import json
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from scipy.stats import kendalltau
 
-from services.common.alpaca import default_data_dir, load_dataset, split_by_prompt
+from services.common.alpaca import default_data_dir, split_by_prompt
 from services.common.first_stage import fit_first_stage
-from services.common.paths import CHECKOUT_ROOT
+from services.common.paths import CHECKOUT_ROOT, SERVED_MODEL_LABELS
 from services.predictor.bench import command_line, write_result
+from services.predictor.pipeline import training_data
 from services.predictor.training import EVAL_LLMS, Split, TrainConfig, Trainer
 
 REPORT_LLMS = (*EVAL_LLMS[:3], "smollm2-135m-instruct")
@@ -40,6 +42,11 @@ def _tau(predicted: np.ndarray, true: np.ndarray) -> float | None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(default_data_dir() or ""))
+    parser.add_argument(
+        "--labels",
+        default=str(SERVED_MODEL_LABELS) if SERVED_MODEL_LABELS.exists() else "",
+        help="comma-separated collect directories joined as more heads (as train-predictor)",
+    )
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--trainable-layers", type=int, default=2)
     parser.add_argument("--encoder-layers", type=int, default=6)
@@ -50,7 +57,9 @@ def main(argv: list[str] | None = None) -> int:
         "--out", default=str(CHECKOUT_ROOT / "bench" / "results" / "predictor_loso.json")
     )
     args = parser.parse_args(argv)
-    dataset = load_dataset(args.data)
+    dataset = training_data(
+        Path(args.data), [Path(directory) for directory in args.labels.split(",") if directory]
+    )
     llms = [llm for llm in REPORT_LLMS if llm in dataset.lengths]
     sources = sorted({str(prompt.extra.get("source", "")) for prompt in dataset.prompts})
     config = TrainConfig(
