@@ -4,6 +4,8 @@
 #   LABELS_OUT   where the collect directories go (default: this directory)
 #   SHARED_DATA  the shared data (default: ../shared/data beside the checkout)
 #   MAX_BATCH    worker batch size (continuous batching), CONCURRENCY prompts in flight
+#   SAMPLED_SUBSET  prompts of the sampled runs (default 320; a smaller N is the first N of the
+#                   same draw, so a later, larger run resumes it)
 set -uo pipefail
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 OUT=${LABELS_OUT:-$REPO/data/smollm2-135m-instruct}
@@ -37,7 +39,7 @@ run() {  # run NAME ARGS...: one collect directory, retried while prompts fail
 run alpaca_eval-greedy --prompts "$SHARED/alpaca_eval/prompts.jsonl" --label "$MODEL"
 for seed in 1 2; do
   run "alpaca_eval-t0.7-seed$seed" --prompts "$SHARED/alpaca_eval/prompts.jsonl" \
-    --subset 320 --subset-seed 0 --temperature 0.7 --seed "$seed" --label "$MODEL-t0.7-seed$seed"
+    --subset "${SAMPLED_SUBSET:-320}" --subset-seed 0 --temperature 0.7 --seed "$seed" --label "$MODEL-t0.7-seed$seed"
 done
 run arena_hard_v2-greedy --prompts "$SHARED/arena_hard_v2/prompts.jsonl" --label "$MODEL"
 echo "$(date -u +%FT%TZ) labelling complete"
