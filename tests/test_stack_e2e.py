@@ -222,12 +222,12 @@ def check_printed_openai_examples(log: str) -> None:
     """The curl line and the Python example `ssjf up` prints work as pasted."""
     lines = log.splitlines()
     [curl] = [line.strip() for line in lines if line.strip().startswith("curl -N")]
-    result = subprocess.run(curl, shell=True, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(curl, shell=True, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and result.stdout.rstrip().endswith("data: [DONE]"), result
     start = next(i for i, line in enumerate(lines) if line.strip() == "from openai import OpenAI")
     snippet = "\n".join(line.removeprefix("  ") for line in lines[start : start + 5])
     result = subprocess.run(
-        [sys.executable, "-c", snippet], capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", snippet], capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0 and result.stdout, result
 

@@ -186,6 +186,8 @@ def openai_examples(base_url: str, model: str) -> str:
         {
             "model": model,
             "messages": [{"role": "user", "content": "Explain shortest-job-first scheduling."}],
+            # Greedy: OpenAI's default temperature (1) makes a 135M model ramble to the cap.
+            "temperature": 0,
             "stream": True,
         }
     )
@@ -197,6 +199,6 @@ def openai_examples(base_url: str, model: str) -> str:
         f'  client = OpenAI(base_url="{base_url}", api_key="unused")\n'
         f'  messages = [{{"role": "user", "content": "Explain shortest-job-first scheduling."}}]\n'
         f'  for chunk in client.chat.completions.create(model="{model}", messages=messages, '
-        "stream=True):\n"
+        "temperature=0, stream=True):\n"
         '      print(chunk.choices[0].delta.content or "", end="", flush=True)\n'
     )
