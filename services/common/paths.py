@@ -19,6 +19,16 @@ SHARED_DATA_DIR = CHECKOUT_ROOT.parent / "shared" / "data"
 SERVED_MODEL_LABELS = CHECKOUT_ROOT / "data" / "smollm2-135m-instruct" / "alpaca_eval-greedy"
 
 
+def default_labels() -> str:
+    """``--labels`` default of every trainer: the served model's committed labels, if here."""
+    return str(SERVED_MODEL_LABELS) if SERVED_MODEL_LABELS.exists() else ""
+
+
+def label_dirs(labels: str) -> list[Path]:
+    """``--labels DIR[,DIR]`` as paths ('' for none)."""
+    return [Path(directory) for directory in labels.split(",") if directory]
+
+
 def ssjf_home() -> Path:
     configured = os.environ.get("SSJF_HOME")
     if configured:

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from services.common.config import add_flag, add_option, add_server_options
-from services.common.paths import SERVED_MODEL_LABELS
+from services.common.paths import default_labels, label_dirs
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 DEFAULT_ARTIFACT = PACKAGE_DIR / "artifacts" / "default"
@@ -92,7 +92,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_option(
         train,
         "--labels",
-        default=str(SERVED_MODEL_LABELS) if SERVED_MODEL_LABELS.exists() else "",
+        default=default_labels(),
         help="comma-separated ssjf collect directories with other LLMs' lengths of the same "
         "prompts, each trained as one more head (default: the served model's committed "
         "labels; '' for none)",
@@ -231,21 +231,17 @@ def _data_dir(args: argparse.Namespace) -> Path:
     return data
 
 
-def _label_dirs(args: argparse.Namespace) -> list[Path]:
-    return [Path(directory) for directory in args.labels.split(",") if directory]
-
-
 def _train(args: argparse.Namespace) -> int:
     from services.predictor import pipeline
 
     if args.first_stage_only:
-        summary = pipeline.add_first_stage(_data_dir(args), Path(args.out), _label_dirs(args))
+        summary = pipeline.add_first_stage(_data_dir(args), Path(args.out), label_dirs(args.labels))
         print(json.dumps(summary, indent=2))
         return 0
     formulations = pipeline.FORMULATIONS if args.compare else (args.formulation,)
     results = pipeline.train_and_export(
         data_dir=_data_dir(args),
-        label_dirs=_label_dirs(args),
+        label_dirs=label_dirs(args.labels),
         formulations=formulations,
         out=Path(args.out),
         nested=args.compare,

@@ -24,7 +24,7 @@ from scipy.stats import kendalltau
 
 from services.common.alpaca import default_data_dir, split_by_prompt
 from services.common.first_stage import fit_first_stage
-from services.common.paths import CHECKOUT_ROOT, SERVED_MODEL_LABELS
+from services.common.paths import CHECKOUT_ROOT, default_labels, label_dirs
 from services.predictor.bench import command_line, write_result
 from services.predictor.pipeline import training_data
 from services.predictor.training import EVAL_LLMS, Split, TrainConfig, Trainer
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default=str(default_data_dir() or ""))
     parser.add_argument(
         "--labels",
-        default=str(SERVED_MODEL_LABELS) if SERVED_MODEL_LABELS.exists() else "",
+        default=default_labels(),
         help="comma-separated collect directories joined as more heads (as train-predictor)",
     )
     parser.add_argument("--epochs", type=int, default=3)
@@ -57,9 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         "--out", default=str(CHECKOUT_ROOT / "bench" / "results" / "predictor_loso.json")
     )
     args = parser.parse_args(argv)
-    dataset = training_data(
-        Path(args.data), [Path(directory) for directory in args.labels.split(",") if directory]
-    )
+    dataset = training_data(Path(args.data), label_dirs(args.labels))
     llms = [llm for llm in REPORT_LLMS if llm in dataset.lengths]
     sources = sorted({str(prompt.extra.get("source", "")) for prompt in dataset.prompts})
     config = TrainConfig(
