@@ -91,6 +91,28 @@ def test_no_queueing_regime_makes_policies_equal() -> None:
     assert results["sjf-oracle"] == pytest.approx(results["fcfs"])
 
 
+def test_prediction_cpu_delays_the_job_it_scores_and_is_not_worker_busy_time() -> None:
+    # A lone job on an idle worker: its prediction's CPU comes before its prefill.
+    simulation = Simulation(LATENCY, "ssjf", "none", prediction_cpu_s=0.2)
+    (job,) = simulation.run([SimJob(0, 1.0, 50, 50.0)])
+    assert job.jct_s + LATENCY.overhead_s == pytest.approx(LATENCY.solo_jct_s(50) + 0.2)
+    assert simulation.busy_s == pytest.approx(LATENCY.solo_jct_s(50) - LATENCY.overhead_s)
+
+
+def test_prediction_cpu_charges_every_arrival_once() -> None:
+    free = Simulation(LATENCY, "ssjf", "none").run(_toy_jobs(6, count=200, rate=3.0))
+    free_span = max(job.finish_s for job in free)
+    charged = Simulation(LATENCY, "ssjf", "none", prediction_cpu_s=0.01).run(
+        _toy_jobs(6, count=200, rate=3.0)
+    )
+    # A busy worker pays each arrival's 10 ms once; an idle one pays while it would have
+    # waited anyway, so the span grows by at most 200 x 10 ms.
+    assert free_span < max(job.finish_s for job in charged) <= free_span + 2.0 + 1e-9
+    assert _mean_jct(charged) > _mean_jct(free)
+    with pytest.raises(ValueError, match="prediction_cpu_s"):
+        Simulation(LATENCY, "ssjf", "none", prediction_cpu_s=-1.0)
+
+
 def test_continuous_batching_admits_at_step_boundaries() -> None:
     long_job = SimJob(0, 0.0, 100, 100.0)
     late = SimJob(1, 0.25, 5, 5.0)

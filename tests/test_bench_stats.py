@@ -316,7 +316,13 @@ def test_bench_and_simulate_accept_their_own_policies() -> None:
     assert simulate.policies == ["fcfs", "hrrn", "ssjf:guard=20"]
     bench = parser.parse_args(["bench", "--policies", "fcfs,sjf-prompt,ssjf:noguard"])
     assert bench.policies == ["fcfs", "sjf-prompt", "ssjf:noguard"]
-    for bad in (["bench", "--policies", "hrrn"], ["simulate", "--policies", "ssjf,ssjf"]):
+    assert parser.parse_args(["simulate", "--prediction-cpu-ms", "11"]).prediction_cpu_ms == 11
+    for bad in (
+        ["bench", "--policies", "hrrn"],
+        ["simulate", "--policies", "ssjf,ssjf"],
+        ["simulate", "--prediction-cpu-ms", "-1"],
+        ["simulate", "--prediction-cpu-ms", "nan"],
+    ):
         with pytest.raises(SystemExit):
             parser.parse_args(bad)
 

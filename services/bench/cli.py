@@ -4,6 +4,7 @@ a discrete-event simulator, at scales this machine cannot serve)."""
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 from services.bench.simulator import known_policy
@@ -76,6 +77,16 @@ def _number_list(convert: type, example: str):
 
 _loads = _number_list(float, "0.5,0.9")
 _positive_ints = _number_list(int, "500,1000,2000")
+
+
+def _milliseconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected milliseconds, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected milliseconds >= 0, got {text!r}")
+    return value
 
 
 def _add_workload_options(
@@ -331,6 +342,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_option(
         simulate,
+        "--prediction-cpu-ms",
+        type=_milliseconds,
+        default=0.0,
+        help="CPU milliseconds each SSJF (and HRRN) prediction takes from the workers, as "
+        "when the predictor shares their host (about 11 ms per prompt on the 2-core "
+        "reference machine, docs/bench.md); 0: the predictor has CPU of its own",
+    )
+    add_option(
+        simulate,
         "--validate",
         type=Path,
         help="instead of the grid: replay every run of this ssjf bench output (e.g. "
@@ -446,6 +466,7 @@ def _run_simulate(args: argparse.Namespace) -> int:
         latency_dir=args.latency_dir,
         predictor_artifact=args.predictor_artifact,
         prediction_noise=args.prediction_noise,
+        prediction_cpu_ms=args.prediction_cpu_ms,
         arrivals=args.arrivals,
         seed=args.seed,
         aging_rate=args.aging_rate,

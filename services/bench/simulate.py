@@ -56,6 +56,9 @@ class SimulateConfig:
     predictor_artifact: Path | None = None
     # > 0: score SSJF by noisy true lengths instead of the proxy model.
     prediction_noise: float = 0.0
+    # CPU seconds each prediction takes from the workers (predictor on the workers' host);
+    # charged only to the policies that ask for a prediction.
+    prediction_cpu_ms: float = 0.0
     arrivals: str = "poisson"
     seed: int = 0
     aging_rate: float = 0.0
@@ -152,6 +155,7 @@ def simulate_policy(
         config.workers,
         aging_rate=config.aging_rate,
         max_wait_s=guard_for(spec, config.max_wait_s),
+        prediction_cpu_s=config.prediction_cpu_ms / 1e3 if policy in PREDICTED else 0.0,
     )
     return simulation.run(jobs), simulation
 

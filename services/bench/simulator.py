@@ -129,12 +129,20 @@ class Simulation:
         workers: int = 1,
         aging_rate: float = 0.0,
         max_wait_s: float = 0.0,
+        prediction_cpu_s: float = 0.0,
     ) -> None:
         if batching not in BATCHING_MODES:
             raise ValueError(f"unknown batching {batching!r}; use one of {BATCHING_MODES}")
         if workers < 1 or max_batch_size < 1:
             raise ValueError("workers and max_batch_size must be at least 1")
+        if not math.isfinite(prediction_cpu_s) or prediction_cpu_s < 0:
+            raise ValueError("prediction_cpu_s must be seconds >= 0")
         self.latency = latency
+        # Where the predictor shares the workers' CPU (one host), each arrival's prediction
+        # takes this many seconds from them: owed as a debt, paid by the next worker to run
+        # (before its next prefill or steps), so the prediction delays whatever runs then.
+        self.prediction_cpu_s = prediction_cpu_s
+        self._cpu_debt_s = 0.0
         self.batching = batching
         self.slots = 1 if batching == "none" else max_batch_size
         self.queue = SchedulerQueue(policy, aging_rate, max_wait_s, latency)
@@ -167,6 +175,7 @@ class Simulation:
             now, kind, _, target = heapq.heappop(self._events)
             if kind == self._ARRIVAL:
                 self._next_arrival.pop()
+                self._cpu_debt_s += self.prediction_cpu_s
                 self.queue.push(self._by_index[target], now)
                 for worker in self.workers:
                     if worker.idle and not worker.scheduled:
@@ -198,7 +207,9 @@ class Simulation:
             worker.idle = True
             return
         worker.idle = False
-        clock = now
+        # The predictions' CPU is not the worker's busy time: it is kept out of busy_s.
+        stolen, self._cpu_debt_s = self._cpu_debt_s, 0.0
+        clock = now + stolen
         if admitted:
             # Newcomers are prefilled together, which gives each its first token; the running
             # batch waits meanwhile.
@@ -212,7 +223,7 @@ class Simulation:
             job.finish_s = clock
             worker.active.remove(job)
         if not worker.active:
-            worker.busy_s += clock - now
+            worker.busy_s += clock - now - stolen
             worker.scheduled = True
             self._push(clock, self._BOUNDARY, worker.index)
             return
@@ -224,7 +235,7 @@ class Simulation:
             if arrival is not None:
                 steps = min(steps, max(1, math.ceil((arrival - clock) / step)))
         clock += steps * step
-        worker.busy_s += clock - now
+        worker.busy_s += clock - now - stolen
         for job in worker.active:
             job.remaining -= steps
         for job in [job for job in worker.active if job.remaining == 0]:
