@@ -346,8 +346,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=_milliseconds,
         default=0.0,
         help="CPU milliseconds each SSJF (and HRRN) prediction takes from the workers, as "
-        "when the predictor shares their host (about 11 ms per prompt on the 2-core "
-        "reference machine, docs/bench.md); 0: the predictor has CPU of its own",
+        "when the predictor shares their host (about 5 ms per job on the 2-core reference "
+        "machine: predictor and scheduler, docs/bench.md); 0: the predictor has CPU of its own",
     )
     add_option(
         simulate,
