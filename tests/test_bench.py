@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -264,3 +265,35 @@ def test_replaying_a_run_recovers_its_worker_speed_and_jct() -> None:
     model, replayed = replay_run(results, LATENCY, "sjf-oracle", "continuous", 4)
     assert model.source["run_level_factor"] == pytest.approx(1.3, rel=0.02)
     assert _mean_jct(replayed) == pytest.approx(_mean_jct(jobs), rel=0.05)
+
+
+def test_replaying_a_several_worker_run_fits_each_workers_busy_time() -> None:
+    """Two workers' busy times overlap, so the fit counts worker-seconds per worker (by the
+    job's worker_id); their union would see one worker's worth and miss the 1.3."""
+    slower = LATENCY.scaled(1.3)
+    jobs = Simulation(slower, "fcfs", "continuous", max_batch_size=2, workers=2).run(
+        _toy_jobs(7, count=300, rate=9.0)
+    )
+    assert {job.worker for job in jobs} == {0, 1}
+    results = [
+        RequestResult(
+            index=job.index,
+            prompt_id=job.index,
+            output_tokens=job.tokens,
+            true_output_tokens=job.tokens,
+            arrival_s=job.arrival_s,
+            submitted_s=job.arrival_s,
+            finished_s=job.finish_s,
+            state="JOB_STATE_DONE",
+            server_queue_wait_s=job.start_s - job.arrival_s,
+            server_completion_s=job.finish_s - job.arrival_s,
+            worker_id=f"worker-{job.worker}",
+        )
+        for job in jobs
+    ]
+    model, replayed = replay_run(results, LATENCY, "fcfs", "continuous", 2, workers=2)
+    assert model.source["run_level_factor"] == pytest.approx(1.3, rel=0.03)
+    assert _mean_jct(replayed) == pytest.approx(_mean_jct(jobs), rel=0.05)
+    unattributed = [replace(result, worker_id="") for result in results]
+    with pytest.raises(ValueError, match="which worker"):
+        replay_run(unattributed, LATENCY, "fcfs", "continuous", 2, workers=2)

@@ -173,12 +173,28 @@ def busy_time_s(intervals: Iterable[tuple[float, float]]) -> float:
     return total
 
 
-def measured_busy_s(results: Sequence[RequestResult]) -> float:
-    """Time the stack's workers held at least one of these jobs (lease to last token)."""
-    return busy_time_s(
-        (r.submitted_s + r.server_queue_wait_s, r.submitted_s + r.server_completion_s)
-        for r in results
-        if r.ok
+def summed_busy_s(spans: Iterable[tuple[str | int, float, float]]) -> float:
+    """Worker-seconds of service: per worker, the time it held at least one job (the union
+    of its jobs' ``(worker, start, end)`` spans), summed over the workers."""
+    by_worker: dict[str | int, list[tuple[float, float]]] = {}
+    for worker, start, end in spans:
+        by_worker.setdefault(worker, []).append((start, end))
+    return sum(busy_time_s(intervals) for intervals in by_worker.values())
+
+
+def measured_busy_s(results: Sequence[RequestResult], workers: int = 1) -> float:
+    """Worker-seconds the stack's workers held these jobs (lease to last token), from the
+    server's timings; with several workers, per worker by the job's ``worker_id``."""
+    done = [r for r in results if r.ok]
+    if workers > 1 and any(not r.worker_id for r in done):
+        raise ValueError("several workers, but some jobs do not say which worker served them")
+    return summed_busy_s(
+        (
+            r.worker_id if workers > 1 else "",
+            r.submitted_s + r.server_queue_wait_s,
+            r.submitted_s + r.server_completion_s,
+        )
+        for r in done
     )
 
 
@@ -190,32 +206,35 @@ def replay_run(
     max_batch_size: int,
     aging_rate: float = 0.0,
     max_wait_s: float = 0.0,
+    workers: int = 1,
     max_iterations: int = 30,
     tolerance: float = 1e-3,
 ) -> tuple[LatencyModel, list[SimJob]]:
     """Simulate a measured run at the worker speed it actually had.
 
     The run's service demand is an input: ``latency``'s worker costs are scaled until the
-    simulated busy time (some job on the worker) equals the measured one. Fixed-point steps:
-    busy time grows a little less than proportionally with step cost, as slower steps make
-    bigger batches. Its output, each job's waiting and completion time, is the prediction to
-    check against the measurement. One worker (busy time of several would overlap).
+    simulated worker-seconds of service (per worker, the time some job was on it; summed
+    over the workers) equal the measured ones. Fixed-point steps: busy time grows a little
+    less than proportionally with step cost, as slower steps make bigger batches. Its
+    output, each job's waiting and completion time, is the prediction to check against the
+    measurement. Several workers need each job's ``worker_id`` (ValueError otherwise).
     """
-    measured = measured_busy_s(results)
+    measured = measured_busy_s(results, workers)
+
+    def simulate(model: LatencyModel) -> list[SimJob]:
+        return simulate_measured(
+            results, model, policy, batching, max_batch_size, workers, aging_rate, max_wait_s
+        )
+
     model, factor = latency, 1.0
     for _ in range(max_iterations):
-        simulated = simulate_measured(
-            results, model, policy, batching, max_batch_size, 1, aging_rate, max_wait_s
-        )
-        correction = measured / busy_time_s((job.start_s, job.finish_s) for job in simulated)
+        simulated = summed_busy_s((j.worker, j.start_s, j.finish_s) for j in simulate(model))
+        correction = measured / simulated
         factor *= correction
         model = latency.scaled(factor, run_level_factor=factor, run_busy_s=measured)
         if abs(correction - 1) < tolerance:
             break
-    simulated = simulate_measured(
-        results, model, policy, batching, max_batch_size, 1, aging_rate, max_wait_s
-    )
-    return model, simulated
+    return model, simulate(model)
 
 
 def capacity_rps(

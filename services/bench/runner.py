@@ -271,38 +271,26 @@ def validate(
     batching: str,
     config: BenchConfig,
 ) -> dict[str, float]:
-    """The simulator's mean JCT for exactly this run's jobs.
-
-    One worker: each round replayed at the worker speed it had (fitted to its busy time).
-    Several workers (their busy times overlap, so no such fit): each round simulated with
-    that round's calibrated model (``latency`` per round) and ``config.workers`` workers.
-    """
+    """The simulator's mean JCT for exactly this run's jobs: each round replayed at the
+    worker speed it had (``replay_run``: the round's model scaled until the simulated
+    worker-seconds of service equal the measured ones, per worker by the job's worker_id).
+    Several workers whose jobs do not all say which worker served them: the round's
+    calibrated model as is (``latency`` per round), with ``config.workers`` workers."""
     models = [latency] * len(rounds) if isinstance(latency, LatencyModel) else list(latency)
     simulated_jct: list[float] = []
     factors: list[float] = []
     guard = guard_for(policy, config.max_wait_s)
     for one_round, model in zip(rounds, models, strict=True):
-        if config.workers == 1:
+        settings = (base_policy(policy), batching, config.max_batch_size)
+        attributed = config.workers == 1 or all(r.worker_id for r in one_round if r.ok)
+        if attributed:
             model, simulated = replay_run(
-                one_round,
-                model,
-                base_policy(policy),
-                batching,
-                config.max_batch_size,
-                config.aging_rate,
-                guard,
+                one_round, model, *settings, config.aging_rate, guard, workers=config.workers
             )
             factors.append(float(model.source["run_level_factor"]))
         else:
             simulated = simulate_measured(
-                one_round,
-                model,
-                base_policy(policy),
-                batching,
-                config.max_batch_size,
-                config.workers,
-                config.aging_rate,
-                guard,
+                one_round, model, *settings, config.workers, config.aging_rate, guard
             )
             factors.append(1.0)
         simulated_jct += [job.jct_s + model.overhead_s for job in simulated]

@@ -92,6 +92,8 @@ class SimJob:
     prompt_chars: int = 0
     # Which of a mixed stream's LLMs the job is for (one queue each, as the scheduler has).
     llm: str = ""
+    # Index of the worker that served it (-1: not yet served).
+    worker: int = -1
     start_s: float = math.nan
     first_token_s: float = math.nan
     finish_s: float = math.nan
@@ -215,6 +217,7 @@ class Simulation:
             # batch waits meanwhile.
             clock += self.latency.prefill_s(len(admitted))
         for job in admitted:
+            job.worker = worker.index
             job.start_s = now
             job.first_token_s = clock
             job.remaining -= 1
