@@ -10,7 +10,7 @@ PB_DIR := services/pb
 
 .PHONY: help venv proto proto-check lint test test-faults soak run predictor bench simulate-submit-path \
         bench-predictor bench-scheduler bench-worker bench-http bench-security bench-streams clean bench-sim bench-stack \
-        bench-stack-starvation bench-stack-workers bench-stack-slo bench-sim-full bench-real \
+        bench-stack-starvation bench-stack-light bench-stack-precise bench-stack-workers bench-stack-slo bench-sim-full bench-real \
         images images-monitoring stubs test-compose
 
 help:  ## list targets
@@ -94,6 +94,16 @@ bench-stack-starvation: $(STAMP)  ## real stack: SSJF with and without the guard
 	$(BIN)/ssjf bench --out bench/results/stack-starvation \
 		--policies fcfs,ssjf:noguard,ssjf:guard=20,sjf-oracle --batching none,dynamic,continuous \
 		--loads 0.9 --duration-s 90 --rounds 3 --max-wait-s 0 $(BENCH_COMMON) $(BENCH_STACK_FLAGS)
+
+bench-stack-light: $(STAMP)  ## real stack at light load (0.3): does SSJF cost anything where nobody waits? (~20 min)
+	$(BIN)/ssjf bench --out bench/results/stack-light --policies fcfs,ssjf \
+		--batching none,dynamic,continuous --loads 0.3 --duration-s 120 --rounds 3 \
+		--recalibrate round --max-wait-s 0 $(BENCH_COMMON) $(BENCH_STACK_FLAGS)
+
+bench-stack-precise: $(STAMP)  ## real stack, one point with ~2,500 jobs per policy: the +-0.05 interval at load 0.9 (~20 min)
+	$(BIN)/ssjf bench --out bench/results/stack-precise --policies fcfs,ssjf,sjf-oracle \
+		--batching continuous --loads 0.9 --duration-s 240 --rounds 6 --recalibrate round \
+		--max-wait-s 0 $(BENCH_COMMON) $(BENCH_STACK_FLAGS)
 
 bench-stack-workers: $(STAMP)  ## real stack with 2 and 4 workers, each run replayed in the simulator
 	for w in 2 4; do $(BIN)/ssjf bench --out bench/results/stack-workers-$$w --workers $$w \
