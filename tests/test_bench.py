@@ -240,42 +240,9 @@ def test_busy_time_is_the_union_of_intervals() -> None:
     assert busy_time_s([]) == 0.0
 
 
-def test_replaying_a_run_recovers_its_worker_speed_and_jct() -> None:
-    """A "measured" run made by the simulator at 1.3x the model's costs: replaying it with
-    the model finds the 1.3 and predicts every job's completion exactly."""
-    slower = LATENCY.scaled(1.3)
-    jobs = Simulation(slower, "sjf-oracle", "continuous", max_batch_size=4).run(
-        _toy_jobs(6, count=150, rate=3.0)
-    )
-    results = [
-        RequestResult(
-            index=job.index,
-            prompt_id=job.index,
-            output_tokens=job.tokens,
-            true_output_tokens=job.tokens,
-            arrival_s=job.arrival_s,
-            submitted_s=job.arrival_s,
-            finished_s=job.finish_s,
-            state="JOB_STATE_DONE",
-            server_queue_wait_s=job.start_s - job.arrival_s,
-            server_completion_s=job.finish_s - job.arrival_s,
-        )
-        for job in jobs
-    ]
-    model, replayed = replay_run(results, LATENCY, "sjf-oracle", "continuous", 4)
-    assert model.source["run_level_factor"] == pytest.approx(1.3, rel=0.02)
-    assert _mean_jct(replayed) == pytest.approx(_mean_jct(jobs), rel=0.05)
-
-
-def test_replaying_a_several_worker_run_fits_each_workers_busy_time() -> None:
-    """Two workers' busy times overlap, so the fit counts worker-seconds per worker (by the
-    job's worker_id); their union would see one worker's worth and miss the 1.3."""
-    slower = LATENCY.scaled(1.3)
-    jobs = Simulation(slower, "fcfs", "continuous", max_batch_size=2, workers=2).run(
-        _toy_jobs(7, count=300, rate=9.0)
-    )
-    assert {job.worker for job in jobs} == {0, 1}
-    results = [
+def _as_measured(jobs: list[SimJob]) -> list[RequestResult]:
+    """Simulated jobs dressed as a measured run (server timings, the serving worker's id)."""
+    return [
         RequestResult(
             index=job.index,
             prompt_id=job.index,
@@ -291,6 +258,30 @@ def test_replaying_a_several_worker_run_fits_each_workers_busy_time() -> None:
         )
         for job in jobs
     ]
+
+
+def test_replaying_a_run_recovers_its_worker_speed_and_jct() -> None:
+    """A "measured" run made by the simulator at 1.3x the model's costs: replaying it with
+    the model finds the 1.3 and predicts every job's completion exactly."""
+    slower = LATENCY.scaled(1.3)
+    jobs = Simulation(slower, "sjf-oracle", "continuous", max_batch_size=4).run(
+        _toy_jobs(6, count=150, rate=3.0)
+    )
+    results = _as_measured(jobs)
+    model, replayed = replay_run(results, LATENCY, "sjf-oracle", "continuous", 4)
+    assert model.source["run_level_factor"] == pytest.approx(1.3, rel=0.02)
+    assert _mean_jct(replayed) == pytest.approx(_mean_jct(jobs), rel=0.05)
+
+
+def test_replaying_a_several_worker_run_fits_each_workers_busy_time() -> None:
+    """Two workers' busy times overlap, so the fit counts worker-seconds per worker (by the
+    job's worker_id); their union would see one worker's worth and miss the 1.3."""
+    slower = LATENCY.scaled(1.3)
+    jobs = Simulation(slower, "fcfs", "continuous", max_batch_size=2, workers=2).run(
+        _toy_jobs(7, count=300, rate=9.0)
+    )
+    assert {job.worker for job in jobs} == {0, 1}
+    results = _as_measured(jobs)
     model, replayed = replay_run(results, LATENCY, "fcfs", "continuous", 2, workers=2)
     assert model.source["run_level_factor"] == pytest.approx(1.3, rel=0.03)
     assert _mean_jct(replayed) == pytest.approx(_mean_jct(jobs), rel=0.05)
