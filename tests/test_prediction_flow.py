@@ -7,6 +7,7 @@ the test, not a guess about speed.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from concurrent import futures
@@ -15,8 +16,9 @@ import grpc
 import numpy as np
 import pytest
 
+from services.bench.loadgen import RequestResult, read_back
 from services.common.first_stage import FirstStageModel, fit_first_stage
-from services.pb import predictor_pb2, predictor_pb2_grpc, scheduler_pb2
+from services.pb import predictor_pb2, predictor_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 from services.scheduler.policies import MAX_AGING_RATE, JobFeatures, make_policy
 from services.scheduler.predictor_client import (
     MAX_PREDICTED_TOKENS,
@@ -123,6 +125,33 @@ def test_late_prediction_rescores_only_queued_jobs(start_scheduler, gated_predic
             record = node.scheduler.GetJob(scheduler_pb2.GetJobRequest(job_id=job_id))
             assert record.predictor_version == VERSION
             assert record.predicted_output_tokens == 10 * len(prompt.split())
+
+
+def test_bench_records_the_score_a_job_ended_with(start_scheduler, gated_predictor) -> None:
+    """ssjf bench reads each job's predicted tokens back from its record: the proxy model's
+    answer where it re-scored the queued job, not the first-stage estimate the job was
+    accepted with (which the benchmark once recorded, and the simulator then replayed)."""
+    address, predictor = gated_predictor
+    node = start_scheduler("--predictor", address, "--predictor-timeout-ms", "60000")
+    job_id = node.scheduler.Submit(request(prompt="one two three four")).job_id
+    accepted = node.scheduler.GetJob(scheduler_pb2.GetJobRequest(job_id=job_id))
+    assert accepted.predictor_version != VERSION  # the first-stage estimate, for now
+    predictor.gate.set()
+    wait_for_counters(node, rescored=1)
+    result = RequestResult(
+        index=0, prompt_id=0, output_tokens=1, true_output_tokens=1, arrival_s=0.0,
+        submitted_s=0.0, job_id=job_id,
+        predicted_output_tokens=accepted.predicted_output_tokens,
+    )  # fmt: skip
+
+    async def read() -> None:
+        async with grpc.aio.insecure_channel(node.address) as channel:
+            await read_back(scheduler_pb2_grpc.SchedulerStub(channel), [result])
+
+    asyncio.run(read())
+    assert accepted.predicted_output_tokens != 40.0
+    assert result.predicted_output_tokens == 40.0  # ten per word, the gated model's answer
+    assert result.predictor_version == VERSION
 
 
 def test_breaker_stops_calling_a_hung_predictor_then_closes(

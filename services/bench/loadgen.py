@@ -164,13 +164,16 @@ async def run_open_loop(
                 task.add_done_callback(lambda done: on_done(done.result()))
             tasks.append(task)
         results = list(await asyncio.gather(*tasks))
-        await _read_back(stub, results)
+        await read_back(stub, results)
         return results
 
 
-async def _read_back(stub: scheduler_pb2_grpc.SchedulerStub, results: list[RequestResult]) -> None:
-    """Worker and predictor version of each finished job, from its record (after the run,
-    so never on a job's critical path). A record already expired is left blank."""
+async def read_back(stub: scheduler_pb2_grpc.SchedulerStub, results: list[RequestResult]) -> None:
+    """Worker, predicted tokens and predictor version of each finished job, from its record
+    (after the run, so never on a job's critical path). The record holds the score the job
+    ended with: the proxy model's where its answer re-scored the queued job, else the
+    first-stage estimate the job was accepted (and dispatched) with, which is all the
+    Accepted event can say. A record already expired keeps what the stream said."""
 
     async def one(result: RequestResult) -> None:
         if not result.job_id:
@@ -181,6 +184,7 @@ async def _read_back(stub: scheduler_pb2_grpc.SchedulerStub, results: list[Reque
             return
         result.worker_id = job.worker_id
         result.predictor_version = job.predictor_version
+        result.predicted_output_tokens = job.predicted_output_tokens
 
     for start in range(0, len(results), 64):
         await asyncio.gather(*(one(r) for r in results[start : start + 64]))
