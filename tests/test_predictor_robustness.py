@@ -41,6 +41,15 @@ async def test_stop_resolves_every_waiting_future() -> None:
         await batcher.submit(9)
 
 
+async def test_a_call_before_the_model_is_ready_is_told_to_retry() -> None:
+    batcher: MicroBatcher[int, int] = MicroBatcher(lambda items: items, max_batch_size=2)
+    with pytest.raises(Unavailable, match="still loading"):
+        await batcher.submit(1)
+    batcher.start()
+    assert await batcher.submit(1) == 1
+    await batcher.stop()
+
+
 async def test_stop_drains_queued_work_first() -> None:
     batcher: MicroBatcher[int, int] = MicroBatcher(lambda items: items, max_batch_size=2)
     batcher.start()

@@ -103,7 +103,9 @@ class MicroBatcher(Generic[Item, Result]):
     async def submit_many(self, items: Sequence[Item]) -> list[Result]:
         """Queue every item (they may be split over several batches); results in order."""
         if self._loop_task is None:
-            raise RuntimeError("MicroBatcher.start() was not called")
+            # The server takes calls while the model warms up (health says NOT_SERVING):
+            # a caller that did not wait for SERVING hears a retryable status, not UNKNOWN.
+            raise Unavailable("the predictor is still loading its model; retry shortly")
         if self._stopping:
             raise Unavailable("the predictor is shutting down; retry on another")
         if not self.running:
