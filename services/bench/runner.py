@@ -32,12 +32,12 @@ from tqdm import tqdm
 
 from services.bench import report, stats
 from services.bench.calibrate import (
-    busy_time_s,
     capacity_rps,
     fit_level,
     fit_shape,
     replay_run,
     simulate_measured,
+    summed_busy_s,
 )
 from services.bench.latency import LatencyModel
 from services.bench.loadgen import RequestResult, run_open_loop
@@ -205,14 +205,16 @@ def realized_utilization(results: Sequence[RequestResult], workers: int) -> floa
     if not ok:
         return math.nan
     span = max(r.finished_s for r in ok) - min(r.submitted_s for r in results)
-    by_worker: dict[str, list[tuple[float, float]]] = {}
-    for r in ok:
-        # Unknown worker (record expired): counted as a worker of its own, which can only
-        # overstate the busy time, never hide it.
-        by_worker.setdefault(r.worker_id or f"?{r.index}", []).append(
-            (r.submitted_s + r.server_queue_wait_s, r.submitted_s + r.server_completion_s)
+    # Unknown worker (record expired): counted as a worker of its own, which can only
+    # overstate the busy time, never hide it.
+    busy = summed_busy_s(
+        (
+            r.worker_id or f"?{r.index}",
+            r.submitted_s + r.server_queue_wait_s,
+            r.submitted_s + r.server_completion_s,
         )
-    busy = sum(busy_time_s(intervals) for intervals in by_worker.values())
+        for r in ok
+    )
     return busy / (workers * span) if span > 0 else math.nan
 
 

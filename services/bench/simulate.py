@@ -56,7 +56,7 @@ class SimulateConfig:
     predictor_artifact: Path | None = None
     # > 0: score SSJF by noisy true lengths instead of the proxy model.
     prediction_noise: float = 0.0
-    # CPU seconds each prediction takes from the workers (predictor on the workers' host);
+    # CPU milliseconds each prediction takes from the workers (predictor on the workers' host);
     # charged only to the policies that ask for a prediction.
     prediction_cpu_ms: float = 0.0
     arrivals: str = "poisson"
