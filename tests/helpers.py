@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -13,6 +14,17 @@ from services.common.health import wait_for_serving
 from services.common.paths import CHECKOUT_ROOT
 
 REPO_ROOT = CHECKOUT_ROOT
+
+
+def listening_addresses(port: int) -> set[str]:
+    """IPv4 addresses with a socket listening on ``port`` (from /proc/net/tcp)."""
+    found = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        address, hex_port = local.split(":")
+        if int(hex_port, 16) == port and state == "0A":
+            found.add(socket.inet_ntoa(bytes.fromhex(address)[::-1]))
+    return found
 
 
 def wait_for_health(address: str, timeout: float = 60.0, service: str = "") -> None:
@@ -50,6 +62,10 @@ class Service:
                 self.process.wait()
         self._log.close()
         return self.process.returncode
+
+    def terminate(self) -> None:
+        """SIGTERM without waiting: the process drains on its own (a rolling restart)."""
+        self.process.send_signal(signal.SIGTERM)
 
     def kill(self) -> None:
         """SIGKILL: the process gets no chance to clean up (a crash)."""

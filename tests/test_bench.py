@@ -288,3 +288,20 @@ def test_replaying_a_several_worker_run_fits_each_workers_busy_time() -> None:
     unattributed = [replace(result, worker_id="") for result in results]
     with pytest.raises(ValueError, match="which worker"):
         replay_run(unattributed, LATENCY, "fcfs", "continuous", 2, workers=2)
+
+
+def test_a_second_sigterm_cannot_cut_the_benchs_cleanup_short() -> None:
+    """The first SIGTERM unwinds (stacks are stopped in finally blocks); any later one is
+    ignored so it cannot interrupt that cleanup and orphan the stack's processes."""
+    import signal
+
+    from services.bench.cli import exit_on_sigterm
+
+    previous = signal.signal(signal.SIGTERM, exit_on_sigterm)
+    try:
+        with pytest.raises(SystemExit) as exited:
+            exit_on_sigterm(signal.SIGTERM, None)
+        assert exited.value.code == 143
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -212,6 +212,84 @@ def https_chat(stack: ComposeStack, security: ChannelSecurity, max_tokens: int) 
         return json.load(reply)
 
 
+def https_chat_stream(stack: ComposeStack, security: ChannelSecurity, max_tokens: int) -> dict:
+    """The same call with ``"stream": true``: read the SSE events as they arrive."""
+    body = {
+        "model": served_model(),
+        "messages": [{"role": "user", "content": "Stream over https"}],
+        "max_tokens": max_tokens,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    call = urllib.request.Request(
+        f"https://127.0.0.1:{stack.http_port}/v1/chat/completions",
+        data=json.dumps(body).encode(),
+        headers={
+            "Content-Type": "application/json",
+            "Accept": "text/event-stream",
+            "Authorization": f"Bearer {security.token}",
+        },
+    )
+    context = ssl.create_default_context(cafile=security.ca_file)
+    chunks: list[dict] = []
+    done = False
+    with urllib.request.urlopen(call, timeout=300, context=context) as reply:
+        assert reply.status == 200
+        assert reply.headers.get_content_type() == "text/event-stream", reply.headers
+        for raw in reply:  # one SSE line at a time, as the front flushes them
+            line = raw.decode().rstrip("\r\n")
+            if not line.startswith("data: "):
+                assert line == "" or line.startswith(":"), line  # blank separators, comments
+                continue
+            data = line.removeprefix("data: ")
+            if data == "[DONE]":
+                done = True
+                break
+            chunk = json.loads(data)
+            assert "error" not in chunk, chunk
+            chunks.append(chunk)
+    assert done, "the SSE stream ended without data: [DONE]"
+    deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
+    finish = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]]
+    usage = [c["usage"] for c in chunks if c.get("usage")]
+    assert deltas and deltas[0].get("role") == "assistant", chunks[:2]
+    assert finish[-1] in ("stop", "length"), chunks[-2:]
+    assert len(usage) == 1, chunks[-2:]
+    return {
+        "text": "".join(d.get("content") or "" for d in deltas),
+        "content_chunks": sum(1 for d in deltas if d.get("content")),
+        "finish_reason": finish[-1],
+        "usage": usage[0],
+    }
+
+
+def node_client_demo(stack: ComposeStack, security: ChannelSecurity) -> dict | None:
+    """clients/node/client.js demo against the secured stack (TLS + the demo token), when
+    node and clients/node's packages are installed; None otherwise."""
+    node = shutil.which("node")
+    if node is None or not (REPO_ROOT / "clients" / "node" / "node_modules").is_dir():
+        return None
+    result = subprocess.run(
+        [node, "client.js", "demo"],
+        cwd=REPO_ROOT / "clients" / "node",
+        env={
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "SSJF_SCHEDULER": f"127.0.0.1:{stack.port}",
+            "SSJF_TLS_CA_FILE": security.ca_file,
+            "SSJF_TOKEN_FILE": security.token_file,
+        },
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return {
+        step["step"]: step
+        for step in (json.loads(line) for line in result.stdout.splitlines() if line[:1] == "{")
+    }
+
+
 def test_compose_stack_end_to_end(stack: ComposeStack):
     started = time.monotonic()
     stack.compose(
@@ -242,6 +320,23 @@ def test_compose_stack_end_to_end(stack: ComposeStack):
     assert answer["choices"][0]["message"]["role"] == "assistant", answer
     assert 1 <= answer["usage"]["completion_tokens"] <= 8, answer
     log(f"https /v1/chat/completions answered {answer['usage']['completion_tokens']} tokens")
+    streamed = https_chat_stream(stack, stack.client_security(), max_tokens=8)
+    assert 1 <= streamed["usage"]["completion_tokens"] <= 8, streamed
+    assert streamed["content_chunks"] >= 1, streamed
+    log(
+        f"https SSE stream: {streamed['content_chunks']} content chunks, "
+        f"{streamed['usage']['completion_tokens']} tokens, finish {streamed['finish_reason']}"
+    )
+
+    # 1c. The Node.js example client, with TLS and the token.
+    steps = node_client_demo(stack, stack.client_security())
+    if steps is None:
+        log("node client: skipped (node or clients/node/node_modules missing: npm ci)")
+    else:
+        assert steps["generate"]["state"] == "JOB_STATE_DONE", steps
+        assert steps["generate"]["tokens"] == steps["generate"]["generated_tokens"] > 0, steps
+        assert steps["submit-stream-cancel"]["job_state"] == "JOB_STATE_CANCELLED", steps
+        log(f"node client over TLS + token: {steps['generate']['tokens']} tokens, cancel ok")
 
     # 2. Three workers, all serving.
     stack.compose("up", "-d", "--no-recreate", "--scale", "worker=3", "worker")

@@ -42,6 +42,68 @@ def subcommand_env_names(command: str) -> set[str]:
     return names
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key repeated in one mapping is an error.
+
+    PyYAML (and kubectl's parser in some versions) silently keeps the last of two equal
+    keys, so a second ``securityContext:`` in a pod spec drops the first one's fields.
+    Merge keys (``<<: *anchor``) are not repeats: explicit keys override merged ones.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, yaml.Mark] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping",
+                    node.start_mark,
+                    f"duplicate key {key!r} (first at {seen[key]})",
+                    key_node.start_mark,
+                )
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
+def deploy_yaml_files() -> list[str]:
+    """Every YAML file of the deployment: compose files, manifests, monitoring config."""
+    patterns = [
+        "docker-compose*.yml",
+        "tests/compose/*.yml",
+        "deploy/**/*.yaml",
+        "deploy/**/*.yml",
+    ]
+    return sorted({str(p.relative_to(REPO_ROOT)) for g in patterns for p in REPO_ROOT.glob(g)})
+
+
+@pytest.mark.parametrize("name", deploy_yaml_files())
+def test_deploy_yaml_has_no_duplicate_keys(name: str):
+    try:
+        list(yaml.load_all((REPO_ROOT / name).read_text(), Loader=UniqueKeyLoader))
+    except yaml.constructor.ConstructorError as error:
+        pytest.fail(f"{name}: {error}")
+
+
+def test_duplicate_key_check_catches_a_repeated_security_context():
+    manifest = "spec:\n  securityContext: {runAsNonRoot: true}\n  securityContext: {fsGroup: 1}\n"
+    with pytest.raises(yaml.constructor.ConstructorError, match="duplicate key 'securityContext'"):
+        yaml.load(manifest, Loader=UniqueKeyLoader)
+    # Merge keys are not repeats.
+    merged = "a: &a {x: 1}\nb:\n  <<: *a\n  x: 2\n"
+    assert yaml.load(merged, Loader=UniqueKeyLoader)["b"] == {"x": 2}
+
+
+def test_k8s_pods_run_as_non_root():
+    for path in sorted(K8S_DIR.glob("*.yaml")):
+        for document in yaml.load_all(path.read_text(), Loader=UniqueKeyLoader):
+            if document and document.get("kind") in ("Deployment", "StatefulSet"):
+                context = document["spec"]["template"]["spec"].get("securityContext", {})
+                assert context.get("runAsNonRoot") is True, f"{path.name}: {context}"
+                assert context.get("runAsUser"), f"{path.name}: {context}"
+
+
 def compose_services() -> dict[str, Any]:
     return yaml.safe_load(COMPOSE_FILE.read_text())["services"]
 
@@ -79,11 +141,22 @@ def test_container_commands_and_environment_are_real(
     build_parser().parse_args(command)
 
 
-def test_compose_file_is_valid_for_docker_compose():
+# What users and tests/test_compose.py run: the standard file, the offline override merged
+# on top, and the compose test's worker-model override on top of both.
+COMPOSE_COMBINATIONS = [
+    ["docker-compose.yml"],
+    ["docker-compose.yml", "docker-compose.offline.yml"],
+    ["docker-compose.yml", "docker-compose.offline.yml", "tests/compose/worker-model.yml"],
+]
+
+
+@pytest.mark.parametrize("files", COMPOSE_COMBINATIONS, ids="+".join)
+def test_compose_file_is_valid_for_docker_compose(files: list[str]):
     if shutil.which("docker-compose") is None:
         pytest.skip("docker-compose is not installed (apt-get install docker-compose)")
     result = subprocess.run(
-        ["docker-compose", "-f", str(COMPOSE_FILE), "config", "-q"],
+        ["docker-compose", *(arg for file in files for arg in ("-f", file)), "config", "-q"],
+        cwd=REPO_ROOT,
         capture_output=True,
         text=True,
         check=False,
@@ -213,7 +286,39 @@ def test_k8s_redis_persists_and_every_tier_has_a_disruption_budget():
         for d in documents.values()
         if d["kind"] == "PodDisruptionBudget"
     }
-    assert budgets == {"scheduler", "predictor", "worker"}
+    assert budgets == {"scheduler", "predictor", "worker", "http"}
+
+
+def test_k8s_metrics_ports_are_scrapable_over_https():
+    """Every pod that serves /metrics says so (https, port 9400) and a NetworkPolicy lets
+    Prometheus in on that port; without it the HPA's queue-depth metric never arrives."""
+    documents = dict(k8s_documents())
+    scraped = set()
+    for where, document in documents.items():
+        if document["kind"] != "Deployment":
+            continue
+        container = document["spec"]["template"]["spec"]["containers"][0]
+        env = {item["name"]: item.get("value") for item in container.get("env", [])}
+        if "SSJF_METRICS_PORT" not in env:
+            continue
+        annotations = document["spec"]["template"]["metadata"]["annotations"]
+        assert annotations["prometheus.io/port"] == env["SSJF_METRICS_PORT"], where
+        assert annotations["prometheus.io/scrape"] == "true", where
+        if "SSJF_TLS_CERT_FILE" in env:
+            assert annotations.get("prometheus.io/scheme") == "https", where
+        scraped.add(document["metadata"]["name"])
+    assert scraped == {"scheduler", "predictor", "worker"}
+    allowed = set()
+    for document in documents.values():
+        if document["kind"] != "NetworkPolicy":
+            continue
+        for rule in document["spec"].get("ingress", []):
+            if {"port": 9400} in rule.get("ports", []) and any(
+                "namespaceSelector" in peer for peer in rule.get("from", [])
+            ):
+                for expression in document["spec"]["podSelector"].get("matchExpressions", []):
+                    allowed |= set(expression["values"])
+    assert allowed >= scraped, f"port 9400 open to monitoring only on {allowed}"
 
 
 def test_k8s_worker_autoscales_on_a_metric_the_scheduler_exports():

@@ -171,10 +171,12 @@ def test_rolling_sigterm_of_two_replicas_under_load_fails_no_job(stack: FaultSta
                 asyncio.create_task(client.run(replay_request(150, client_request_id=f"r{index}")))
             )
             await asyncio.sleep(0.1)
+            # SIGTERM and let it drain (--drain-s 5): its streams end without cancelling
+            # their jobs, and its workers' reports move to another replica.
             if index == 6:
-                stack.scheduler_service(old[0]).stop(timeout=0.01)  # SIGTERM, no wait
+                stack.scheduler_service(old[0]).terminate()
             if index == 14:
-                stack.scheduler_service(old[1]).stop(timeout=0.01)
+                stack.scheduler_service(old[1]).terminate()
         results = await asyncio.gather(*jobs)
         await client.close()
         return results
@@ -182,6 +184,10 @@ def test_rolling_sigterm_of_two_replicas_under_load_fails_no_job(stack: FaultSta
     results = _dump_on_failure(stack, lambda: run(scenario()))
     assert states(results) == {"DONE": 24}, [r.errors for r in results]
     check_invariant(stack.redis.url, results)
+    # Both old replicas drained and exited cleanly on their own, not killed.
+    for address in old:
+        process = stack.scheduler_service(address).process
+        assert process.wait(timeout=30) == 0, stack.scheduler_service(address).log()[-3000:]
 
 
 # --- Redis faults ----------------------------------------------------------------------

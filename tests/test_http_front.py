@@ -150,6 +150,35 @@ def test_grpc_statuses_map_to_http_statuses(code: grpc.StatusCode, status: int) 
     assert ("retry-after" in error.headers()) == (status in (429, 503))
 
 
+@pytest.mark.parametrize(
+    ("retry_after_ms", "limit", "retry_after", "code"),
+    [
+        # A tenant's request rate: the scheduler's wait, rounded up to whole seconds.
+        ("4200", "requests_per_s", "5", "rate_limit_exceeded"),
+        ("2000", "max_queued_jobs", "2", "too_many_queued_jobs"),
+        ("1000", "max_streams", "1", "too_many_streams"),
+        ("1000", "max_queue_depth", "1", "queue_full"),
+        # Never under a second, which a client would read as "now".
+        ("30", "", "1", "queue_full"),
+        # No hint, or one that is not a number, and a limit the front does not know.
+        ("", "", "1", "queue_full"),
+        ("soon", "something-new", "1", "queue_full"),
+    ],
+)
+def test_a_429_carries_the_schedulers_retry_hint_and_names_the_limit(
+    retry_after_ms: str, limit: str, retry_after: str, code: str
+) -> None:
+    sent = {"retry-after-ms": retry_after_ms, "ssjf-limit": limit}
+    trailers = grpc.aio.Metadata(*[(key, value) for key, value in sent.items() if value])
+    error = from_grpc(
+        grpc.aio.AioRpcError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.aio.Metadata(), trailers, details="over"
+        )
+    )
+    assert error.status == 429 and error.headers() == {"retry-after": retry_after}
+    assert error.body()["error"]["code"] == code
+
+
 @pytest.mark.parametrize("chunked", [False, True])
 def test_an_oversized_body_is_413_also_when_sent_in_chunks(front_port, chunked: bool) -> None:
     import http.client

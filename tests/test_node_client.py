@@ -28,7 +28,10 @@ def node() -> str:
 
 def test_node_client_generates_streams_and_cancels(node: str, redis_url: str):
     port = free_port()
-    up = start_service(["up", "--port", str(port), "--workers", "1"], {"REDIS_URL": redis_url})
+    # --http-port 0: no HTTP front (its default port 8000 may be taken on a shared host).
+    up = start_service(
+        ["up", "--port", str(port), "--workers", "1", "--http-port", "0"], {"REDIS_URL": redis_url}
+    )
     try:
         wait_for_health(f"127.0.0.1:{port}", timeout=240)
         deadline = time.monotonic() + 240

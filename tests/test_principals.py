@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
+from pathlib import Path
+
 import pytest
 
+from services.common.config import redis_url
+from services.common.pki import generate
 from services.common.principals import (
     Credentials,
     CredentialsError,
@@ -78,3 +83,76 @@ def test_passwords_are_redacted_from_urls() -> None:
         "rediss://ssjf:***@redis:6379/0?ssl_ca_certs=/x"
     )
     assert redact_url("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
+
+
+def _subcommand_help(name: str) -> str:
+    from services.cli import build_parser
+
+    [commands] = [
+        action
+        for action in build_parser()._actions
+        if isinstance(action, argparse._SubParsersAction)
+    ]
+    return " ".join(commands.choices[name].format_help().split())
+
+
+@pytest.mark.parametrize("command", ["scheduler", "up", "export-completions"])
+def test_every_redis_url_flag_warns_about_ps_and_hides_the_environments_password(
+    command: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("REDIS_URL", "rediss://ssjf:s3cret@redis:6379/0")
+    shown = _subcommand_help(command)
+    assert "--redis-url-file" in shown and "shows in ps" in shown
+    assert "s3cret" not in shown
+
+
+def test_the_redis_url_comes_from_its_file_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("SSJF_REDIS_URL", raising=False)
+    monkeypatch.setenv("REDIS_URL", "redis://from-env:6379/0")
+    url_file = tmp_path / "redis-url"
+    url_file.write_text("rediss://ssjf:s3cret@redis:6379/0\n")
+    args = argparse.Namespace(redis_url="redis://from-flag:6379/0", redis_url_file=str(url_file))
+    assert redis_url(args) == "rediss://ssjf:s3cret@redis:6379/0"
+    assert redis_url(argparse.Namespace(redis_url="", redis_url_file="")) == (
+        "redis://from-env:6379/0"
+    )
+    monkeypatch.delenv("REDIS_URL")
+    assert redis_url(argparse.Namespace(redis_url="", redis_url_file="")) == ""
+
+
+# Files of `ssjf secrets` that hold a secret (keys, tokens, passwords), by path in --out.
+_SECRET_FILES = [
+    "ca.key",
+    "scheduler.key",
+    "worker-client.key",
+    "scheduler-client.key",
+    "tokens/demo.token",
+    "tokens/worker.token",
+    "redis-password",
+    "redis-url",
+]
+
+
+@pytest.mark.parametrize(("readable_by_all", "redis_mode"), [(False, 0o600), (True, 0o644)])
+def test_generated_secrets_are_0600_and_the_redis_acl_holds_no_password(
+    tmp_path: Path, readable_by_all: bool, redis_mode: int
+) -> None:
+    """On a host every secret is its owner's alone, Redis's key and ACL file too. For a
+    volume handed to another uid (``--owner``: compose) Redis's two files are readable by
+    all, because Redis runs as a third uid; its ACL file then shows a digest, not the
+    password."""
+    generate(
+        tmp_path,
+        servers=["scheduler"],
+        tenants=["demo"],
+        redis_readable_by_all=readable_by_all,
+    )
+    for name in _SECRET_FILES:
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o600, name
+    for name in ("redis/redis.key", "redis/users.acl"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == redis_mode, name
+    password = (tmp_path / "redis-password").read_text().strip()
+    acl = (tmp_path / "redis" / "users.acl").read_text()
+    assert password not in acl and f"#{token_digest(password)}" in acl

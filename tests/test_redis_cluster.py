@@ -8,6 +8,7 @@ works, and each master holds the queues and jobs of its own LLMs only.
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import subprocess
 import tempfile
@@ -19,26 +20,42 @@ from pathlib import Path
 import grpc
 import pytest
 import redis
+from redis.asyncio.connection import SSLConnection
 
 from services.common.net import free_port
+from services.common.redis_store import connect, node_client
 from services.pb import common_pb2, scheduler_pb2, scheduler_pb2_grpc
-from services.scheduler.keys import job_key, queue_key
+from services.scheduler.core import new_job_id
+from services.scheduler.keys import events_key, job_key, queue_key
+from services.scheduler.streams import SlotStreamHubs
 from tests.helpers import start_service, wait_for_health
 
 pytestmark = pytest.mark.slow
 
 
 class RedisClusterProcesses:
-    """Three masters, no replicas, all 16384 slots assigned."""
+    """Three masters, no replicas, all 16384 slots assigned. With ``user`` (name, password),
+    every node requires that ACL user and the default user is off."""
 
-    def __init__(self, masters: int = 3) -> None:
+    def __init__(self, masters: int = 3, user: tuple[str, str] | None = None) -> None:
+        self.user = user
         self.dir = Path(tempfile.mkdtemp(prefix="ssjf-cluster-"))
         self.ports = [free_port() for _ in range(masters)]
         # The cluster bus defaults to port + 10000, which a free port may not have room for.
         self.bus_ports = [free_port() for _ in range(masters)]
         self.processes: list[subprocess.Popen] = []
 
+    def client(self, port: int) -> redis.Redis:
+        username, password = self.user or (None, None)
+        return redis.Redis(port=port, username=username, password=password)
+
     def start(self) -> None:
+        acl, cli_auth = [], []
+        if self.user is not None:
+            name, password = self.user
+            acl = ["--user", "default", "off",
+                   "--user", name, "on", f">{password}", "~*", "&*", "+@all"]  # fmt: skip
+            cli_auth = ["--user", name, "--pass", password]
         for port, bus_port in zip(self.ports, self.bus_ports, strict=True):
             node_dir = self.dir / str(port)
             node_dir.mkdir()
@@ -47,28 +64,28 @@ class RedisClusterProcesses:
                     ["redis-server", "--port", str(port), "--bind", "127.0.0.1",
                      "--cluster-enabled", "yes", "--cluster-port", str(bus_port),
                      "--cluster-config-file", "nodes.conf",
-                     "--dir", str(node_dir), "--save", "", "--appendonly", "no"],
+                     "--dir", str(node_dir), "--save", "", "--appendonly", "no", *acl],
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
                 )
             )  # fmt: skip
         for port in self.ports:
-            _wait(lambda port=port: redis.Redis(port=port).ping(), f"redis on {port}")
+            _wait(lambda port=port: self.client(port).ping(), f"redis on {port}")
         subprocess.run(
-            ["redis-cli", "--cluster", "create", *[f"127.0.0.1:{p}" for p in self.ports],
+            ["redis-cli", *cli_auth, "--cluster", "create", *[f"127.0.0.1:{p}" for p in self.ports],
              "--cluster-replicas", "0", "--cluster-yes"],
             check=True, capture_output=True, timeout=120,
         )  # fmt: skip
         for port in self.ports:
             _wait(
                 lambda port=port: (
-                    b"cluster_state:ok" in redis.Redis(port=port).execute_command("CLUSTER", "INFO")
+                    b"cluster_state:ok" in self.client(port).execute_command("CLUSTER", "INFO")
                 ),
                 f"cluster state ok on {port}",
             )
 
     def master_of_slot(self, slot: int) -> int:
-        for start, end, (_, port, *_rest), *_ in redis.Redis(port=self.ports[0]).execute_command(
+        for start, end, (_, port, *_rest), *_ in self.client(self.ports[0]).execute_command(
             "CLUSTER", "SLOTS"
         ):
             if start <= slot <= end:
@@ -94,11 +111,10 @@ def _wait(ready, what: str, timeout: float = 60) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[RedisClusterProcesses]:
+def _running_cluster(user: tuple[str, str] | None = None) -> Iterator[RedisClusterProcesses]:
     if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
         pytest.skip("needs redis-server and redis-cli (apt-get install redis-server)")
-    cluster = RedisClusterProcesses()
+    cluster = RedisClusterProcesses(user=user)
     try:
         cluster.start()
         yield cluster
@@ -106,11 +122,21 @@ def cluster() -> Iterator[RedisClusterProcesses]:
         cluster.stop()
 
 
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[RedisClusterProcesses]:
+    yield from _running_cluster()
+
+
+@pytest.fixture(scope="module")
+def acl_cluster() -> Iterator[RedisClusterProcesses]:
+    yield from _running_cluster(user=("ssjf", "cluster-secret"))
+
+
 def llms_on_every_master(cluster: RedisClusterProcesses, per_master: int = 2) -> dict[str, int]:
     """LLM name -> the master port its queue lives on, ``per_master`` LLMs on each master."""
     chosen: dict[str, int] = {}
     counts = dict.fromkeys(cluster.ports, 0)
-    probe = redis.Redis(port=cluster.ports[0])
+    probe = cluster.client(cluster.ports[0])
     for n in range(1000):
         llm = f"llm-{n}"
         port = cluster.master_of_slot(probe.cluster("KEYSLOT", queue_key(llm)))
@@ -208,3 +234,47 @@ def test_scheduler_on_a_three_master_cluster_spreads_llm_queues(cluster: RedisCl
         if worker is not None:
             worker.stop()
         assert scheduler.stop() == 0, scheduler.log()
+
+
+def test_per_node_stream_clients_connect_like_the_cluster_client() -> None:
+    """The stream readers' per-node clients (SlotStreamHubs) carry the URL's user, password
+    and TLS settings, and every client retries a dead connection the same way."""
+    cluster = connect("rediss+cluster://alice:s3cret@127.0.0.1:7000?ssl_cert_reqs=none")
+    single = connect("redis://127.0.0.1:7000").connection_pool.connection_kwargs["retry"]
+    assert cluster.retry.get_retries() == single.get_retries() == 6
+    [node] = cluster.nodes_manager.startup_nodes.values()
+    pool = node_client(node).connection_pool
+    assert pool.connection_class is SSLConnection
+    options = pool.connection_kwargs
+    assert (options["host"], options["port"]) == ("127.0.0.1", 7000)
+    assert (options["username"], options["password"]) == ("alice", "s3cret")
+    assert options["ssl_cert_reqs"] == "none" and options["decode_responses"]
+    assert options["retry"].get_retries() == cluster.retry.get_retries()
+
+
+def test_streams_are_read_from_every_master_of_a_cluster_with_acls(
+    acl_cluster: RedisClusterProcesses,
+) -> None:
+    """A cluster whose default user is off: the multiplexed stream readers, one per slot,
+    authenticate as the URL's user on each master and deliver every stream's entries."""
+    name, password = acl_cluster.user or ("", "")
+    llms = sorted(llms_on_every_master(acl_cluster, per_master=1))
+
+    async def scenario() -> None:
+        client = connect(f"redis+cluster://{name}:{password}@127.0.0.1:{acl_cluster.ports[0]}")
+        hubs = SlotStreamHubs(client)
+        try:
+            await client.initialize()  # the slot map (the store's first command loads it)
+            streams = [events_key(new_job_id(llm)) for llm in llms]
+            subscriptions = [hubs.subscribe(stream) for stream in streams]
+            for stream in streams:
+                await client.xadd(stream, {"k": "t", "stream": stream})
+            for subscription in subscriptions:
+                batch = await asyncio.wait_for(subscription.queue.get(), timeout=30)
+                assert not isinstance(batch, Exception), batch
+                assert [fields["stream"] for _, fields in batch] == [subscription.stream]
+        finally:
+            await hubs.close()
+            await client.aclose()
+
+    asyncio.run(scenario())

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import replace
 
 from services.common.redis_store import connect
 from services.scheduler.core import new_job_id
-from services.scheduler.keys import queue_key
+from services.scheduler.keys import arrivals_key, metrics_key, queue_key
 from services.scheduler.models import FinishReason, JobRecord, JobState, SamplingParams
 from services.scheduler.store import JobStore, Rejected, StoreSettings
 
@@ -71,6 +72,38 @@ def test_scripts_reload_after_redis_forgets_them(redis_url: str) -> None:
         assert not alone[1] and all(not dedup for _, dedup in together)
         leased = await store.claim("w", ["m"], max_jobs=20, now=time.time(), max_wait_s=0)
         assert len(leased) == 12
+        await redis.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_a_repeated_submit_changes_nothing(redis_url: str) -> None:
+    """A submit whose reply was lost is sent again (redis-py retries on a new connection):
+    the repeat answers as the first call did, counts nothing twice, and does not queue
+    again a job a worker claimed in between (it would be dispatched twice)."""
+
+    async def scenario() -> None:
+        redis = connect(redis_url)
+        store = JobStore(redis, SETTINGS)
+        # Without a client id nothing else catches the repeat; with one it must still answer
+        # "queued", not "deduplicated" (the caller made one request, not two).
+        claimed, waiting = replace(_record(0), client_request_id=""), _record(1)
+        for record in (claimed, waiting):
+            first = await store.submit(record, deadline_at=0.0, max_queue_depth=0)
+            assert first == (record.job_id, False)
+        [lease] = await store.claim("w", ["m"], max_jobs=1, now=time.time(), max_wait_s=0)
+        assert lease.job_id == claimed.job_id  # the lower score
+        for record in (claimed, waiting):
+            again = await store.submit(record, deadline_at=0.0, max_queue_depth=0)
+            assert again == (record.job_id, False), record.client_request_id
+        assert await redis.hget(metrics_key("m"), "submitted") == "2"
+        assert await redis.zrange(queue_key("m"), 0, -1) == [waiting.job_id]
+        assert await redis.zrange(arrivals_key("m"), 0, -1) == [waiting.job_id]
+        leased = await store.get(claimed.job_id)
+        assert leased is not None and leased.state is JobState.LEASED
+        # Only the job that was never claimed is left to lease.
+        rest = await store.claim("w", ["m"], max_jobs=2, now=time.time(), max_wait_s=0)
+        assert [lease.job_id for lease in rest] == [waiting.job_id]
         await redis.aclose()
 
     asyncio.run(scenario())

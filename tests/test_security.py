@@ -8,6 +8,7 @@ Every scheduler here is a real ``ssjf scheduler`` process on the test's own Redi
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import socket
@@ -26,17 +27,18 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from services.common.channels import dial_aio
 from services.common.net import free_port
-from services.common.pki import CertificateAuthority
+from services.common.pki import CertificateAuthority, Issued
 from services.common.tls import ChannelSecurity
 from services.pb import common_pb2, scheduler_pb2, scheduler_pb2_grpc
-from services.scheduler.keys import completions_key, job_key
-from tests.helpers import REPO_ROOT, start_service
+from services.scheduler.keys import LLMS_KEY, completions_key, job_key
+from tests.helpers import REPO_ROOT, listening_addresses, start_service
 from tests.scheduler_support import ReportSession, progress, request
 from tests.security_support import (
     Tokens,
     start_secure_scheduler,
     write_auth_file,
 )
+from tests.test_http_api import wait_for_front
 
 __all__ = ["start_secure_scheduler"]  # fixture, imported for pytest
 
@@ -289,6 +291,11 @@ def _retry_after_ms(error: grpc.RpcError) -> int:
     return int(trailers["retry-after-ms"])
 
 
+def _limit(error: grpc.RpcError) -> str:
+    """Which limit the scheduler says was hit (for programs, like the HTTP front)."""
+    return dict(error.trailing_metadata() or ())["ssjf-limit"]
+
+
 def test_request_rate_quota_answers_then_recovers(start_secure_scheduler, tokens, tmp_path):
     auth = write_auth_file(
         tmp_path / "auth.toml", tokens, acme_limits="requests_per_s = 2\nburst = 3"
@@ -306,6 +313,7 @@ def test_request_rate_quota_answers_then_recovers(start_secure_scheduler, tokens
     assert refused is not None and refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     wait_ms = _retry_after_ms(refused)
     assert 0 < wait_ms <= 1000 and "retry in" in refused.details()
+    assert _limit(refused) == "requests_per_s"
     # Another tenant is not affected.
     node.scheduler(tokens.globex).QueueStats(stats, timeout=20)
     time.sleep(wait_ms / 1e3 + 0.05)
@@ -322,6 +330,7 @@ def test_queued_jobs_quota_answers_then_recovers(start_secure_scheduler, tokens,
         acme.Submit(request("three"), timeout=20)
     assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert _retry_after_ms(raised.value) > 0 and "unfinished jobs" in raised.value.details()
+    assert _limit(raised.value) == "max_queued_jobs"
     # A deduplicated resubmission is not a new job: it is answered, not counted.
     again = acme.Submit(request("one", client_request_id="req-a"), timeout=20)
     assert again.deduplicated and again.job_id == first.job_id
@@ -341,7 +350,7 @@ def test_open_streams_quota_answers_then_recovers(start_secure_scheduler, tokens
     with pytest.raises(grpc.RpcError) as raised:
         list(second)
     assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert _retry_after_ms(raised.value) > 0
+    assert _retry_after_ms(raised.value) > 0 and _limit(raised.value) == "max_streams"
     held.cancel()
     deadline = time.monotonic() + 20
     while True:  # the server notices the closed stream shortly
@@ -354,6 +363,42 @@ def test_open_streams_quota_answers_then_recovers(start_secure_scheduler, tokens
             assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert time.monotonic() < deadline
             time.sleep(0.2)
+
+
+def test_http_front_passes_the_quotas_retry_hint_and_limit_on(
+    start_secure_scheduler, tokens, tmp_path
+) -> None:
+    """Over its request rate, a tenant of the HTTP front gets the scheduler's own wait as
+    Retry-After (whole seconds, rounded up) and the rate limit's code, not "queue full,
+    retry in 1 s" (a client would retry at once, and be refused again)."""
+    auth = write_auth_file(
+        tmp_path / "auth.toml", tokens, acme_limits="requests_per_s = 0.2\nburst = 1"
+    )
+    node = start_secure_scheduler("--auth-file", str(auth))
+    port = free_port()
+    front = start_service(
+        ["http", "--host", "127.0.0.1", "--port", str(port), "--scheduler", node.address]
+    )
+    try:
+        wait_for_front(port, front)
+        refused = None
+        for _ in range(5):  # one request's burst, then one every 5 s: the second is refused
+            models = urllib.request.Request(
+                f"http://127.0.0.1:{port}/v1/models",
+                headers={"Authorization": f"Bearer {tokens.acme}"},
+            )
+            try:
+                with urllib.request.urlopen(models, timeout=20):
+                    pass
+            except urllib.error.HTTPError as error:
+                refused = error
+                break
+        assert refused is not None and refused.code == 429
+        assert int(refused.headers["Retry-After"]) in (4, 5)  # ~4.99 s, rounded up
+        body = json.loads(refused.read())
+        assert body["error"]["code"] == "rate_limit_exceeded", body
+    finally:
+        front.stop()
 
 
 def test_priority_ceiling(start_secure_scheduler, tokens, tmp_path) -> None:
@@ -409,54 +454,50 @@ def test_reflection_off_and_metrics_bound_to_host(start_secure_scheduler) -> Non
     assert raised.value.code() == grpc.StatusCode.UNIMPLEMENTED
     # /metrics listens on --host (127.0.0.1), not on every interface.
     deadline = time.monotonic() + 10
-    while not (listening := _listening_addresses(metrics_port)):
+    while not (listening := listening_addresses(metrics_port)):
         assert time.monotonic() < deadline, "metrics server never listened"
         time.sleep(0.1)
     assert listening == {"127.0.0.1"}
 
 
-def _listening_addresses(port: int) -> set[str]:
-    """IPv4 addresses with a socket listening on ``port`` (from /proc/net/tcp)."""
-    found = set()
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        local, state = line.split()[1], line.split()[3]
-        address, hex_port = local.split(":")
-        if int(hex_port, 16) == port and state == "0A":
-            found.add(socket.inet_ntoa(bytes.fromhex(address)[::-1]))
-    return found
-
-
 # Redis over TLS with an ACL user -----------------------------------------------------------
+
+
+def start_tls_redis(cert: Issued, ca: Path, acl: Path, url: str) -> subprocess.Popen:
+    """redis-server with only a TLS port (``url``'s) and the users of ``acl``, answering
+    ``url`` once it returns."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server not installed")
+    port = url.rsplit("@", 1)[1].split("/")[0].rsplit(":", 1)[1]
+    process = subprocess.Popen(
+        [binary, "--port", "0", "--tls-port", port, "--bind", "127.0.0.1",
+         "--tls-cert-file", str(cert.cert), "--tls-key-file", str(cert.key),
+         "--tls-ca-cert-file", str(ca), "--tls-auth-clients", "no",
+         "--aclfile", str(acl), "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            redis.Redis.from_url(url).ping()
+            return process
+        except redis.exceptions.ConnectionError:
+            if time.monotonic() > deadline or process.poll() is not None:
+                process.kill()
+                pytest.fail("TLS redis-server did not start")
+            time.sleep(0.1)
 
 
 @pytest.fixture
 def tls_redis(pki, tmp_path):
     """redis-server with only a TLS port and an ACL user ``ssjf`` (default user off)."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server not installed")
-    cert = pki["ca"].issue("redis")
-    port = free_port()
     password = "s3cret-" + tmp_path.name
     acl = tmp_path / "users.acl"
     acl.write_text(f"user default off\nuser ssjf on >{password} ~* &* +@all\n")
-    process = subprocess.Popen(
-        [binary, "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
-         "--tls-cert-file", str(cert.cert), "--tls-key-file", str(cert.key),
-         "--tls-ca-cert-file", str(pki["ca"].cert), "--tls-auth-clients", "no",
-         "--aclfile", str(acl), "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
     ca = pki["ca"].cert
-    url = f"rediss://ssjf:{password}@127.0.0.1:{port}/0?ssl_ca_certs={ca}"
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            redis.Redis.from_url(url).ping()
-            break
-        except redis.exceptions.ConnectionError:
-            assert time.monotonic() < deadline, "TLS redis-server did not start"
-            time.sleep(0.1)
+    url = f"rediss://ssjf:{password}@127.0.0.1:{free_port()}/0?ssl_ca_certs={ca}"
+    process = start_tls_redis(pki["ca"].issue("redis"), ca, acl, url)
     yield url
     process.kill()
     process.wait()
@@ -480,6 +521,28 @@ def test_scheduler_uses_redis_over_tls_with_an_acl_user(
     assert stored.hget(job_key(job_id), "state") == "QUEUED"
     # The password is nowhere on the process's command line.
     assert "s3cret" not in " ".join(node.service.process.args)
+
+
+def test_export_completions_reads_the_redis_url_from_a_file(tls_redis, tmp_path) -> None:
+    """The retraining data's exporter opens a password-protected Redis as the scheduler
+    does: the URL from a file (a mounted secret), never on its command line."""
+    stored = redis.Redis.from_url(tls_redis)
+    stored.sadd(LLMS_KEY, LLM)
+    stored.xadd(
+        completions_key(LLM),
+        {"prompt": "Name a tree.", "llm": LLM, "generated_tokens": 7, "finish_reason": "EOS"},
+    )
+    url_file = tmp_path / "redis-url"
+    url_file.write_text(tls_redis + "\n")
+    command = [sys.executable, "-m", "services.cli", "export-completions",
+               "--redis-url-file", str(url_file), "--out", str(tmp_path / "data")]  # fmt: skip
+    exported = subprocess.run(
+        command, capture_output=True, text=True, timeout=60, cwd=REPO_ROOT,
+        env={**os.environ, "REDIS_URL": "redis://not-this-one:1/0"},
+    )  # fmt: skip
+    assert exported.returncode == 0, exported.stderr
+    assert "1 of 1 completions" in exported.stdout
+    assert "s3cret" not in " ".join(command)
 
 
 async def test_dial_aio_sends_the_token_on_every_kind_of_call(secured, tokens) -> None:
@@ -517,6 +580,30 @@ def test_generated_secrets_secure_a_scheduler(start_secure_scheduler, tmp_path) 
     assert code_of(node.gateway(client_token).Lease, lease_request()) == (
         grpc.StatusCode.PERMISSION_DENIED
     )
+
+
+def test_generated_redis_files_serve_a_tls_redis_with_the_password(tmp_path) -> None:
+    """``ssjf secrets``' redis/ folder, as the Redis container mounts it: a real TLS
+    redis-server on its certificate and ACL file (which holds only the password's digest)
+    logs ``ssjf`` in with the password of ``redis-url``, and no one with another."""
+    out = tmp_path / "secrets"
+    command = [sys.executable, "-m", "services.cli", "secrets", "--out", str(out),
+               "--redis-host", "localhost"]  # fmt: skip
+    made = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
+    assert made.returncode == 0, made.stderr
+    password = (out / "redis-password").read_text().strip()
+    folder = out / "redis"
+    assert password not in (folder / "users.acl").read_text()
+    url = (out / "redis-url").read_text().strip().replace(":6379/", f":{free_port()}/")
+    server = Issued(folder / "redis.crt", folder / "redis.key")
+    process = start_tls_redis(server, folder / "ca.crt", folder / "users.acl", url)
+    try:
+        assert redis.Redis.from_url(url).ping()
+        with pytest.raises(redis.exceptions.AuthenticationError):
+            redis.Redis.from_url(url.replace(password, "not-" + password)).ping()
+    finally:
+        process.kill()
+        process.wait()
 
 
 async def test_a_rotated_token_file_is_used_without_restart(secured, tokens, tmp_path) -> None:
@@ -618,9 +705,15 @@ def test_http_front_over_https_forwards_the_callers_token(
     )  # fmt: skip
     context = ssl.create_default_context(cafile=str(pki["ca"].cert))
 
-    def get(path: str, token: str = "") -> int:
+    def get(path: str, token: str = "", body: dict | None = None) -> int:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        request = urllib.request.Request(f"https://127.0.0.1:{port}{path}", headers=headers)
+        data = None
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+            data = json.dumps(body).encode()
+        request = urllib.request.Request(
+            f"https://127.0.0.1:{port}{path}", data=data, headers=headers
+        )
         try:
             with urllib.request.urlopen(request, context=context, timeout=20) as reply:
                 return reply.status
@@ -640,5 +733,9 @@ def test_http_front_over_https_forwards_the_callers_token(
         # No token, or a worker's: refused by the scheduler, whatever the front's env holds.
         assert get("/v1/models") == 401
         assert get("/v1/models", tokens.worker) == 403
+        # The same for a chat completion, the call an application makes.
+        chat = {"model": "vicuna-13b", "messages": [{"role": "user", "content": "Hi"}]}
+        assert get("/v1/chat/completions", body=chat) == 401
+        assert get("/v1/chat/completions", tokens.worker, body=chat) == 403
     finally:
         front.stop()

@@ -30,7 +30,13 @@ from services.pb import (
     scheduler_pb2,
     scheduler_pb2_grpc,
 )
-from tests.helpers import REPO_ROOT, Service, start_service, wait_for_health
+from tests.helpers import (
+    REPO_ROOT,
+    Service,
+    listening_addresses,
+    start_service,
+    wait_for_health,
+)
 
 pytestmark = pytest.mark.slow
 LLM = "vicuna-13b"
@@ -214,6 +220,9 @@ def test_ssjf_up_on_embedded_redis_and_generate_cli(monkeypatch: pytest.MonkeyPa
         assert result.stdout.strip(), "no tokens were printed"
         assert "done" in result.stderr
         check_printed_openai_examples(up.log())
+        # No auth and no TLS: the HTTP front, like every service, on loopback only, and said.
+        assert listening_addresses(http_port) == {"127.0.0.1"}
+        assert "Auth is off: every service listens on 127.0.0.1 only" in up.log()
     finally:
         assert up.stop() == 0, up.log()
 

@@ -9,8 +9,14 @@
 //
 // Environment: SSJF_SCHEDULER (host:port, default 127.0.0.1:50051), SSJF_PROTOS (the protos/
 // directory, default ../../protos next to this file).
+// Secured stacks (compose, Kubernetes, `ssjf up` with TLS/tokens; SECURITY.md), the same
+// variables as the ssjf CLI: SSJF_TLS_CA_FILE (PEM CA: dial with TLS), SSJF_TLS_SERVER_NAME
+// (name the certificate must carry, when not the dialled host), SSJF_TOKEN or
+// SSJF_TOKEN_FILE (sent as `authorization: Bearer <token>` on every call). None set:
+// plaintext, no token (an unsecured `ssjf up`).
 'use strict';
 
+const fs = require('fs');
 const path = require('path');
 const grpc = require('@grpc/grpc-js');
 const protoLoader = require('@grpc/proto-loader');
@@ -28,7 +34,29 @@ function schedulerClient() {
     oneofs: true,
   });
   const ssjf = grpc.loadPackageDefinition(definition).ssjf.v1;
-  return new ssjf.Scheduler(SERVER, grpc.credentials.createInsecure());
+  const { credentials, options } = channelSecurity();
+  return new ssjf.Scheduler(SERVER, credentials, options);
+}
+
+function channelSecurity() {
+  const env = process.env;
+  let token = env.SSJF_TOKEN || '';
+  if (!token && env.SSJF_TOKEN_FILE) token = fs.readFileSync(env.SSJF_TOKEN_FILE, 'utf8').trim();
+  if (!env.SSJF_TLS_CA_FILE) {
+    if (token) throw new Error('SSJF_TOKEN needs TLS: set SSJF_TLS_CA_FILE (grpc-js sends no call credentials in plaintext)');
+    return { credentials: grpc.credentials.createInsecure(), options: {} };
+  }
+  let credentials = grpc.credentials.createSsl(fs.readFileSync(env.SSJF_TLS_CA_FILE));
+  if (token) {
+    const bearer = grpc.credentials.createFromMetadataGenerator((_, callback) => {
+      const metadata = new grpc.Metadata();
+      metadata.set('authorization', `Bearer ${token}`);
+      callback(null, metadata);
+    });
+    credentials = grpc.credentials.combineChannelCredentials(credentials, bearer);
+  }
+  const options = env.SSJF_TLS_SERVER_NAME ? { 'grpc.ssl_target_name_override': env.SSJF_TLS_SERVER_NAME } : {};
+  return { credentials, options };
 }
 
 function unary(client, method, request) {
@@ -94,8 +122,9 @@ async function submitStreamCancel(client) {
 
 async function main() {
   const [command = 'demo', ...rest] = process.argv.slice(2);
-  const client = schedulerClient();
+  let client;
   try {
+    client = schedulerClient();
     if (command === 'generate') {
       const flag = rest.indexOf('--max-new-tokens');
       const maxNewTokens = flag >= 0 ? Number(rest[flag + 1]) : 32;
@@ -112,7 +141,7 @@ async function main() {
     console.error(`error: ${error.code !== undefined ? grpc.status[error.code] : ''} ${error.details || error.message}`);
     process.exitCode = 1;
   } finally {
-    client.close();
+    if (client) client.close();
   }
 }
 

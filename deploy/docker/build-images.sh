@@ -43,7 +43,7 @@ build_base() {
   if [ -z "$mirror" ]; then
     mirror=$(grep -hoE '^(URIs:|deb) +https?://[^ ]+/debian/?( |$)' \
       /etc/apt/sources.list /etc/apt/sources.list.d/*.sources /etc/apt/sources.list.d/*.list \
-      2>/dev/null | head -1 | awk '{print $2}')
+      2>/dev/null | head -1 | awk '{print $2}' || true)  # missing files: grep fails
     mirror=${mirror:-http://deb.debian.org/debian}
   fi
   command -v debootstrap >/dev/null || { echo "need debootstrap (apt-get install debootstrap)"; exit 1; }

@@ -3,7 +3,7 @@ panels, so every query lives here once:  python deploy/monitoring/dashboard.py
 
 Histograms and counters come from services/scheduler/metrics.py (queues, JCT, TTFT, queue
 wait, prediction error), services/worker/metrics.py (tokens/s, batch occupancy) and the
-gRPC interceptor (predictor latency); tests/test_deploy.py checks every metric named here
+gRPC interceptor (predictor latency); tests/test_monitoring.py checks every metric named here
 is one the services export.
 """
 

@@ -13,7 +13,8 @@
 #       client on the host:  SSJF_TLS_CA_FILE=deploy/secrets/generated/ca.crt \
 #         SSJF_TOKEN_FILE=deploy/secrets/generated/tokens/demo.token \
 #         ssjf generate "Hello" --server localhost:50051
-#   deploy/secrets/generate.sh --force              # rotate: new CA, certificates and tokens
+#   deploy/secrets/generate.sh --force              # start over: a NEW CA, certificates, tokens and
+#                                                   # Redis password (not a rotation: SECURITY.md)
 #
 # Docker compose needs none of this: its `secrets` service generates the same files into a
 # volume on first start.

@@ -182,12 +182,16 @@ def summed_busy_s(spans: Iterable[tuple[str | int, float, float]]) -> float:
     return sum(busy_time_s(intervals) for intervals in by_worker.values())
 
 
+class UnattributedJobs(ValueError):
+    """Several workers, but some jobs do not say which worker served them."""
+
+
 def measured_busy_s(results: Sequence[RequestResult], workers: int = 1) -> float:
     """Worker-seconds the stack's workers held these jobs (lease to last token), from the
     server's timings; with several workers, per worker by the job's ``worker_id``."""
     done = [r for r in results if r.ok]
     if workers > 1 and any(not r.worker_id for r in done):
-        raise ValueError("several workers, but some jobs do not say which worker served them")
+        raise UnattributedJobs("several workers, but some jobs do not say which worker served them")
     return summed_busy_s(
         (
             r.worker_id if workers > 1 else "",

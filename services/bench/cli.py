@@ -359,16 +359,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     simulate.set_defaults(run=_run_simulate)
 
 
-def _run_bench(args: argparse.Namespace) -> int:
+def exit_on_sigterm(signum: int, frame: object) -> None:
+    """SIGTERM unwinds like Ctrl-C, so the stacks this command started are stopped, not
+    orphaned. Later SIGTERMs are ignored: a second one (a supervisor repeating itself)
+    would otherwise interrupt that cleanup half way and orphan the rest."""
     import signal
     import sys
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.exit(143)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    import signal
 
     from services.bench import report
     from services.bench.runner import BenchConfig, run_bench
 
-    # SIGTERM unwinds like Ctrl-C, so the stacks this command started are stopped, not
-    # orphaned.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    signal.signal(signal.SIGTERM, exit_on_sigterm)
 
     if args.export_workload:
         return _export_workload(args)

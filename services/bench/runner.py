@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from services.bench import report, stats
 from services.bench.calibrate import (
+    UnattributedJobs,
     capacity_rps,
     fit_level,
     fit_shape,
@@ -284,13 +285,12 @@ def validate(
     guard = guard_for(policy, config.max_wait_s)
     for one_round, model in zip(rounds, models, strict=True):
         settings = (base_policy(policy), batching, config.max_batch_size)
-        attributed = config.workers == 1 or all(r.worker_id for r in one_round if r.ok)
-        if attributed:
+        try:
             model, simulated = replay_run(
                 one_round, model, *settings, config.aging_rate, guard, workers=config.workers
             )
             factors.append(float(model.source["run_level_factor"]))
-        else:
+        except UnattributedJobs:
             simulated = simulate_measured(
                 one_round, model, *settings, config.workers, config.aging_rate, guard
             )

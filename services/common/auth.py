@@ -28,6 +28,8 @@ from typing import Any
 import grpc
 
 from services.common.errors import (
+    LIMIT_MAX_STREAMS,
+    LIMIT_REQUESTS_PER_S,
     PermissionDenied,
     ResourceExhausted,
     ServiceError,
@@ -235,6 +237,7 @@ class QuotaInterceptor(grpc.aio.ServerInterceptor):
                     f"tenant {principal.tenant!r} is over its {limits.requests_per_s:g} "
                     f"requests/s; retry in {wait_s:.2f} s",
                     retry_after_s=wait_s,
+                    limit=LIMIT_REQUESTS_PER_S,
                 )
         return limits
 
@@ -259,6 +262,7 @@ class QuotaInterceptor(grpc.aio.ServerInterceptor):
                     f"tenant {tenant!r} already has {limits.max_streams} open streams "
                     "(its limit); close one, or retry in 1 s",
                     retry_after_s=1.0,
+                    limit=LIMIT_MAX_STREAMS,
                 )
             self._streams[tenant] = self._streams.get(tenant, 0) + 1
             try:

@@ -31,13 +31,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--if-missing", action="store_true", help="do nothing when --out already has a CA"
     )
-    parser.add_argument("--force", action="store_true", help="overwrite existing secrets")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="overwrite existing secrets: a new CA, tokens and Redis password, not a "
+        "renewal of certificates under the old CA (SECURITY.md)",
+    )
     parser.add_argument(
         "--owner",
         type=int,
         default=-1,
         help="give the files to this uid (run as root in a set-up container whose services "
-        "run as another user); -1: leave them to the current user",
+        "run as another user; Redis's key and ACL file in redis/ are then readable by all, "
+        "for Redis's own uid); -1: leave them to the current user, everything secret 0600",
     )
     parser.set_defaults(run=_run_secrets)
 

@@ -10,9 +10,12 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 ENV_PREFIX = "SSJF_"
+# The variable Redis clients and hosting platforms set, read after SSJF_REDIS_URL.
+REDIS_URL_ENV = "REDIS_URL"
 
 
 def env_name(flag: str) -> str:
@@ -68,6 +71,45 @@ def add_flag(
         default=parse_bool(raw) if raw is not None else False,
         help=f"{help} [env {variable}]",
     )
+
+
+def add_redis_url_options(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup, *, what: str
+) -> None:
+    """``--redis-url`` and ``--redis-url-file``, the same on every command that opens the
+    scheduler's Redis; ``redis_url(args)`` reads them."""
+    # Not add_option: its help shows the default, and so would print the password of a
+    # REDIS_URL set in the environment.
+    parser.add_argument(
+        "--redis-url",
+        default="",
+        help=f"{what}: redis://host:6379/0, or rediss://user:PASSWORD@host:6379/0?"
+        "ssl_ca_certs=FILE for TLS and an ACL user. A flag shows in ps to every user of the "
+        "machine: pass a URL holding a password through --redis-url-file or the "
+        f"environment, never this flag [env {env_name('--redis-url')} or {REDIS_URL_ENV}]",
+    )
+    add_option(
+        parser,
+        "--redis-url-file",
+        default="",
+        help="file holding the Redis URL (a mounted secret: the way to pass a password); "
+        "wins over --redis-url",
+    )
+
+
+def redis_url(args: argparse.Namespace) -> str:
+    """The Redis URL from --redis-url-file, --redis-url, $SSJF_REDIS_URL or $REDIS_URL (the
+    first set wins); "" when none is."""
+    if args.redis_url_file:
+        return Path(args.redis_url_file).read_text().strip()
+    for value in (
+        args.redis_url,
+        os.environ.get(env_name("--redis-url")),
+        os.environ.get(REDIS_URL_ENV),
+    ):
+        if value and value.strip():
+            return value.strip()
+    return ""
 
 
 def add_server_options(parser: argparse.ArgumentParser, *, default_port: int, what: str) -> None:

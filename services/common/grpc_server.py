@@ -20,7 +20,12 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection as grpc_reflection
 from prometheus_client import Counter, Histogram, start_http_server
 
-from services.common.errors import InvalidArgument, ServiceError
+from services.common.errors import (
+    LIMIT_TRAILER,
+    RETRY_AFTER_TRAILER,
+    InvalidArgument,
+    ServiceError,
+)
 
 if TYPE_CHECKING:
     from services.common.tls import ServerTls
@@ -152,18 +157,25 @@ async def _checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
 
 
 def _map_errors(behaviour: Behaviour, method: str, streaming: bool) -> Behaviour:
-    async def abort(error: ServiceError, context: grpc.aio.ServicerContext) -> None:
+    def refuse(error: ServiceError, context: grpc.aio.ServicerContext) -> None:
+        """Set the error's status and return normally rather than `context.abort`: abort
+        sends the status at once, before the outer interceptors (metrics) finish, so a
+        client could see its error before the error counter moved."""
         details = str(error)
         if len(details) > MAX_STATUS_DETAILS_CHARS:
             details = details[:MAX_STATUS_DETAILS_CHARS] + "... (cut)"
         log.info("rpc refused", extra={"method": method, "code": error.status, "why": details})
+        trailers = []
         retry_after_s = getattr(error, "retry_after_s", None)
-        trailers = (
-            (("retry-after-ms", str(max(1, round(retry_after_s * 1e3)))),)
-            if retry_after_s is not None
-            else ()
-        )
-        await context.abort(getattr(grpc.StatusCode, error.status), details, trailers)
+        if retry_after_s is not None:
+            trailers.append((RETRY_AFTER_TRAILER, str(max(1, round(retry_after_s * 1e3)))))
+        limit = getattr(error, "limit", None)
+        if limit:
+            trailers.append((LIMIT_TRAILER, limit))
+        context.set_code(getattr(grpc.StatusCode, error.status))
+        context.set_details(details)
+        if trailers:
+            context.set_trailing_metadata(tuple(trailers))
 
     def checked(request: Any) -> Any:
         if isinstance(request, Undecodable):
@@ -179,7 +191,7 @@ def _map_errors(behaviour: Behaviour, method: str, streaming: bool) -> Behaviour
                 async for item in behaviour(checked(request), context):
                     yield item
             except ServiceError as error:
-                await abort(error, context)
+                refuse(error, context)
 
         return stream
 
@@ -187,7 +199,8 @@ def _map_errors(behaviour: Behaviour, method: str, streaming: bool) -> Behaviour
         try:
             return await behaviour(checked(request), context)
         except ServiceError as error:
-            await abort(error, context)
+            refuse(error, context)
+            return None
 
     return unary
 

@@ -9,13 +9,20 @@ Writes into one directory (never committed; see SECURITY.md):
   ``scheduler-client.crt``/``.key`` (for the predictor's mutual TLS).
 * ``tokens/<tenant>.token`` per client tenant and ``tokens/worker.token``: random bearer
   tokens, and ``auth.toml``, the scheduler's credentials file, holding only their SHA-256.
-* ``redis/`` (certificate, key, ``users.acl`` with an ACL user ``ssjf`` and the default
-  user off, ``ca.crt``), world-readable because Redis runs as its own user: mount only
+* ``redis/`` (certificate, key, ``ca.crt`` and ``users.acl``: an ACL user ``ssjf`` with
+  the SHA-256 of its password, never the password, and the default user off): mount only
   this folder into the Redis container. ``redis-password`` and ``redis-url``
   (``rediss://ssjf:...@redis:6379/0?ssl_ca_certs=...``) are for the scheduler.
 
-Certificates use ECDSA P-256 and live ``--days`` days; run again with ``--force`` to rotate
-(servers pick up new certificate files without a restart; see SECURITY.md).
+Keys, tokens, ``redis-password`` and ``redis-url`` are written 0600. So are Redis's key and
+ACL file, except with ``--owner`` (a container volume whose files go to the SSJF image's
+user): Redis runs as yet another uid (999 in redis:7.2-alpine, 10002 in ssjf-valkey) that
+must read them, so there they are 0644, and the volume is their protection.
+
+Certificates use ECDSA P-256 and live ``--days`` days. ``--force`` replaces everything: a
+new CA, new tokens and a new Redis password, which every client, worker and Redis must be
+given (a new deployment, not a rotation without restarts). Renewing a server certificate
+under the same CA, which servers pick up without a restart, is SECURITY.md's "Rotated".
 """
 
 from __future__ import annotations
@@ -128,6 +135,13 @@ def new_token() -> str:
     return secrets.token_urlsafe(32)
 
 
+def redis_acl(password: str) -> str:
+    """Redis's ACL file: the default user off, user ``ssjf`` with all rights and the
+    SHA-256 of ``password`` (``#<hex>``): whoever reads the file does not learn the password
+    (a 256-bit random token, so its digest cannot be guessed back)."""
+    return f"user default off\nuser ssjf on #{token_digest(password)} ~* &* +@all\n"
+
+
 def generate(
     out: Path,
     *,
@@ -136,8 +150,11 @@ def generate(
     redis_host: str = "redis",
     days: int = 365,
     ca_path_in_container: str = "",
+    redis_readable_by_all: bool = False,
 ) -> list[Path]:
-    """Write every secret into ``out``; returns the files written."""
+    """Write every secret into ``out``; returns the files written. ``redis_readable_by_all``:
+    Redis's key and ACL file 0644 instead of 0600, for Redis running as a uid that owns
+    neither (see the module's docstring)."""
     ca = CertificateAuthority(out, "ca", days=days)
     for name in servers:
         if name != redis_host:
@@ -164,17 +181,15 @@ def generate(
     )
     password = new_token()
     _write_private(out / "redis-password", password.encode() + b"\n")
-    # Redis runs as its own user in its own image: its files are in redis/, readable by
-    # whoever the volume is mounted for (mount only redis/ into the Redis container).
+    # Redis's files apart in redis/: only this folder is mounted into the Redis container.
     redis_dir = out / "redis"
-    ca.issue(redis_host, file_stem="redis", directory=redis_dir)
-    _write_private(
-        redis_dir / "users.acl",
-        f"user default off\nuser ssjf on >{password} ~* &* +@all\n".encode(),
-    )
+    redis_cert = ca.issue(redis_host, file_stem="redis", directory=redis_dir)
+    acl = redis_dir / "users.acl"
+    _write_private(acl, redis_acl(password).encode())
     (redis_dir / "ca.crt").write_bytes(ca.cert.read_bytes())
-    for path in redis_dir.iterdir():
-        path.chmod(0o644)
+    if redis_readable_by_all:
+        for path in (redis_cert.key, acl):
+            path.chmod(0o644)
     redis_dir.chmod(0o755)
     ca_file = ca_path_in_container or str(ca.cert)
     _write_private(
@@ -191,7 +206,12 @@ def run(args: argparse.Namespace) -> int:
             print(f"secrets already in {args.out}; nothing to do")
             return 0
         if not args.force:
-            print(f"{args.out} already holds secrets: --force to rotate them", flush=True)
+            print(
+                f"{args.out} already holds secrets. --force replaces all of them (a new CA, "
+                "new tokens, a new Redis password: every service needs the new files); to "
+                "renew certificates only, see SECURITY.md",
+                flush=True,
+            )
             return 1
     args.out.mkdir(parents=True, exist_ok=True)
     args.out.chmod(0o711)  # others may reach redis/ (see above), not list or read the rest
@@ -202,6 +222,8 @@ def run(args: argparse.Namespace) -> int:
         redis_host=args.redis_host,
         days=args.days,
         ca_path_in_container=args.ca_path,
+        # Files given to another user: Redis runs as a third one (the docstring).
+        redis_readable_by_all=args.owner >= 0,
     )
     if args.owner >= 0:
         for path in [args.out, *args.out.rglob("*")]:

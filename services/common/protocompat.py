@@ -5,7 +5,9 @@ compatible when a client built against that set still talks to the new servers, 
 and in JSON: fields, enum values, messages, services and RPCs may be ADDED; none may be
 removed (unless its number is reserved), renumbered, renamed, or change its type, label,
 oneof, or streaming. The same rules as ``buf breaking`` with WIRE_JSON, in Python so the test
-needs nothing beyond the dev dependencies (buf runs too where npm is: ``make proto-lint``).
+needs nothing beyond the dev dependencies (buf runs too where npm is: tests/test_protos.py
+runs it when clients/node has it installed, or ``npm run lint-protos`` / ``npm run breaking``
+in clients/node).
 
     python -m services.common.protocompat            # check protos/ against the baseline
     python -m services.common.protocompat --save     # adopt protos/ as the new baseline

@@ -19,8 +19,6 @@ from services.http.errors import from_grpc, model_not_found, no_worker
 from services.pb import scheduler_pb2, scheduler_pb2_grpc
 
 Metadata = tuple[tuple[str, str], ...]
-# A model missing from a catalog this old is looked up again before the request is refused.
-_RECHECK_AGE_S = 0.1
 
 
 @dataclass(frozen=True)
@@ -136,8 +134,10 @@ class SchedulerBackend:
         workers = catalog.workers(model)
         if workers:
             return
-        # Not served as far as the cache knows: look again (a worker may have just started).
-        catalog = await self.catalog(metadata, max_age_s=_RECHECK_AGE_S)
+        # Not served as far as the cache knows: look again (a worker may have just started),
+        # with this request's own credentials: the cache was filled under someone else's, and
+        # a caller the scheduler would refuse must get its 401/403, not learn what is served.
+        catalog = await self.fresh_catalog(metadata)
         if catalog is None:
             return
         workers = catalog.workers(model)

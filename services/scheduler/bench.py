@@ -42,13 +42,12 @@ from services.common.grpc_server import CHANNEL_OPTIONS
 from services.common.health import wait_for_serving
 from services.common.net import free_port
 from services.common.paths import CHECKOUT_ROOT
-from services.common.redis_store import connect
+from services.common.redis_store import LocalRedisServer, connect
 from services.pb import scheduler_pb2, scheduler_pb2_grpc
 from services.scheduler.core import new_job_id
 from services.scheduler.keys import arrivals_key, queue_key
 from services.scheduler.models import JobRecord, JobState, SamplingParams
 from services.scheduler.store import JobStore, StoreSettings
-from tests.redis_server import RedisServerProcess  # benchmarks run from a checkout, like tests
 
 LLM = "bench-llm"
 FILL_BATCH = 5_000
@@ -68,7 +67,7 @@ class Stack:
     """redis-server and one scheduler process, both on free ports, both stopped on exit."""
 
     def __init__(self) -> None:
-        self.redis = RedisServerProcess()
+        self.redis = LocalRedisServer()
         self.redis_url = self.redis.url
         self.address = f"127.0.0.1:{free_port()}"
         self.scheduler: subprocess.Popen[bytes] | None = None

@@ -6,11 +6,16 @@ Only light imports here (``ssjf --help`` stays instant); the server loads inside
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
-from services.common.config import add_flag, add_option, add_server_options
+from services.common.config import (
+    add_flag,
+    add_option,
+    add_redis_url_options,
+    add_server_options,
+    redis_url,
+)
 from services.common.tls import add_client_security_options
 from services.scheduler.policies import POLICIES
 
@@ -57,20 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "for workers only; empty: --tls-client-ca-file)",
     )
     add_client_security_options(security, what="the predictor")
-    add_option(
-        parser,
-        "--redis-url",
-        default=os.environ.get("REDIS_URL"),
-        help="Redis holding all scheduler state (REDIS_URL is read too; rediss://user:pass@"
-        "host:port/0?ssl_ca_certs=FILE for TLS and ACL: pass a URL with a password through "
-        "REDIS_URL or --redis-url-file, never this flag, which shows in ps); required",
-    )
-    add_option(
-        parser,
-        "--redis-url-file",
-        default="",
-        help="file holding the Redis URL (a mounted secret); wins over --redis-url",
-    )
+    add_redis_url_options(parser, what="Redis holding all scheduler state (required)")
     add_option(
         parser,
         "--predictor",
@@ -248,12 +240,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "lengths.csv (the shared data format) for `ssjf train-predictor --data DIR` or "
         "`ssjf eval-predictor`. Replayed (benchmark) jobs are left out.",
     )
-    add_option(
-        export,
-        "--redis-url",
-        default=os.environ.get("REDIS_URL"),
-        help="the scheduler's Redis (REDIS_URL is read too); required",
-    )
+    add_redis_url_options(export, what="the scheduler's Redis (required)")
     export.add_argument("--out", type=Path, required=True, help="directory to write")
     export.set_defaults(run=_run_export)
 
@@ -263,10 +250,11 @@ def _run_export(args: argparse.Namespace) -> int:
 
     from services.scheduler.completions import export_completions
 
-    if not args.redis_url:
-        print("--redis-url (or REDIS_URL) is required", file=sys.stderr)
+    url = redis_url(args)
+    if not url:
+        print("--redis-url-file, REDIS_URL or --redis-url is required", file=sys.stderr)
         return 2
-    summary = asyncio.run(export_completions(args.redis_url, args.out))
+    summary = asyncio.run(export_completions(url, args.out))
     print(
         f"{summary.completions_used} of {summary.completions_read} completions -> "
         f"{summary.prompts} prompts, {summary.llms} LLMs in {args.out}"

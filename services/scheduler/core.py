@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Protocol
 from redis.exceptions import RedisError
 
 from services.common.errors import (
+    LIMIT_MAX_QUEUE_DEPTH,
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
@@ -315,6 +316,7 @@ class SchedulerCore:
             raise ResourceExhausted(
                 f"the queue of {llm!r} is full ({full.depth} jobs, --max-queue-depth); retry later",
                 retry_after_s=1.0,
+                limit=LIMIT_MAX_QUEUE_DEPTH,
             ) from None
         except KeyReused as reused:
             raise _key_reused(reused.job_id) from None

@@ -24,6 +24,8 @@ Layout (``ssjf:`` prefix; see docs/scheduler.md):
 * ``worker:<id>``             string, a live worker's LLM names (JSON), expiring with it
 * ``workers``                 sorted set, worker id by registration expiry (index of worker:<id>)
 * ``llms_seen``               sorted set, LLM name by the last time a worker registered it
+* ``tenant-jobs:<tenant>``    sorted set, a capped tenant's unfinished job ids by reservation
+                              time (tenants.py; no lifecycle script touches it)
 """
 
 from __future__ import annotations
@@ -61,6 +63,8 @@ LLMS_KEY = PREFIX + GLOBAL["LLMS"]
 # The live-worker registry (written by plain commands, never by the scripts).
 WORKERS_KEY = PREFIX + GLOBAL["WORKERS"]
 LLMS_SEEN_KEY = PREFIX + GLOBAL["LLMS_SEEN"]
+# Per tenant, read and written outside the lifecycle scripts (tenants.py), so untagged.
+TENANT_JOBS_PREFIX = PREFIX + "tenant-jobs:"
 
 
 def llm_tag(llm: str) -> str:
@@ -86,6 +90,10 @@ def events_key(job_id: str) -> str:
 
 def worker_key(worker_id: str) -> str:
     return f"{PREFIX}worker:{worker_id}"
+
+
+def tenant_jobs_key(tenant: str) -> str:
+    return TENANT_JOBS_PREFIX + tenant
 
 
 def job_id_of_key(key: str) -> str:

@@ -140,7 +140,7 @@ def request_digest(request: JobRequest, llm: str) -> str:
 
 @dataclass(frozen=True)
 class JobRecord:
-    """A job as kept in Redis (the ``ssjf:job:<id>`` hash)."""
+    """A job as kept in Redis (the hash at keys.job_key(job_id), ``ssjf:job:{<tag>}<id rest>``)."""
 
     job_id: str
     client_request_id: str

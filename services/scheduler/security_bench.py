@@ -44,9 +44,9 @@ from services.common.net import free_port
 from services.common.paths import CHECKOUT_ROOT
 from services.common.pki import CertificateAuthority, new_token
 from services.common.principals import token_digest
+from services.common.redis_store import LocalRedisServer
 from services.common.tls import ChannelSecurity
 from services.pb import common_pb2, scheduler_pb2, scheduler_pb2_grpc
-from tests.redis_server import RedisServerProcess  # benchmarks run from a checkout
 
 SUBMIT_LLM = "bench-submit"
 STREAM_LLM = "bench-stream"
@@ -192,7 +192,7 @@ async def run(args: argparse.Namespace) -> dict:
         f'[[clients]]\ntenant = "bench"\ntoken_sha256 = "{token_digest(client_token)}"\n'
         f'[[workers]]\nname = "bench"\ntoken_sha256 = "{token_digest(worker_token)}"\n'
     )
-    redis = RedisServerProcess()
+    redis = LocalRedisServer()
     redis.start()
     tls = {"tls": True, "ca_file": str(ca.cert)}
     nodes = []

@@ -9,7 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from services.common.auth import security_interceptors
-from services.common.config import host_options
+from services.common.config import host_options, redis_url
 from services.common.errors import FailedPrecondition
 from services.common.first_stage import FirstStageModel
 from services.common.grpc_server import ServiceHost
@@ -33,13 +33,6 @@ SERVICE_NAMES = [SCHEDULER_SERVICE, GATEWAY_SERVICE]
 # Which principal each service serves: clients never reach the WorkerGateway, workers never
 # the client API.
 REQUIRED_KIND = {SCHEDULER_SERVICE: Kind.CLIENT, GATEWAY_SERVICE: Kind.WORKER}
-
-
-def redis_url(args: argparse.Namespace) -> str:
-    """From --redis-url-file (a mounted secret) or --redis-url / REDIS_URL."""
-    if args.redis_url_file:
-        return Path(args.redis_url_file).read_text().strip()
-    return args.redis_url or ""
 
 
 def _hosts(
@@ -80,7 +73,7 @@ def _hosts(
 async def serve(args: argparse.Namespace) -> None:
     url = redis_url(args)
     if not url:
-        raise FailedPrecondition("the scheduler needs --redis-url (or REDIS_URL)")
+        raise FailedPrecondition("the scheduler needs --redis-url-file, REDIS_URL or --redis-url")
     if args.max_attempts < 1 or args.lease_ttl_s <= 0 or args.job_ttl_s < 1:
         raise FailedPrecondition("--max-attempts, --lease-ttl-s and --job-ttl-s must be positive")
     redis = connect(url)

@@ -74,7 +74,7 @@ class StoreSettings:
     job_ttl_s: int  # finished records, streams and idempotency keys expire after this
     lease_ttl_s: float  # a lease not renewed within this is expired
     max_attempts: int  # leases a job may get before a lost lease fails it
-    completions_maxlen: int  # approximate cap of the ssjf:completions stream
+    completions_maxlen: int  # approximate cap of each LLM's completions stream (keys.py)
     reap_batch: int = 256  # expired leases handled per reaper script call
 
 

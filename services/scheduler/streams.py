@@ -26,6 +26,8 @@ from redis.backoff import NoBackoff
 from redis.crc import key_slot
 from redis.exceptions import RedisError
 
+from services.common.redis_store import node_client
+
 log = logging.getLogger(__name__)
 
 Entry = tuple[str, dict[str, str]]
@@ -179,8 +181,8 @@ class SlotStreamHubs:
         slot = key_slot(stream.encode())
         hub = self._hubs.get(slot)
         if hub is None:
-            node = self._cluster.get_node_from_key(stream)
-            client = aioredis.Redis(host=node.host, port=node.port, decode_responses=True)
+            # Connected as the cluster client is (credentials, TLS), to the slot's master.
+            client = node_client(self._cluster.get_node_from_key(stream))
             hub = self._hubs[slot] = StreamHub(client)
         return hub.subscribe(stream, cursor)
 

@@ -1,11 +1,12 @@
 """Per-tenant cap on unfinished jobs, shared by every scheduler replica through Redis.
 
 Each tenant with a ``max_queued_jobs`` limit has a sorted set ``ssjf:tenant-jobs:<tenant>``
-of its unfinished job ids. A submission reserves a place atomically (one small script: count,
-then add) before the job is queued, and gives it back if the job is not queued after all
-(deduplicated, queue full, Redis error). Jobs leave the set lazily: when a tenant is at its
-limit, the ids whose records are finished or expired are pruned and the count taken again,
-so the lifecycle scripts need not know about tenants. The set expires with the jobs.
+(keys.py) of its unfinished job ids. A submission reserves a place atomically (one small
+script: count, then add) before the job is queued, and gives it back if the job is not
+queued after all (deduplicated, queue full, Redis error). Jobs leave the set lazily: when a
+tenant is at its limit, the ids whose records are finished or expired are pruned and the
+count taken again, so the lifecycle scripts need not know about tenants. The set expires
+with the jobs.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import time
 
 import redis.asyncio as aioredis
 
-from services.common.errors import ResourceExhausted
+from services.common.errors import LIMIT_MAX_QUEUED_JOBS, ResourceExhausted
+from services.scheduler.keys import tenant_jobs_key
 from services.scheduler.models import JobState
 from services.scheduler.store import job_key
 
@@ -30,14 +32,6 @@ _FINISHED = {state.value for state in JobState if state.finished}
 _IN_FLIGHT_S = 60.0
 # Seconds to wait before retrying, said to a tenant at its limit: jobs take seconds.
 RETRY_AFTER_S = 2.0
-
-
-# Beside the scheduler's other keys (ssjf:...), named here: no lifecycle script touches it.
-TENANT_JOBS_PREFIX = "ssjf:tenant-jobs:"
-
-
-def tenant_jobs_key(tenant: str) -> str:
-    return TENANT_JOBS_PREFIX + tenant
 
 
 class TenantJobs:
@@ -59,6 +53,7 @@ class TenantJobs:
                 f"tenant {tenant!r} has {-count} unfinished jobs, its limit; retry in "
                 f"{RETRY_AFTER_S:.0f} s or when one finishes",
                 retry_after_s=RETRY_AFTER_S,
+                limit=LIMIT_MAX_QUEUED_JOBS,
             )
 
     async def release(self, tenant: str, job_id: str) -> None:

@@ -8,7 +8,7 @@ import shlex
 import sys
 
 from services.collect.cli import add_sampling_options, sampling_args
-from services.common.config import add_option
+from services.common.config import add_option, add_redis_url_options, redis_url
 from services.common.tls import ChannelSecurity, add_client_security_options
 from services.scheduler.policies import POLICIES
 from services.worker.cli import BATCHING_MODES
@@ -26,9 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_option(up, "--port", type=int, default=50051, help="client-facing scheduler port")
     add_option(up, "--workers", type=int, default=1, help="number of worker processes")
-    add_option(
-        up, "--redis-url", env="REDIS_URL", help="Redis to use; unset: start an embedded one"
-    )
+    add_redis_url_options(up, what="Redis to use (unset: start an embedded one)")
     add_option(up, "--policy", default="ssjf", help="scheduling policy",
                choices=list(POLICIES))  # fmt: skip
     add_option(up, "--batching", default="continuous", help="worker batching mode",
@@ -113,7 +111,7 @@ def _run_up(args: argparse.Namespace) -> int:
     config = StackConfig(
         port=args.port,
         workers=args.workers,
-        redis_url=args.redis_url,
+        redis_url=redis_url(args) or None,
         policy=args.policy,
         batching=args.batching,
         max_batch_size=args.max_batch_size,

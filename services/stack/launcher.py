@@ -22,6 +22,9 @@ from services.common.redis_store import EmbeddedRedis
 
 log = logging.getLogger(__name__)
 
+# The one interface every service of a local stack listens on.
+LOOPBACK = "127.0.0.1"
+
 
 @dataclass
 class StackConfig:
@@ -65,7 +68,7 @@ class LocalStack:
     def __init__(self, config: StackConfig) -> None:
         self.config = config
         self.redis_url = config.redis_url
-        self.address = f"127.0.0.1:{config.port}"
+        self.address = f"{LOOPBACK}:{config.port}"
         self.http_url: str | None = None  # the front's base URL once started, e.g. .../v1
         self._children: list[_Child] = []
         self._embedded_redis: EmbeddedRedis | None = None
@@ -92,15 +95,16 @@ class LocalStack:
             self._embedded_redis = EmbeddedRedis()
             self.redis_url = self._embedded_redis.start()
         predictor_port = cfg.predictor_port or free_port()
-        # Every service binds loopback only: a local stack runs without auth (SECURITY.md).
-        loopback = ["--host", "127.0.0.1"]
+        # Every service binds loopback only, the HTTP front too (its own default is every
+        # interface): a local stack runs without auth or TLS (SECURITY.md).
+        loopback = ["--host", LOOPBACK]
         predictor = self._spawn(
             "predictor",
             predictor_port,
             ["predictor", "--port", str(predictor_port), *loopback, *cfg.predictor_args],
         )
         scheduler_port = cfg.port or free_port()
-        self.address = f"127.0.0.1:{scheduler_port}"
+        self.address = f"{LOOPBACK}:{scheduler_port}"
         scheduler = self._spawn(
             "scheduler",
             scheduler_port,
@@ -136,7 +140,7 @@ class LocalStack:
             front = self._spawn(
                 "http",
                 http_port,
-                ["http", "--port", str(http_port), "--scheduler", scheduler.address],
+                ["http", "--port", str(http_port), *loopback, "--scheduler", scheduler.address],
             )
         # Started together, waited on together: model loading overlaps across processes.
         for child in [predictor, scheduler, *workers]:
@@ -169,7 +173,7 @@ class LocalStack:
             stdout=log_file,
             stderr=subprocess.STDOUT if log_file else None,
         )
-        child = _Child(name, f"127.0.0.1:{port}", process, log_file)
+        child = _Child(name, f"{LOOPBACK}:{port}", process, log_file)
         self._children.append(child)
         return child
 

@@ -1,4 +1,5 @@
 -- Queues a new job, or returns the job an earlier request with the same client id made.
+-- Idempotent per job id: a repeat of a call that queued the job returns {'ok', job_id} again.
 -- ARGV: job_id, client_request_id, llm, score, arrival, deadline_at (0: none),
 --       max_queue_depth (0: unbounded), prediction_fallback (0/1), the record as a JSON
 --       object of string values (one argument: far cheaper for the client to send than
@@ -8,6 +9,12 @@
 local id, crid, llm = ARGV[1], ARGV[2], ARGV[3]
 local score, arrival, deadline_at = ARGV[4], ARGV[5], tonumber(ARGV[6])
 local max_depth, fallback = tonumber(ARGV[7]), ARGV[8]
+-- The job id is new for each submission, so a record under it means this very call already
+-- ran: redis-py resent it after the connection dropped before the reply (connect() in
+-- services/common/redis_store.py retries every command). Answer as that run did, and change
+-- nothing: no second 'submitted' count, and no re-queue of a job a worker may since have
+-- claimed (it would be dispatched twice).
+if redis.call('EXISTS', job_key(id)) == 1 then return {'ok', id} end
 local idem = idempotency_key(llm, crid)
 if crid ~= '' then
   local existing = redis.call('GET', idem)
