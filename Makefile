@@ -10,7 +10,7 @@ PB_DIR := services/pb
 
 .PHONY: help venv proto proto-check lint test test-faults soak run predictor bench simulate-submit-path \
         bench-predictor bench-scheduler bench-worker bench-http bench-security bench-streams clean bench-sim bench-stack \
-        bench-stack-starvation bench-stack-light bench-stack-precise bench-stack-workers bench-stack-slo bench-sim-full bench-real \
+        bench-stack-starvation bench-stack-light bench-stack-sync bench-stack-precise bench-stack-workers bench-stack-slo bench-sim-full bench-real \
         images images-monitoring stubs test-compose
 
 help:  ## list targets
@@ -99,6 +99,11 @@ bench-stack-light: $(STAMP)  ## real stack at light load (0.3): does SSJF cost a
 	$(BIN)/ssjf bench --out bench/results/stack-light --policies fcfs,ssjf \
 		--batching none,dynamic,continuous --loads 0.3 --duration-s 120 --rounds 3 \
 		--recalibrate round --max-wait-s 0 $(BENCH_COMMON) $(BENCH_STACK_FLAGS)
+
+bench-stack-sync: $(STAMP)  ## real stack: SSJF's asynchronous submit path against waiting for each prediction (ssjf:sync), loads 0.5 and 0.9, no and continuous batching (~20 min)
+	for b in none continuous; do $(BIN)/ssjf bench --out bench/results/stack-sync-$$b \
+		--policies fcfs,ssjf,ssjf:sync --batching $$b --loads 0.5,0.9 --duration-s 60 --rounds 3 \
+		--recalibrate round --max-wait-s 0 $(BENCH_COMMON) $(BENCH_STACK_FLAGS) || exit 1; done
 
 bench-stack-precise: $(STAMP)  ## real stack, one point with ~2,500 jobs per policy: the +-0.05 interval at load 0.9 (~20 min)
 	$(BIN)/ssjf bench --out bench/results/stack-precise --policies fcfs,ssjf,sjf-oracle \

@@ -229,6 +229,24 @@ def test_policy_entries_with_their_own_guard() -> None:
     assert not known_policy("lifo", simulated=True)
 
 
+def test_sync_entries_run_the_scheduler_with_synchronous_prediction(tmp_path) -> None:
+    """``ssjf:sync`` is the same policy and guard, with every job waiting for its prediction:
+    only the real stack has a submit path to make synchronous."""
+    from services.bench.runner import BenchConfig, _scheduler_args
+
+    assert parse_policy("ssjf:guard=10:sync") == ("ssjf", 10.0)
+    assert known_policy("ssjf:sync", simulated=False)
+    assert not known_policy("ssjf:sync", simulated=True)
+    config = BenchConfig(out_dir=tmp_path, policies=["ssjf:sync"], batchings=["none"], loads=[0.9])
+
+    def mode(spec: str) -> str:
+        args = _scheduler_args(config, spec)
+        return args[args.index("--prediction-mode") + 1]
+
+    assert mode("ssjf:sync") == "sync" and mode("ssjf") == "async"
+    assert mode("ssjf:noguard:sync") == "sync"
+
+
 def test_azure_lengths_keep_the_order_and_take_the_trace_distribution() -> None:
     items = [PromptLength(i, f"p{i}", tokens) for i, tokens in enumerate([5, 500, 50, 50, 5000])]
     target = azure_generated_tokens("azure-conversation", None)  # the vendored column
@@ -348,3 +366,20 @@ def test_revalidation_rebuilds_each_rounds_calibration() -> None:
     # An older summary without per-round calibrations: the saved model for every round.
     assert round_models({}, run, first) == [first, first]
     assert file_safe("ssjf:guard=20") == "ssjf-guard20"
+
+
+def test_a_sync_entry_is_compared_with_its_asynchronous_twin() -> None:
+    """Beside the ratios to FCFS, ``ssjf:sync`` gets the paired ratio ssjf / ssjf:sync."""
+    from services.bench.report import format_intervals, interval_comparisons
+
+    rng = np.random.default_rng(1)
+    rounds = []
+    for _ in range(3):
+        sync = rng.exponential(1.0, 200) + 0.1
+        rounds.append({"fcfs": 2 * sync, "ssjf": 0.5 * sync, "ssjf:sync": sync})
+    rows = interval_comparisons({("none", 0.9): rounds}, resamples=200)
+    twin = rows[0]["policies"]["ssjf:sync"]["async_twin_mean_jct_over_this"]
+    assert twin["value"] == pytest.approx(0.5)
+    assert twin["ci_low"] == pytest.approx(0.5) and twin["ci_high"] == pytest.approx(0.5)
+    assert "async_twin_mean_jct_over_this" not in rows[0]["policies"]["ssjf"]
+    assert "(prediction asynchronous) / ssjf:sync: 0.50 [0.50, 0.50]" in format_intervals(rows)

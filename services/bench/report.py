@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from services.bench import stats
+from services.bench.simulator import SYNC
 from services.common.paths import CHECKOUT_ROOT
 
 POLICY_ORDER = ("fcfs", "ssjf", "hrrn", "sjf-prompt", "sjf-oracle")
@@ -129,6 +130,11 @@ def interval_comparisons(
             statistics[f"{policy}|p99"] = stats.quantile_ratio(policy, BASELINE, 99)
             if ORACLE in present and policy != ORACLE:
                 statistics[f"{policy}|gain"] = stats.oracle_gain_fraction(policy, BASELINE, ORACLE)
+            twin = policy.removesuffix(SYNC)
+            if twin != policy and twin in present:
+                # The asynchronous submit path against the same policy waiting for every
+                # prediction, paired job by job (< 1: async is faster).
+                statistics[f"{policy}|async"] = stats.mean_ratio(twin, policy)
         unit = stats.bootstrap_unit(len(rounds))
         intervals = stats.paired_bootstrap(
             rounds, statistics, resamples=resamples, seed=seed, unit=unit
@@ -152,6 +158,7 @@ def interval_comparisons(
                 "mean": "mean_jct_over_fcfs",
                 "p99": "p99_jct_over_fcfs",
                 "gain": "oracle_gain_fraction",
+                "async": "async_twin_mean_jct_over_this",
             }[what]
             row["policies"].setdefault(policy, {})[name] = interval.to_dict()
         if "ssjf" in row["policies"]:
@@ -192,6 +199,15 @@ def format_intervals(rows: Sequence[dict[str, Any]]) -> str:
         "oracle gain = (FCFS - policy) / (FCFS - oracle) on mean JCT: 1 = all of oracle SJF's "
         "gain, 0 = none, < 0 = worse than FCFS"
     )
+    for row in rows:
+        for policy, entry in row["policies"].items():
+            twin = entry.get("async_twin_mean_jct_over_this")
+            if twin:
+                lines.append(
+                    f"{row['batching']:<10} {row['load']:>5.2f} mean JCT of "
+                    f"{policy.removesuffix(SYNC)} (prediction asynchronous) / {policy}: "
+                    f"{cell(twin, 0).strip()}"
+                )
     return "\n".join(lines)
 
 

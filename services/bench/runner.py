@@ -43,7 +43,7 @@ from services.bench.calibrate import (
 from services.bench.latency import LatencyModel
 from services.bench.loadgen import RequestResult, run_open_loop
 from services.bench.realgen import DEFAULT_LABELS, load_greedy_lengths
-from services.bench.simulator import base_policy, guard_for
+from services.bench.simulator import base_policy, guard_for, synchronous_prediction
 from services.bench.workload import PromptLength, build_requests, llm_names, load_workload
 
 log = logging.getLogger(__name__)
@@ -107,6 +107,8 @@ def _scheduler_args(config: BenchConfig, spec: str) -> list[str]:
         str(config.aging_rate),
         "--max-wait-s",
         str(guard_for(spec, config.max_wait_s)),
+        "--prediction-mode",
+        "sync" if synchronous_prediction(spec) else "async",
         *config.extra_scheduler_args,
     ]
 

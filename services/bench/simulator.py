@@ -39,11 +39,21 @@ SIMULATOR_ONLY_POLICIES = ("hrrn",)
 # (max_wait_s 0) or ``ssjf:guard=10`` (10 s), so one grid holds SSJF with and without it.
 NO_GUARD = ":noguard"
 GUARD_PREFIX = ":guard="
+# On the real stack only, ``ssjf:sync`` runs the scheduler with ``--prediction-mode sync``
+# (every job waits for its prediction before it is queued), so one grid compares the
+# default asynchronous submit path against it in the same interleaved rounds.
+SYNC = ":sync"
+
+
+def synchronous_prediction(spec: str) -> bool:
+    """Whether a grid entry makes its jobs wait for their prediction (``...:sync``)."""
+    return spec.endswith(SYNC)
 
 
 def parse_policy(spec: str) -> tuple[str, float | None]:
     """``ssjf:guard=10`` -> ("ssjf", 10.0); ``ssjf:noguard`` -> ("ssjf", 0.0); ``ssjf`` ->
-    ("ssjf", None): the grid's --max-wait-s."""
+    ("ssjf", None): the grid's --max-wait-s. A trailing ``:sync`` is set aside."""
+    spec = spec.removesuffix(SYNC)
     if spec.endswith(NO_GUARD):
         return spec.removesuffix(NO_GUARD), 0.0
     name, sep, seconds = spec.partition(GUARD_PREFIX)
@@ -76,6 +86,9 @@ def known_policy(spec: str, simulated: bool) -> bool:
         name = base_policy(spec)
     except ValueError:
         return False
+    if synchronous_prediction(spec):
+        # The simulator has no submit path to make synchronous.
+        return not simulated and name in POLICIES
     return name in POLICIES or (simulated and name in SIMULATOR_ONLY_POLICIES)
 
 
