@@ -31,6 +31,7 @@ import grpc
 import pytest
 import yaml
 
+from deploy.monitoring.dashboard import dashboard
 from services.common.channels import dial
 from services.common.health import wait_for_serving
 from services.common.net import free_port
@@ -403,6 +404,27 @@ def test_compose_stack_end_to_end(stack: ComposeStack):
     log(f"the queued job survived the restart and finished ({time.monotonic() - started:.0f}s)")
 
 
+def test_image_leaves_the_training_stack_out():
+    """The packages deploy/docker/Dockerfile uninstalls are gone from the image, and every
+    serving command's modules still import without them (the stack test proves they serve)."""
+    image = os.environ.get("SSJF_IMAGE", "ssjf:cpu")
+    script = (
+        "import importlib, importlib.util as u\n"
+        "gone = ['sklearn', 'scipy', 'matplotlib', 'onnx']\n"
+        "print('present:', [m for m in gone if u.find_spec(m)])\n"
+        "for m in ['services.predictor.server', 'services.scheduler.server',\n"
+        "          'services.worker.server', 'services.http.server', 'services.stack.cli']:\n"
+        "    importlib.import_module(m)\n"
+    )
+    result = subprocess.run(
+        ["docker", "run", "--rm", "--entrypoint", "python3", image, "-c", script],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "present: []" in result.stdout, result.stdout
+    log(f"{image}: no scikit-learn, scipy, matplotlib or onnx; serving modules import")
+
+
 def _prometheus(port: int, query: str) -> list[dict]:
     # Prometheus's own UI/API stays http on the host; its scrapes of /metrics are https.
     url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": query})
@@ -445,6 +467,21 @@ def test_monitoring_profile_scrapes_every_service():
             assert time.monotonic() < deadline, f"targets {up}, jobs {done}, tokens {tokens}"
             time.sleep(3)
         log(f"prometheus scrapes {sorted(up)}; job and worker histograms recorded")
+        # Every dashboard query runs on the real Prometheus (a syntax error is HTTP 400), with
+        # Grafana's variables as "All"; the queue gauges get their policy by the info join.
+        queries = [
+            t["expr"]
+            .replace("$__rate_interval", "1m")
+            .replace("$policy", ".*")
+            .replace("$llm", ".*")
+            for panel in dashboard()["panels"]
+            for t in panel["targets"]
+        ]
+        for query in queries:
+            _prometheus(prometheus_port, query)
+        queued = _prometheus(prometheus_port, queries[0])  # the queue-depth panel's first query
+        assert queued and all(r["metric"].get("policy") for r in queued), queued
+        log(f"{len(queries)} dashboard queries ran; queue depth by {queued[0]['metric']}")
     finally:
         stack.compose("--profile", "monitoring", "down", "-v", "--remove-orphans", timeout=300)
         shutil.rmtree(stack.secrets_dir, ignore_errors=True)

@@ -175,6 +175,44 @@ def test_dockerfiles_run_real_commands():
                 build_parser().parse_args(line.removeprefix("RUN ssjf ").split())
 
 
+def dockerfile_parts(name: str) -> tuple[set[str], list[str], str]:
+    """A Dockerfile's build-argument names, its stages (FROM lines) and its runtime stage."""
+    text = (REPO_ROOT / "deploy" / "docker" / name).read_text()
+    lines = [line.strip() for line in text.replace("\\\n", " ").splitlines()]
+    build_args = {line.split()[1].split("=")[0] for line in lines if line.startswith("ARG ")}
+    stages = [line for line in lines if line.startswith("FROM ")]
+    return build_args, stages, text.rsplit("\nFROM ", 1)[-1]
+
+
+def uninstalled(text: str) -> set[str]:
+    """The packages a Dockerfile's `pip uninstall -y` lines remove (continuations joined)."""
+    joined = text.replace("\\\n", " ")
+    return {
+        package
+        for command in joined.split("pip uninstall -y ")[1:]
+        for package in command.split(";")[0].split()
+    }
+
+
+def test_gpu_dockerfile_is_built_like_the_cpu_one():
+    # Dockerfile.gpu cannot be built here (no CUDA base image offline; PyPI's torch is a
+    # multi-GB CUDA wheel): check statically that it follows the CPU image's pattern.
+    cpu_args, cpu_stages, _ = dockerfile_parts("Dockerfile")
+    gpu_args, gpu_stages, gpu_runtime = dockerfile_parts("Dockerfile.gpu")
+    assert cpu_args == gpu_args >= {"BASE_IMAGE", "EXTRA_CA_BUNDLE", "WHEELHOUSE"}
+    for stages in (cpu_stages, gpu_stages):
+        assert len(stages) >= 2 and stages[0].endswith(" AS build"), stages
+        assert stages[-1] == "FROM ${BASE_IMAGE}", stages
+    assert "COPY --from=build /opt/ssjf /opt/ssjf" in gpu_runtime
+    assert "USER ssjf" in gpu_runtime and "--uid 10001" in gpu_runtime
+    assert "HEALTHCHECK" in gpu_runtime and "ssjf health" in gpu_runtime
+    assert "pip install" not in gpu_runtime, "the runtime stage installs nothing with pip"
+    cpu_text = (REPO_ROOT / "deploy" / "docker" / "Dockerfile").read_text()
+    gpu_text = (REPO_ROOT / "deploy" / "docker" / "Dockerfile.gpu").read_text()
+    # The training-only packages both leave out (the GPU image also swaps onnxruntime).
+    assert uninstalled(gpu_text) - {"onnxruntime"} == uninstalled(cpu_text) >= {"scikit-learn"}
+
+
 @pytest.mark.slow
 def test_compose_services_start_as_processes_and_serve(redis_url: str, tmp_path):
     """Compose's commands and environment, secrets made by its own `secrets` command."""

@@ -4,7 +4,12 @@ panels, so every query lives here once:  python deploy/monitoring/dashboard.py
 Histograms and counters come from services/scheduler/metrics.py (queues, JCT, TTFT, queue
 wait, prediction error), services/worker/metrics.py (tokens/s, batch occupancy) and the
 gRPC interceptor (predictor latency); tests/test_monitoring.py checks every metric named here
-is one the services export.
+is one the services export, with the labels the queries select on.
+
+Every panel follows the $policy and $llm variables where its metric can: the job histograms
+carry both labels; the queue gauges and the scheduler's prediction round trips get the policy
+by joining the replica's ssjf_scheduler_info{policy}; the worker metrics carry only the LLM
+names a worker serves (a lease carries no policy; see services/worker/metrics.py).
 """
 
 from __future__ import annotations
@@ -14,13 +19,22 @@ from pathlib import Path
 
 OUT = Path(__file__).parent / "grafana" / "dashboards" / "ssjf.json"
 JOB_FILTER = 'policy=~"$policy", llm=~"$llm"'
+# Gives a scheduler series the policy of the replica that exports it, filtered by $policy.
+POLICY_JOIN = ' * on (instance) group_left (policy) ssjf_scheduler_info{policy=~"$policy"}'
+# A worker's llm label is its served names joined with ",": match any one of them.
+WORKER_FILTER = 'llm=~"(.*,)?($llm)(,.*)?"'
 
 
-def quantiles(metric: str, by: str = "policy, llm", where: str = JOB_FILTER) -> list[dict]:
+def quantiles(
+    metric: str, by: str = "policy, llm", where: str = JOB_FILTER, join: str = ""
+) -> list[dict]:
+    """p50 and p95 of a histogram, per ``by``; ``join`` is appended to the bucket rates (to
+    bring in a label such as the policy before they are summed)."""
+    selector = f"{{{where}}}" if where else ""
     return [
         {
             "expr": f"histogram_quantile({q}, sum by (le, {by}) "
-            f"(rate({metric}_bucket{{{where}}}[$__rate_interval])))",
+            f"(rate({metric}_bucket{selector}[$__rate_interval]){join}))",
             "legendFormat": f"p{round(q * 100)} {{{{{by.replace(', ', '}} {{')}}}}}",
         }
         for q in (0.5, 0.95)
@@ -30,27 +44,27 @@ def quantiles(metric: str, by: str = "policy, llm", where: str = JOB_FILTER) -> 
 # (title, unit, targets); panels are laid out two per row in this order.
 PANELS: list[tuple[str, str, list[dict]]] = [
     (
-        "Queue depth (jobs waiting / running, per LLM)",
+        "Queue depth (jobs waiting / running, per policy and LLM)",
         "short",
         [
+            # Cluster-wide values, the same on every replica: max, never sum.
             {
-                "expr": 'max by (llm) (ssjf_scheduler_queued{llm=~"$llm"})',
-                "legendFormat": "queued {{llm}}",
-            },
-            {
-                "expr": 'max by (llm) (ssjf_scheduler_running{llm=~"$llm"})',
-                "legendFormat": "running {{llm}}",
-            },
+                "expr": f"max by (policy, llm) "
+                f'(ssjf_scheduler_{gauge}{{llm=~"$llm"}}{POLICY_JOIN})',
+                "legendFormat": f"{gauge} {{{{policy}}}} {{{{llm}}}}",
+            }
+            for gauge in ("queued", "running")
         ],
     ),
     (
-        "Job events per second (per LLM)",
+        "Job events per second (per policy and LLM)",
         "ops",
         [
+            # Counters are cluster-wide too (Redis): max over replicas of one policy.
             {
-                "expr": 'sum by (llm, event) (rate(ssjf_scheduler_jobs_total{llm=~"$llm"}'
-                "[$__rate_interval]))",
-                "legendFormat": "{{event}} {{llm}}",
+                "expr": "max by (policy, llm, event) (rate(ssjf_scheduler_jobs_total"
+                f'{{llm=~"$llm"}}[$__rate_interval]){POLICY_JOIN})',
+                "legendFormat": "{{event}} {{policy}} {{llm}}",
             },
         ],
     ),
@@ -63,6 +77,13 @@ PANELS: list[tuple[str, str, list[dict]]] = [
         "s",
         quantiles(
             "ssjf_rpc_duration_seconds", by="method", where='method=~"/ssjf.v1.Predictor/.*"'
+        ),
+    ),
+    (
+        "Prediction round trip at the scheduler (per policy and outcome; all LLMs)",
+        "s",
+        quantiles(
+            "ssjf_scheduler_prediction_seconds", by="policy, outcome", where="", join=POLICY_JOIN
         ),
     ),
     (
@@ -86,28 +107,30 @@ PANELS: list[tuple[str, str, list[dict]]] = [
         ],
     ),
     (
-        "Worker tokens/s (per LLM and batching mode)",
+        "Worker tokens/s (per LLM and batching mode; workers know no policy)",
         "short",
         [
             {
                 "expr": "sum by (llm, batching) (rate(ssjf_worker_generated_tokens_total"
-                "[$__rate_interval]))",
+                f"{{{WORKER_FILTER}}}[$__rate_interval]))",
                 "legendFormat": "{{llm}} {{batching}}",
             },
             {
-                "expr": "rate(ssjf_worker_generated_tokens_total[$__rate_interval])",
+                "expr": f"rate(ssjf_worker_generated_tokens_total{{{WORKER_FILTER}}}"
+                "[$__rate_interval])",
                 "legendFormat": "{{instance}}",
             },
         ],
     ),
     (
-        "Batch occupancy (sequences / max batch size, mean per decoding step)",
+        "Batch occupancy (sequences / max batch size, mean per decoding step, per LLM)",
         "percentunit",
         [
             {
                 "expr": "sum by (llm, batching) (rate(ssjf_worker_batch_occupancy_sum"
-                "[$__rate_interval])) / sum by (llm, batching) "
-                "(rate(ssjf_worker_batch_occupancy_count[$__rate_interval]))",
+                f"{{{WORKER_FILTER}}}[$__rate_interval])) / sum by (llm, batching) "
+                f"(rate(ssjf_worker_batch_occupancy_count{{{WORKER_FILTER}}}"
+                "[$__rate_interval]))",
                 "legendFormat": "{{llm}} {{batching}}",
             },
         ],
@@ -157,7 +180,8 @@ def dashboard() -> dict:
         "time": {"from": "now-30m", "to": "now"},
         "templating": {
             "list": [
-                variable("policy", "ssjf_job_completion_seconds_count"),
+                # Every scheduler replica exports its policy, before any job has finished.
+                variable("policy", "ssjf_scheduler_info"),
                 variable("llm", "ssjf_scheduler_queued"),
             ]
         },

@@ -1,6 +1,12 @@
 """Prometheus view of the queues (the same numbers as QueueStats, for every LLM) and
 histograms of finished jobs (JCT, TTFT, queue wait, prediction error) by policy and LLM.
 
+The replica's policy is exported as ``ssjf_scheduler_info{policy}`` (value 1) rather than as a
+label of the queue gauges: ``ssjf_scheduler_queued{llm}`` keeps the exact label set that the
+worker HPA, the prometheus-adapter rule and existing queries match, and a dashboard gets the
+policy dimension with ``* on (instance) group_left (policy) ssjf_scheduler_info``. The same
+join labels this replica's ``ssjf_scheduler_prediction_seconds`` by policy.
+
 The counters live in Redis and are shared by all replicas, so each replica exports the
 cluster-wide values (aggregate with ``max``, not ``sum``). A background task refreshes the
 snapshot; a scrape never waits on Redis.
@@ -15,7 +21,12 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import Histogram
-from prometheus_client.core import REGISTRY, CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import (
+    REGISTRY,
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    InfoMetricFamily,
+)
 from prometheus_client.registry import Collector
 from redis.exceptions import RedisError
 
@@ -29,10 +40,17 @@ log = logging.getLogger(__name__)
 
 
 class QueueCollector(Collector):
-    def __init__(self) -> None:
+    def __init__(self, policy: str = "") -> None:
         self.snapshot: list[QueueStats] = []
+        self.policy = policy  # "": no info series (a collector fed by hand, as in tests)
 
-    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily | InfoMetricFamily]:
+        if self.policy:
+            yield InfoMetricFamily(
+                "ssjf_scheduler",
+                "This replica's scheduling policy (join on instance for a policy label)",
+                value={"policy": self.policy},
+            )
         queued = GaugeMetricFamily("ssjf_scheduler_queued", "Jobs waiting, per LLM", labels=["llm"])
         running = GaugeMetricFamily(
             "ssjf_scheduler_running", "Jobs leased by workers, per LLM", labels=["llm"]
@@ -57,7 +75,7 @@ class QueueCollector(Collector):
 
 async def refresh_queue_metrics(core: SchedulerCore, interval_s: float = 5.0) -> None:
     """Keep a registered QueueCollector current until ``core`` stops."""
-    collector = QueueCollector()
+    collector = QueueCollector(policy=core.policy.name)
     REGISTRY.register(collector)
     try:
         while not core.stopping:

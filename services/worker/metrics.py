@@ -2,6 +2,13 @@
 
 Fed by the engine's ``on_step`` hook (one call per forward pass), so the engine itself knows
 nothing of Prometheus. Labels: the LLM names the worker serves and its batching mode.
+
+``llm`` is the worker's ``--served-model-name`` list joined with "," (usually one name): a
+step batches the jobs of every name the worker serves, so its tokens belong to no single
+name, and one series per name would count them twice in a sum. Dashboards filter it with
+``llm=~"(.*,)?($llm)(,.*)?"``. There is no ``policy`` label: a lease carries no policy
+(``LeasedJob``) and a step batches jobs whatever policy ordered them; the policy is a
+scheduler setting, on the scheduler's metrics.
 """
 
 from __future__ import annotations
