@@ -8,7 +8,6 @@ Benchmarks start a system ``redis-server`` of their own (LocalRedisServer).
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import socket
 import subprocess
@@ -26,8 +25,6 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from services.common.net import free_port
 
 log = logging.getLogger(__name__)
-
-REDIS_URL_ENV = "REDIS_URL"
 
 
 CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
@@ -170,7 +167,3 @@ class LocalRedisServer:
             self.process.terminate()
             self.process.wait(30)
             self.process = None
-
-
-def url_from_env() -> str | None:
-    return os.environ.get(REDIS_URL_ENV) or None

@@ -39,6 +39,7 @@ from pathlib import Path
 from scipy import stats
 
 from services.common.channels import dial_aio
+from services.common.config import REDIS_URL_ENV
 from services.common.health import wait_for_serving
 from services.common.net import free_port
 from services.common.paths import CHECKOUT_ROOT
@@ -77,7 +78,7 @@ def _start(name: str, redis_url: str, flags: list[str], client, worker) -> Sched
         [sys.executable, "-m", "services.cli", "--log-level", "warning", "scheduler",
          "--host", "127.0.0.1", "--port", str(port), "--lease-ttl-s", "3600",
          "--max-queue-depth", "0", *flags],
-        cwd=CHECKOUT_ROOT, env={**os.environ, "REDIS_URL": redis_url},
+        cwd=CHECKOUT_ROOT, env={**os.environ, REDIS_URL_ENV: redis_url},
     )  # fmt: skip
     node = Scheduler(name, process, f"127.0.0.1:{port}", client, worker)
     wait_for_serving(node.address, 60, alive=lambda: process.poll() is None, security=client)

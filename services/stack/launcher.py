@@ -16,6 +16,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO
 
+from services.common.config import REDIS_URL_ENV
 from services.common.health import wait_for_http, wait_for_serving
 from services.common.net import free_port
 from services.common.redis_store import EmbeddedRedis
@@ -117,7 +118,7 @@ class LocalStack:
                 *cfg.scheduler_args,
             ],
             # The URL may hold a password: through the environment, not a flag in ps.
-            env={"REDIS_URL": self.redis_url},
+            env={REDIS_URL_ENV: self.redis_url},
         )  # fmt: skip
         workers = []
         for index in range(cfg.workers):
