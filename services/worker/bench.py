@@ -5,7 +5,10 @@ Three measurements on the engine itself (no gRPC, no scheduler), with the worker
    once, taken in arrival order) under none, dynamic and continuous batching: tokens/s,
    decoding-step latency, mean batch size and mean job completion time;
 2. decode step latency per batch size and context length (the simulator's per-step cost);
-3. prefill latency per prompt length, with a linear fit (cost per prompt token).
+3. prefill latency per prompt length, with a linear fit (cost per prompt token);
+4. with ``--compare-kv-cache BxC,...``: the decoding step with the engine's in-place KV cache
+   (``services.worker.kv_cache``) against transformers' per-step concatenation, in
+   interleaved rounds at batch size B and context C.
 
 Writes bench/results/worker.json and worker.png and prints tables. Run:
     .venv/bin/python -m services.worker.bench            (what ``make bench-worker`` runs)
@@ -25,13 +28,35 @@ from pathlib import Path
 import numpy as np
 import torch
 from tqdm import tqdm
+from transformers.cache_utils import DynamicLayer
 
 from services.common.paths import CHECKOUT_ROOT
 from services.worker.engine import Batching, Engine, StepStat
 from services.worker.jobs import GenerationRequest, Sampling
+from services.worker.kv_cache import GrowingLayer
 from services.worker.model import LoadedModel, load_model
 
 DEFAULT_OUT = CHECKOUT_ROOT / "bench" / "results" / "worker.json"
+
+
+def _median_decode_ms(
+    model: LoadedModel, batch_size: int, context: int, steps: int, seed: int
+) -> float:
+    """Median decoding-step latency for ``batch_size`` rows at about ``context`` tokens."""
+    rng = random.Random(seed)
+    stats: list[StepStat] = []
+    engine = Engine(model, Batching.DYNAMIC, batch_size, on_step=stats.append)
+    for index in range(batch_size):
+        engine.submit(
+            GenerationRequest(
+                f"sweep-{index}",
+                _prompt_ids(model, rng, context),
+                Sampling(steps + 1, replay_output_tokens=steps + 1),
+            )
+        )
+    while engine.has_work():
+        engine.step()
+    return _percentile([s.seconds * 1e3 for s in stats if s.kind == "decode"], 50)
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -108,33 +133,60 @@ def decode_sweep(
     model: LoadedModel, batch_sizes: list[int], contexts: list[int], steps: int, seed: int
 ) -> list[dict[str, float]]:
     """Median decoding-step latency for b rows at about ``context`` tokens each."""
-    rng = random.Random(seed)
     points = []
     for context in contexts:
         for batch_size in tqdm(batch_sizes, desc=f"decode@{context}", leave=False):
-            stats: list[StepStat] = []
-            engine = Engine(model, Batching.DYNAMIC, batch_size, on_step=stats.append)
-            for index in range(batch_size):
-                engine.submit(
-                    GenerationRequest(
-                        f"sweep-{index}",
-                        _prompt_ids(model, rng, context),
-                        Sampling(steps + 1, replay_output_tokens=steps + 1),
-                    )
-                )
-            while engine.has_work():
-                engine.step()
-            decode_ms = [s.seconds * 1e3 for s in stats if s.kind == "decode"]
+            step_ms = _median_decode_ms(model, batch_size, context, steps, seed)
             points.append(
                 {
                     "batch_size": batch_size,
                     "context": context,
-                    "step_ms_p50": _percentile(decode_ms, 50),
-                    "step_ms_mean": statistics.fmean(decode_ms),
-                    "ms_per_token": _percentile(decode_ms, 50) / batch_size,
+                    "step_ms_p50": step_ms,
+                    "ms_per_token": step_ms / batch_size,
                 }
             )
     return points
+
+
+def compare_kv_cache(
+    model: LoadedModel, points: list[tuple[int, int]], rounds: int, steps: int, seed: int
+) -> list[dict[str, object]]:
+    """Decoding-step p50 with the in-place cache and with transformers' ``torch.cat`` append,
+    alternating within each round so that the machine's drift hits both alike."""
+    in_place = GrowingLayer.update
+    results = []
+    with tqdm(total=rounds * len(points) * 2, desc="kv cache", unit="run") as progress:
+        runs: dict[tuple[int, int], dict[str, list[float]]] = {
+            point: {"in_place": [], "concatenate": []} for point in points
+        }
+        try:
+            for _ in range(rounds):
+                for point in points:
+                    for variant, update in (
+                        ("concatenate", DynamicLayer.update),
+                        ("in_place", in_place),
+                    ):
+                        GrowingLayer.update = update  # type: ignore[method-assign]
+                        runs[point][variant].append(_median_decode_ms(model, *point, steps, seed))
+                        progress.update()
+        finally:
+            GrowingLayer.update = in_place  # type: ignore[method-assign]
+    for (batch_size, context), variants in runs.items():
+        ratios = [
+            new / old
+            for new, old in zip(variants["in_place"], variants["concatenate"], strict=True)
+        ]
+        results.append(
+            {
+                "batch_size": batch_size,
+                "context": context,
+                "steps_per_run": steps,
+                "step_ms_p50_in_place": variants["in_place"],
+                "step_ms_p50_concatenate": variants["concatenate"],
+                "in_place_over_concatenate": {"min": min(ratios), "max": max(ratios)},
+            }
+        )
+    return results
 
 
 def prefill_sweep(
@@ -213,6 +265,17 @@ def print_tables(result: dict[str, object]) -> None:
         f"  prefill ms ~= {prefill['intercept_ms']:.2f} + "
         f"{prefill['ms_per_prompt_token']:.4f} x prompt tokens"
     )
+    if result.get("kv_cache"):
+        print("\nKV cache: decode step p50 (ms) per round, in place vs concatenation")
+        for point in result["kv_cache"]:
+            ratio = point["in_place_over_concatenate"]
+            print(
+                f"  B={point['batch_size']:<3} context {point['context']:<5} in place "
+                + ", ".join(f"{ms:.1f}" for ms in point["step_ms_p50_in_place"])
+                + " | concatenate "
+                + ", ".join(f"{ms:.1f}" for ms in point["step_ms_p50_concatenate"])
+                + f" | ratio {ratio['min']:.2f}-{ratio['max']:.2f}"
+            )
 
 
 def plot(result: dict[str, object], path: Path) -> None:
@@ -240,6 +303,11 @@ def plot(result: dict[str, object], path: Path) -> None:
     figure.savefig(path, dpi=120)
 
 
+def _batch_by_context(point: str) -> tuple[int, int]:
+    batch_size, _, context = point.partition("x")
+    return int(batch_size), int(context)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -258,6 +326,16 @@ def main(argv: list[str] | None = None) -> None:
         default=1,
         help="torch intra-op threads (1: on a shared 2-core machine, 2 threads stall on each\n"
         "other and step latency explodes)",
+    )
+    parser.add_argument(
+        "--compare-kv-cache",
+        default="",
+        metavar="BxC,...",
+        help="also time the decoding step with the in-place KV cache against transformers'\n"
+        "concatenation at these batch sizes x contexts, e.g. 8x512,16x1024 (default: skip)",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="interleaved rounds of that comparison"
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -295,6 +373,13 @@ def main(argv: list[str] | None = None) -> None:
         "decode_fit": fit_decode(decode),
         "prefill": prefill_sweep(
             model, [int(n) for n in args.prefill_lengths.split(",")], repeats=3, seed=args.seed
+        ),
+        "kv_cache": compare_kv_cache(
+            model,
+            [_batch_by_context(point) for point in args.compare_kv_cache.split(",") if point],
+            args.rounds,
+            steps=48,
+            seed=args.seed,
         ),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

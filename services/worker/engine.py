@@ -30,7 +30,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache
 
 from services.common.errors import InvalidArgument
 from services.worker.jobs import (
@@ -41,6 +40,7 @@ from services.worker.jobs import (
     Outcome,
     Sampling,
 )
+from services.worker.kv_cache import GrowingCache
 from services.worker.model import LoadedModel
 from services.worker.sampling import TokenChooser, next_tokens
 from services.worker.text import TextStream
@@ -136,7 +136,7 @@ class _KVBatch:
     def __init__(
         self,
         rows: list[_Sequence],
-        cache: DynamicCache,
+        cache: GrowingCache,
         attention_mask: torch.Tensor,
         positions: torch.Tensor,
         next_input: list[int],
@@ -167,7 +167,7 @@ class _KVBatch:
             mask[index, longest - len(row.input_ids) :] = 1
         ids, mask = ids.to(model.device), mask.to(model.device)
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache()
+        cache = GrowingCache()
         output = model.model(
             input_ids=ids,
             attention_mask=mask,
@@ -242,7 +242,7 @@ class _KVBatch:
             ]
         )
         positions = torch.cat([self.positions, other.positions])
-        self.cache = DynamicCache(ddp_cache_data=layers)
+        self.cache = GrowingCache.from_tensors(layers)
         self.attention_mask = attention_mask
         self.positions = positions
         self.rows += other.rows
