@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import dataclasses
 import io
 import json
 import subprocess
@@ -136,3 +137,13 @@ def test_collect_command_line_reports_and_refuses_bad_penalties(stack, prompts_f
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert json.loads(report.stdout)[str(tmp_path / "good")]["answers"] == 4
+
+
+def test_collect_shortest_first_sends_the_shortest_prompts_first(stack, prompts_file, tmp_path):
+    out = tmp_path / "sorted"
+    settings = config(stack, prompts_file, out, concurrency=1)
+    sorted_config = dataclasses.replace(settings, shortest_first=True)
+    assert asyncio.run(collect(sorted_config, io.StringIO())) == 0
+    records = [json.loads(line) for line in (out / OUTPUTS_FILE).read_text().splitlines()]
+    # One prompt in flight at a time: answers land in the order the prompts were sent.
+    assert [record["prompt_id"] for record in records] == [12, 3, 9, 7]

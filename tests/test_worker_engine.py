@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from services.common.errors import InvalidArgument
-from services.worker.engine import Batching, Engine, StepStat, free_slots
+from services.worker.engine import Batching, Engine, StepStat, free_slots, prefill_groups
 from services.worker.jobs import FinishReason, GenerationRequest, Outcome, Sampling
 from services.worker.model import LoadedModel, load_model
 
@@ -123,6 +124,46 @@ def test_dynamic_batching_admits_nobody_until_the_batch_is_done(model: LoadedMod
     # Jobs 0 and 1 (12 and 30 tokens): the second batch starts after the 30th token.
     first_batch_decodes = steps.index(prefills[1]) - 1
     assert first_batch_decodes == 29
+
+
+@pytest.mark.parametrize("batching", [Batching.DYNAMIC, Batching.CONTINUOUS])
+def test_a_prefill_budget_splits_newcomers_and_keeps_their_solo_tokens(
+    model: LoadedModel, solo: dict[str, Result], batching: Batching
+):
+    """Five newcomers admitted at once under a budget of two short prompts' padded tokens:
+    several prefill passes, none over the budget unless it holds one prompt alone, and every
+    job still gets its solo greedy tokens (dynamic batching still runs them as one batch)."""
+    jobs = requests(model)
+    lengths = [len(job.prompt_ids) for job in jobs]
+    budget = 2 * max(sorted(lengths)[:2])
+    steps: list[StepStat] = []
+    engine = Engine(
+        model, batching, max_batch_size=5, on_step=steps.append, max_prefill_tokens=budget
+    )
+    batched = run(engine, jobs)
+    for job_id, alone in solo.items():
+        assert batched[job_id].token_ids == alone.token_ids, job_id
+    prefills = [step for step in steps if step.kind == "prefill"]
+    assert len(prefills) > 1
+    assert sum(step.batch_size for step in prefills) == len(jobs)
+    for step in prefills:
+        assert step.batch_size == 1 or step.batch_size * step.context <= budget
+    first_decode = next(step for step in steps if step.kind == "decode")
+    assert first_decode.batch_size == len(jobs)
+
+
+def test_prefill_groups_keep_order_and_put_an_overlong_prompt_alone():
+    rows = [SimpleNamespace(input_ids=[0] * length) for length in (10, 10, 30, 5, 100, 5, 5)]
+    groups = prefill_groups(rows, max_tokens=60)
+    assert [row for group in groups for row in group] == rows
+    assert [[len(row.input_ids) for row in group] for group in groups] == [
+        [10, 10],
+        [30, 5],
+        [100],
+        [5, 5],
+    ]
+    with pytest.raises(InvalidArgument, match="prefill tokens"):
+        Engine(SimpleNamespace(), max_prefill_tokens=0)
 
 
 def test_free_slots_per_mode():

@@ -41,5 +41,7 @@ for seed in 1 2; do
   run "alpaca_eval-t0.7-seed$seed" --prompts "$SHARED/alpaca_eval/prompts.jsonl" \
     --subset "${SAMPLED_SUBSET:-320}" --subset-seed 0 --temperature 0.7 --seed "$seed" --label "$MODEL-t0.7-seed$seed"
 done
-run arena_hard_v2-greedy --prompts "$SHARED/arena_hard_v2/prompts.jsonl" --label "$MODEL"
+# Shortest first: Arena prompts run to 11,000 tokens, and a left-padded batch pads every
+# row to its longest prompt.
+run arena_hard_v2-greedy --prompts "$SHARED/arena_hard_v2/prompts.jsonl" --label "$MODEL" --shortest-first
 echo "$(date -u +%FT%TZ) labelling complete"

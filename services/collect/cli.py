@@ -9,7 +9,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from services.common.config import add_option
+from services.common.config import add_flag, add_option
 from services.common.tls import ChannelSecurity, add_client_security_options
 
 
@@ -97,6 +97,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="label only this many prompts, drawn by a --subset-seed shuffle (0: all)",
     )
     add_option(collect, "--subset-seed", type=int, default=0, help="seed of --subset's draw")
+    add_flag(
+        collect,
+        "--shortest-first",
+        help="send prompts shortest first, so prompts batched together have similar lengths "
+        "(a batch pads every row to its longest prompt); for prompt sets with very long ones",
+    )
     add_option(
         collect, "--timeout-s", type=float, default=3600.0, help="give up on one prompt after"
     )
@@ -150,6 +156,7 @@ def _run_collect(args: argparse.Namespace) -> int:
         concurrency=args.concurrency,
         subset=args.subset,
         subset_seed=args.subset_seed,
+        shortest_first=args.shortest_first,
     )
     failed = asyncio.run(collect(config))
     return 1 if failed else 0

@@ -54,6 +54,10 @@ class CollectConfig:
     # Only the first N prompts of the set after a seeded shuffle (0: all, in file order).
     subset: int = 0
     subset_seed: int = 0
+    # Send the prompts in order of length (characters), shortest first, so that the prompts
+    # in flight together have similar lengths: a worker's left-padded batch pads every row to
+    # its longest prompt, and one 6,000-token prompt among short ones slows them all.
+    shortest_first: bool = False
 
 
 @dataclass
@@ -198,6 +202,8 @@ async def collect(config: CollectConfig, stream: TextIO = sys.stdout) -> int:
     write_lengths(done_records, label, config.out)
     done = {record["prompt_id"] for record in done_records}
     todo = [prompt for prompt in prompts if prompt.prompt_id not in done]
+    if config.shortest_first:
+        todo.sort(key=lambda prompt: len(prompt.text))
     progress = Progress(len(prompts), len(prompts) - len(todo), stream)
     print(
         f"collect: {len(prompts)} prompts, {len(prompts) - len(todo)} already done, "

@@ -6,6 +6,7 @@ import argparse
 
 from services.common.config import add_option, add_server_options
 from services.common.tls import add_client_security_options
+from services.worker.jobs import DEFAULT_MAX_PREFILL_TOKENS
 
 BATCHING_MODES = ["none", "dynamic", "continuous"]
 
@@ -60,6 +61,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=int,
         default=8,
         help="most sequences in a batch (dynamic and continuous)",
+    )
+    add_option(
+        worker,
+        "--max-prefill-tokens",
+        type=int,
+        default=DEFAULT_MAX_PREFILL_TOKENS,
+        help="padded prompt tokens (jobs x longest prompt) one prefill pass may hold; newly "
+        "admitted jobs beyond it are prefilled in further passes (bounds prefill memory; a "
+        "longer prompt is prefilled alone)",
     )
     add_option(
         worker,

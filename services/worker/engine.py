@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from services.common.errors import InvalidArgument
 from services.worker.jobs import (
+    DEFAULT_MAX_PREFILL_TOKENS,
     FinishReason,
     GeneratedToken,
     GenerationRequest,
@@ -64,6 +65,21 @@ def free_slots(batching: Batching, max_batch_size: int, active_jobs: int) -> int
     if batching is Batching.DYNAMIC:
         return 0 if active_jobs else max_batch_size
     return max(0, max_batch_size - active_jobs)
+
+
+def prefill_groups(newcomers: list[_Sequence], max_tokens: int) -> list[list[_Sequence]]:
+    """Split newcomers, in order, into groups whose padded size stays within ``max_tokens``."""
+    groups: list[list[_Sequence]] = []
+    longest = 0
+    for row in newcomers:
+        length = len(row.input_ids)
+        if groups and (len(groups[-1]) + 1) * max(longest, length) <= max_tokens:
+            groups[-1].append(row)
+            longest = max(longest, length)
+        else:
+            groups.append([row])
+            longest = length
+    return groups
 
 
 @dataclass(frozen=True)
@@ -258,12 +274,18 @@ class Engine:
         batching: Batching = Batching.CONTINUOUS,
         max_batch_size: int = 8,
         on_step: Callable[[StepStat], None] | None = None,
+        max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS,
     ) -> None:
         if max_batch_size < 1:
             raise InvalidArgument(f"max batch size must be at least 1, got {max_batch_size}")
+        if max_prefill_tokens < 1:
+            raise InvalidArgument(
+                f"max prefill tokens must be at least 1, got {max_prefill_tokens}"
+            )
         self.model = model
         self.batching = batching
         self.max_batch_size = 1 if batching is Batching.NONE else max_batch_size
+        self.max_prefill_tokens = max_prefill_tokens
         self.on_step = on_step
         self._waiting: deque[_Sequence] = deque()
         self._batch: _KVBatch | None = None
@@ -363,9 +385,12 @@ class Engine:
             len(self._waiting),
             free_slots(self.batching, self.max_batch_size, self.running),
         )
-        if not admit:
-            return
         newcomers = [self._waiting.popleft() for _ in range(admit)]
+        for group in prefill_groups(newcomers, self.max_prefill_tokens):
+            self._admit_group(group, updates)
+
+    def _admit_group(self, newcomers: list[_Sequence], updates: list[JobUpdate]) -> None:
+        """Prefill ``newcomers`` as one left-padded batch and join it to the running one."""
         try:
             joining = self._prefill(newcomers, updates)
         except Exception as error:

@@ -11,6 +11,13 @@ from dataclasses import dataclass, field
 from services.common.errors import InvalidArgument
 from services.common.penalties import check_penalties
 
+# Padded prompt tokens (rows x longest prompt) one prefill forward pass may hold (the
+# engine's and the worker's --max-prefill-tokens default). A prefill's activations and
+# attention scores grow with this product, so newcomers are prefilled in groups under it: one
+# 6,000-token prompt among fifteen short ones would otherwise pad all sixteen to 6,000 for the
+# pass. A prompt longer than the budget is prefilled alone.
+DEFAULT_MAX_PREFILL_TOKENS = 8192
+
 
 class FinishReason(enum.Enum):
     LENGTH = "length"

@@ -72,6 +72,7 @@ async def serve(args: argparse.Namespace) -> None:
         Batching(args.batching),
         args.max_batch_size,
         on_step=step_observer(identity.llms, args.batching, identity.max_batch_size),
+        max_prefill_tokens=args.max_prefill_tokens,
     )
     await asyncio.to_thread(engine.warm_up)
     runner = EngineRunner(engine)
