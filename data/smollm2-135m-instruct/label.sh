@@ -4,6 +4,7 @@
 #   LABELS_OUT   where the collect directories go (default: this directory)
 #   SHARED_DATA  the shared data (default: ../shared/data beside the checkout)
 #   MAX_BATCH    worker batch size (continuous batching), CONCURRENCY prompts in flight
+#   WORKERS      worker processes (one torch thread each: 2 on an otherwise idle 2-core box)
 #   SAMPLED_SUBSET  prompts of the sampled runs (default 320; a smaller N is the first N of the
 #                   same draw, so a later, larger run resumes it)
 set -uo pipefail
@@ -22,6 +23,7 @@ PORT=${LABEL_PORT:-$(cd "$REPO" && $PY -c 'from services.common.net import free_
 mkdir -p "$OUT"
 echo "$(date -u +%FT%TZ) labelling: stack on port $PORT, batch $MAX_BATCH, out $OUT"
 $SSJF up --port "$PORT" --model "$MODEL" --policy fcfs --max-batch-size "$MAX_BATCH" \
+  --workers "${WORKERS:-1}" \
   --default-max-new-tokens "$MAX_NEW_TOKENS" &
 UP=$!
 trap 'kill "$UP" 2>/dev/null; wait "$UP"' EXIT
