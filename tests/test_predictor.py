@@ -25,7 +25,7 @@ from services.common.paths import SERVED_MODEL_LABELS
 from services.pb import predictor_pb2, predictor_pb2_grpc
 from services.predictor.batcher import MicroBatcher
 from services.predictor.core import LengthPredictor
-from services.predictor.evaluate import evaluate_artifact
+from services.predictor.evaluate import ALL_SOURCES, evaluate_artifact, evaluate_by_source
 from services.predictor.model import ALL_LLMS, encoder_dir
 from services.predictor.runtime import DEFAULT_ARTIFACT, ArtifactRuntime
 from services.predictor.server import predictor_host
@@ -163,6 +163,22 @@ def test_artifact_ranks_held_out_prompts_better_than_prompt_length(
     assert metrics.kendall_tau > prompt_length.kendall_tau + 0.1
 
 
+def test_evaluation_by_source_splits_the_prompts_by_their_source(
+    runtime: ArtifactRuntime,
+) -> None:
+    dataset = load_dataset(HELD_OUT)
+    groups, head = evaluate_by_source(runtime, dataset, "gpt4_0314", progress=False)
+    assert head == "gpt4_0314"
+    assert next(iter(groups)) == ALL_SOURCES
+    sizes = {source: model.n for source, (model, _) in groups.items()}
+    assert sizes == {"all": 100, "helpful_base": 25, "koala": 31, "oasst": 32, "selfinstruct": 12}
+    # The per-source numbers are scored on exactly that source's prompts (up to int8's
+    # per-batch activation scale: the prompts share micro-batches with other sources there).
+    koala = [prompt.prompt_id for prompt in dataset.prompts if prompt.extra["source"] == "koala"]
+    alone, _, _ = evaluate_artifact(runtime, dataset.subset(koala), "gpt4_0314", progress=False)
+    assert groups["koala"][0].kendall_tau == pytest.approx(alone.kendall_tau, abs=0.02)
+
+
 # ---- the gRPC service -------------------------------------------------------------------
 
 
@@ -280,10 +296,13 @@ def test_eval_predictor_prints_metrics_and_ends_with_tau() -> None:
         str(HELD_OUT / "lengths.csv"),
         "--llm",
         "llama-2-13b-chat-hf",
+        "--by-source",
     )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
     assert any(line.startswith("spearman_rho=") for line in lines)
+    by_source = {line.split()[0]: line.split()[1:] for line in lines if line.startswith("koala")}
+    assert by_source["koala"][0] == "31"
     assert lines[-1].startswith("kendall_tau=") and float(lines[-1].split("=")[1]) > 0.2
     unknown = _ssjf(
         "eval-predictor",

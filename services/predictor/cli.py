@@ -178,6 +178,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_option(evaluate, "--artifact", default=str(DEFAULT_ARTIFACT), help="artifact directory")
     add_flag(evaluate, "--held-out", help="score only the training split's test prompts")
+    add_flag(
+        evaluate,
+        "--by-source",
+        help="also print tau per prompt source (the 'source' field of prompts.jsonl)",
+    )
     evaluate.set_defaults(run=_evaluate)
 
 
@@ -264,7 +269,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from services.common.alpaca import load_dataset
-    from services.predictor.evaluate import evaluate_artifact
+    from services.predictor.evaluate import ALL_SOURCES, evaluate_by_source
     from services.predictor.runtime import ArtifactRuntime
     from services.predictor.training import split_dataset
 
@@ -276,9 +281,17 @@ def _evaluate(args: argparse.Namespace) -> int:
     runtime = ArtifactRuntime(Path(args.artifact))
     llm = args.llm or runtime.default_llm
     try:
-        metrics, baseline, head = evaluate_artifact(runtime, dataset, llm)
+        groups, head = evaluate_by_source(runtime, dataset, llm)
     except KeyError as error:
         raise SystemExit(f"error: {error.args[0]}") from None
+    metrics, baseline = groups[ALL_SOURCES]
+    if args.by_source:
+        print(f"{'source':<24}{'prompts':>8}{'tau':>8}{'prompt-length tau':>19}")
+        for source, (by_model, by_length) in groups.items():
+            print(
+                f"{source:<24}{by_model.n:>8}{by_model.kendall_tau:>8.3f}"
+                f"{by_length.kendall_tau:>19.3f}"
+            )
     print(f"artifact={runtime.version} llm={llm} head={head} prompts={metrics.n}")
     print("baseline (prompt length): " + json.dumps(baseline.as_dict()))
     print(f"spearman_rho={metrics.spearman_rho:.4f}")

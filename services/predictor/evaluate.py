@@ -70,13 +70,39 @@ def evaluate_artifact(
     runtime: ArtifactRuntime, dataset: LengthDataset, llm: str, progress: bool = True
 ) -> tuple[LengthMetrics, LengthMetrics, str]:
     """Model metrics, prompt-length baseline metrics and the head used, on answered prompts."""
+    groups, head = evaluate_by_source(runtime, dataset, llm, progress)
+    model, prompt_length = groups[ALL_SOURCES]
+    return model, prompt_length, head
+
+
+# The key of ``evaluate_by_source``'s result that holds every answered prompt.
+ALL_SOURCES = "all"
+
+
+def evaluate_by_source(
+    runtime: ArtifactRuntime, dataset: LengthDataset, llm: str, progress: bool = True
+) -> tuple[dict[str, tuple[LengthMetrics, LengthMetrics]], str]:
+    """(model, prompt-length baseline) metrics on every answered prompt (``ALL_SOURCES``,
+    first) and per prompt source (``source`` in prompts.jsonl; sources with fewer than two
+    answered prompts are left out), and the head used. A head can rank the prompts within
+    each source and still fail across them, or the other way round."""
     answered = dataset.lengths_for(llm)
     prompts = [prompt for prompt in dataset.prompts if prompt.prompt_id in answered]
     texts = [prompt.text for prompt in prompts]
-    true = [answered[prompt.prompt_id] for prompt in prompts]
+    true = np.asarray([answered[prompt.prompt_id] for prompt in prompts], dtype=np.float64)
     predicted, head = predict_dataset(runtime, texts, llm, progress=progress)
     # The baseline a length-unaware scheduler can use for free: untruncated prompt length.
-    prompt_tokens = [
-        len(encoding.ids) for encoding in runtime.tokenizer.tokenizer.encode_batch(texts)
-    ]
-    return score(predicted, true), score(prompt_tokens, true), head
+    prompt_tokens = np.asarray(
+        [len(encoding.ids) for encoding in runtime.tokenizer.tokenizer.encode_batch(texts)],
+        dtype=np.float64,
+    )
+    sources = np.asarray([str(prompt.extra.get("source", "")) for prompt in prompts])
+    groups = {ALL_SOURCES: (score(predicted, true), score(prompt_tokens, true))}
+    for source in sorted(set(sources) - {""}):
+        chosen = sources == source
+        if chosen.sum() >= 2:
+            groups[source] = (
+                score(predicted[chosen], true[chosen]),
+                score(prompt_tokens[chosen], true[chosen]),
+            )
+    return groups, head
