@@ -3,6 +3,8 @@ that hands out jobs through Lease and records every Report, like the scheduler d
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -293,3 +295,12 @@ def test_sigterm_finishes_held_jobs_then_exits():
     finally:
         worker.stop()
         server.stop(grace=None)
+
+
+@pytest.mark.parametrize("flag", ["--max-prefill-tokens", "--max-batch-size"])
+def test_a_non_positive_size_is_refused_before_the_model_loads(flag: str):
+    command = [sys.executable, "-m", "services.cli", "worker", "--model", "tiny-llama", flag, "0"]
+    command += ["--port", str(free_port()), "--scheduler", f"127.0.0.1:{free_port()}"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode != 0
+    assert f"{flag} must be at least 1, got 0" in result.stderr

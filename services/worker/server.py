@@ -48,6 +48,13 @@ def served_names(text: str) -> list[str]:
 
 
 async def serve(args: argparse.Namespace) -> None:
+    # Checked before the model loads, so a typo costs a second, not a model load.
+    for flag, value in (
+        ("--max-batch-size", args.max_batch_size),
+        ("--max-prefill-tokens", args.max_prefill_tokens),
+    ):
+        if value < 1:
+            raise SystemExit(f"{flag} must be at least 1, got {value}")
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     identity = WorkerIdentity(
