@@ -66,6 +66,10 @@ def predict_dataset(
     return predicted, head
 
 
+# The key of ``evaluate_by_source``'s result that holds every answered prompt.
+ALL_SOURCES = "all"
+
+
 def evaluate_artifact(
     runtime: ArtifactRuntime, dataset: LengthDataset, llm: str, progress: bool = True
 ) -> tuple[LengthMetrics, LengthMetrics, str]:
@@ -73,10 +77,6 @@ def evaluate_artifact(
     groups, head = evaluate_by_source(runtime, dataset, llm, progress)
     model, prompt_length = groups[ALL_SOURCES]
     return model, prompt_length, head
-
-
-# The key of ``evaluate_by_source``'s result that holds every answered prompt.
-ALL_SOURCES = "all"
 
 
 def evaluate_by_source(
