@@ -10,7 +10,14 @@ import pytest
 import torch
 
 from services.common.errors import InvalidArgument
-from services.worker.engine import Batching, Engine, StepStat, free_slots, prefill_groups
+from services.worker.engine import (
+    Batching,
+    Engine,
+    StepStat,
+    admissible_within_budget,
+    free_slots,
+    prefill_groups,
+)
 from services.worker.jobs import FinishReason, GenerationRequest, Outcome, Sampling
 from services.worker.model import LoadedModel, load_model
 
@@ -164,6 +171,45 @@ def test_prefill_groups_keep_order_and_put_an_overlong_prompt_alone():
     ]
     with pytest.raises(InvalidArgument, match="prefill tokens"):
         Engine(SimpleNamespace(), max_prefill_tokens=0)
+
+
+@pytest.mark.parametrize("batching", [Batching.DYNAMIC, Batching.CONTINUOUS])
+def test_a_cache_budget_holds_jobs_back_and_keeps_their_solo_tokens(
+    model: LoadedModel, solo: dict[str, Result], batching: Batching
+):
+    """Five jobs at once under a cache budget of about two rows: no decoding step's cache
+    (rows x width) passes the budget unless one row runs alone, jobs wait their turn instead
+    of failing, and every job still gets its solo greedy tokens."""
+    jobs = requests(model)
+    spans = sorted(len(job.prompt_ids) + job.sampling.answer_limit for job in jobs)
+    budget = 2 * spans[-1]
+    steps: list[StepStat] = []
+    engine = Engine(
+        model, batching, max_batch_size=5, on_step=steps.append, max_batch_total_tokens=budget
+    )
+    batched = run(engine, jobs)
+    for job_id, alone in solo.items():
+        assert batched[job_id].token_ids == alone.token_ids, job_id
+        assert batched[job_id].outcome.finish_reason is FinishReason.LENGTH
+    decodes = [step for step in steps if step.kind == "decode"]
+    for step in decodes:
+        assert step.batch_size == 1 or step.batch_size * step.context <= budget
+    # The budget, not the batch size, held the batch: never all five, but more than one.
+    assert 1 < max(step.batch_size for step in decodes) < len(jobs)
+
+
+def test_cache_budget_admission_keeps_order_and_always_starts_an_empty_batch():
+    # Running rows 100 and 50 wide; budget 400: a third row of width <= 133 fits.
+    assert admissible_within_budget([100, 50], [120, 10, 10], slots=5, max_total_tokens=400) == 1
+    # The first that does not fit stops admission: the short ones behind it do not overtake.
+    assert admissible_within_budget([100, 50], [300, 10], slots=5, max_total_tokens=400) == 0
+    # An empty batch takes a job wider than the budget alone (it would never run otherwise).
+    assert admissible_within_budget([], [900, 10], slots=5, max_total_tokens=400) == 1
+    assert admissible_within_budget([], [100] * 9, slots=3, max_total_tokens=10_000) == 3
+    assert admissible_within_budget([], [100] * 9, slots=9, max_total_tokens=450) == 4
+    assert admissible_within_budget([], [], slots=9, max_total_tokens=450) == 0
+    with pytest.raises(InvalidArgument, match="max batch total tokens"):
+        Engine(SimpleNamespace(), max_batch_total_tokens=0)
 
 
 def test_free_slots_per_mode():

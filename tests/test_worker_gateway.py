@@ -297,7 +297,9 @@ def test_sigterm_finishes_held_jobs_then_exits():
         server.stop(grace=None)
 
 
-@pytest.mark.parametrize("flag", ["--max-prefill-tokens", "--max-batch-size"])
+@pytest.mark.parametrize(
+    "flag", ["--max-prefill-tokens", "--max-batch-size", "--max-batch-total-tokens"]
+)
 def test_a_non_positive_size_is_refused_before_the_model_loads(flag: str):
     command = [sys.executable, "-m", "services.cli", "worker", "--model", "tiny-llama", flag, "0"]
     command += ["--port", str(free_port()), "--scheduler", f"127.0.0.1:{free_port()}"]

@@ -6,7 +6,7 @@ import argparse
 
 from services.common.config import add_option, add_server_options
 from services.common.tls import add_client_security_options
-from services.worker.jobs import DEFAULT_MAX_PREFILL_TOKENS
+from services.worker.jobs import DEFAULT_MAX_BATCH_TOTAL_TOKENS, DEFAULT_MAX_PREFILL_TOKENS
 
 BATCHING_MODES = ["none", "dynamic", "continuous"]
 
@@ -70,6 +70,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="padded prompt tokens (jobs x longest prompt) one prefill pass may hold; newly "
         "admitted jobs beyond it are prefilled in further passes (bounds prefill memory; a "
         "longer prompt is prefilled alone)",
+    )
+    add_option(
+        worker,
+        "--max-batch-total-tokens",
+        type=int,
+        default=DEFAULT_MAX_BATCH_TOTAL_TOKENS,
+        help="KV-cache budget in token slots: a job joins the running batch only while rows x "
+        "the longest row's prompt + answer cap stays within it, else it waits for rows to "
+        "finish (bounds cache memory, as TGI's flag; a job wider than it runs alone). The "
+        "worker logs what it costs in bytes for the loaded model",
     )
     add_option(
         worker,

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from services.common.errors import InvalidArgument
 from services.worker.jobs import (
+    DEFAULT_MAX_BATCH_TOTAL_TOKENS,
     DEFAULT_MAX_PREFILL_TOKENS,
     FinishReason,
     GeneratedToken,
@@ -65,6 +66,23 @@ def free_slots(batching: Batching, max_batch_size: int, active_jobs: int) -> int
     if batching is Batching.DYNAMIC:
         return 0 if active_jobs else max_batch_size
     return max(0, max_batch_size - active_jobs)
+
+
+def admissible_within_budget(
+    running_spans: list[int], waiting_spans: list[int], slots: int, max_total_tokens: int
+) -> int:
+    """How many waiting jobs, taken in order, may join the running ones without the batch's
+    worst-case cache (rows x the widest row's prompt + answer cap) passing ``max_total_tokens``.
+
+    The first job that does not fit stops admission, so a long job is not overtaken by the
+    short ones behind it (the scheduler's order holds); a job admitted into an empty batch
+    always fits, or a job wider than the budget would never run."""
+    rows, widest, admitted = len(running_spans), max(running_spans, default=0), 0
+    for span in waiting_spans[:slots]:
+        if rows and (rows + 1) * max(widest, span) > max_total_tokens:
+            break
+        rows, widest, admitted = rows + 1, max(widest, span), admitted + 1
+    return admitted
 
 
 def prefill_groups(newcomers: list[_Sequence], max_tokens: int) -> list[list[_Sequence]]:
@@ -113,6 +131,8 @@ class _Sequence:
         # the context used to run on beyond it until cancelled): it then ends with LENGTH.
         self.answer_limit = min(self.sampling.answer_limit, len(request.resume_token_ids) + room)
         self.cut_by_context = self.answer_limit < self.sampling.answer_limit
+        # The most cache columns this row can ever need: its prompt and its whole answer.
+        self.span = self.prompt_tokens + self.answer_limit
         self.answer_tokens = len(request.resume_token_ids)
         self.stream = TextStream(
             model.decode,
@@ -275,17 +295,20 @@ class Engine:
         max_batch_size: int = 8,
         on_step: Callable[[StepStat], None] | None = None,
         max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS,
+        max_batch_total_tokens: int = DEFAULT_MAX_BATCH_TOTAL_TOKENS,
     ) -> None:
-        if max_batch_size < 1:
-            raise InvalidArgument(f"max batch size must be at least 1, got {max_batch_size}")
-        if max_prefill_tokens < 1:
-            raise InvalidArgument(
-                f"max prefill tokens must be at least 1, got {max_prefill_tokens}"
-            )
+        for name, value in (
+            ("max batch size", max_batch_size),
+            ("max prefill tokens", max_prefill_tokens),
+            ("max batch total tokens", max_batch_total_tokens),
+        ):
+            if value < 1:
+                raise InvalidArgument(f"{name} must be at least 1, got {value}")
         self.model = model
         self.batching = batching
         self.max_batch_size = 1 if batching is Batching.NONE else max_batch_size
         self.max_prefill_tokens = max_prefill_tokens
+        self.max_batch_total_tokens = max_batch_total_tokens
         self.on_step = on_step
         self._waiting: deque[_Sequence] = deque()
         self._batch: _KVBatch | None = None
@@ -380,10 +403,13 @@ class Engine:
     # --- admission and cache handling ----------------------------------------------------
 
     def _admit(self, updates: list[JobUpdate]) -> None:
-        """Prefill as many waiting jobs as the mode allows and join them to the batch."""
-        admit = min(
-            len(self._waiting),
+        """Prefill as many waiting jobs as the mode and the cache budget allow and join them
+        to the batch; the others keep waiting, in order, for rows to finish."""
+        admit = admissible_within_budget(
+            [row.span for row in self._batch.rows] if self._batch else [],
+            [row.span for row in self._waiting],
             free_slots(self.batching, self.max_batch_size, self.running),
+            self.max_batch_total_tokens,
         )
         newcomers = [self._waiting.popleft() for _ in range(admit)]
         for group in prefill_groups(newcomers, self.max_prefill_tokens):

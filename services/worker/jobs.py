@@ -18,6 +18,13 @@ from services.common.penalties import check_penalties
 # pass. A prompt longer than the budget is prefilled alone.
 DEFAULT_MAX_PREFILL_TOKENS = 8192
 
+# Cached token slots (rows x the longest row's prompt + answer cap) a running batch may reach
+# (the engine's and the worker's --max-batch-total-tokens default, as TGI's flag of that
+# name). The left-padded KV cache is rows x longest row wide, so sixteen multi-thousand-token
+# prompts with 1,024-token answer caps grow it to gigabytes: a labelling worker was
+# OOM-killed at 15.7 GB that way. 32,768 slots are 1.5 GB of fp32 cache for SmolLM2-135M.
+DEFAULT_MAX_BATCH_TOTAL_TOKENS = 32768
+
 
 class FinishReason(enum.Enum):
     LENGTH = "length"

@@ -115,6 +115,16 @@ class LoadedModel:
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes one cached position costs over all layers (keys and values), so that a
+        token budget can be read in bytes."""
+        config = self.model.config
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        return 2 * config.num_hidden_layers * kv_heads * head_dim * self.dtype.itemsize
+
 
 def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
     """Every id that ends a sequence: generation configs may list several (e.g. Llama 3)."""

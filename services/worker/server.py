@@ -52,6 +52,7 @@ async def serve(args: argparse.Namespace) -> None:
     for flag, value in (
         ("--max-batch-size", args.max_batch_size),
         ("--max-prefill-tokens", args.max_prefill_tokens),
+        ("--max-batch-total-tokens", args.max_batch_total_tokens),
     ):
         if value < 1:
             raise SystemExit(f"{flag} must be at least 1, got {value}")
@@ -80,6 +81,7 @@ async def serve(args: argparse.Namespace) -> None:
         args.max_batch_size,
         on_step=step_observer(identity.llms, args.batching, identity.max_batch_size),
         max_prefill_tokens=args.max_prefill_tokens,
+        max_batch_total_tokens=args.max_batch_total_tokens,
     )
     await asyncio.to_thread(engine.warm_up)
     runner = EngineRunner(engine)
@@ -103,6 +105,8 @@ async def serve(args: argparse.Namespace) -> None:
             "llms": identity.llms,
             "scheduler": args.scheduler,
             "batching": args.batching,
+            "max_batch_total_tokens": args.max_batch_total_tokens,
+            "kv_cache_budget_mib": args.max_batch_total_tokens * model.kv_bytes_per_token >> 20,
         },
     )
     try:
