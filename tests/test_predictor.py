@@ -15,21 +15,25 @@ import pytest
 from services.common.alpaca import (
     LengthDataset,
     Prompt,
+    add_collected,
     add_labels,
+    add_prompt_set,
     load_dataset,
+    prompt_set_of,
     split_by_prompt,
     write_dataset,
 )
 from services.common.net import free_port
-from services.common.paths import SERVED_MODEL_LABELS
+from services.common.paths import SERVED_MODEL_ARENA_LABELS, SERVED_MODEL_LABELS
 from services.pb import predictor_pb2, predictor_pb2_grpc
 from services.predictor.batcher import MicroBatcher
 from services.predictor.core import LengthPredictor
-from services.predictor.evaluate import ALL_SOURCES, evaluate_artifact, evaluate_by_source
+from services.predictor.evaluate import ALL_SOURCES, evaluate_by_source
 from services.predictor.model import ALL_LLMS, encoder_dir
 from services.predictor.runtime import DEFAULT_ARTIFACT, ArtifactRuntime
 from services.predictor.server import predictor_host
 from services.predictor.tokenization import PromptTokenizer
+from services.predictor.training import split_dataset
 from tests.helpers import REPO_ROOT, start_service, wait_for_health
 
 HELD_OUT = REPO_ROOT / "tests" / "data" / "predictor_heldout"
@@ -86,6 +90,61 @@ def test_add_labels_joins_another_llms_lengths_by_prompt_and_refuses_other_promp
     write_dataset(LengthDataset([Prompt(1, "A different prompt.")], {"x": {1: 3}}), other)
     with pytest.raises(ValueError, match="not the same prompt"):
         add_labels(base, other)
+
+
+def test_another_prompt_set_joins_with_namespaced_ids_and_its_own_split(tmp_path: Path) -> None:
+    base = LengthDataset(
+        [Prompt(i, f"Training prompt {i}.") for i in range(50)],
+        {"vicuna-13b": {i: 10 + i for i in range(50)}, "smollm2": {i: 5 + i for i in range(50)}},
+    )
+    arena = tmp_path / "arena"  # counts from 0 too: its ids collide with the training ids
+    write_dataset(
+        LengthDataset(
+            [Prompt(i, f"Arena prompt {i}.", {"source": "math"}) for i in range(20)],
+            {"smollm2": {i: 100 + i for i in range(20)}},
+        ),
+        arena,
+    )
+    joined = add_collected(base, arena)
+    assert len(joined.prompts) == 70
+    added = joined.prompts[50:]
+    assert [prompt.prompt_id for prompt in added] == [f"arena:{i}" for i in range(20)]
+    assert {prompt_set_of(prompt) for prompt in added} == {"arena"}
+    assert added[3].extra["source"] == "math" and added[3].text == "Arena prompt 3."
+    assert joined.lengths_for("smollm2")["arena:3"] == 103
+    assert joined.lengths_for("smollm2")[3] == 8  # the training prompt's own label stays
+    assert "arena:3" not in joined.lengths_for("vicuna-13b")
+    # The training set's split does not move, and the added set is split on its own.
+    alone, together = split_dataset(base), split_dataset(joined)
+    for before, after in zip(
+        (alone.train, alone.dev, alone.test),
+        (together.train, together.dev, together.test),
+        strict=True,
+    ):
+        assert [pid for pid in after if isinstance(pid, int)] == before
+        assert any(isinstance(pid, str) for pid in after)
+    with pytest.raises(ValueError, match="already in the data"):
+        add_collected(joined, arena)
+    with pytest.raises(ValueError, match="prompt set 'arena' is already in the data"):
+        add_prompt_set(joined, arena)
+    # Labels of the training prompts (and of prompts beyond them) are joined as a head.
+    served = tmp_path / "served"
+    write_dataset(
+        LengthDataset(
+            [Prompt(0, "Training prompt 0."), Prompt(99, "Beyond.")], {"served": {0: 1, 99: 2}}
+        ),
+        served,
+    )
+    assert add_collected(base, served).lengths_for("served") == {0: 1}
+    mixed = tmp_path / "mixed"
+    write_dataset(
+        LengthDataset(
+            [Prompt(0, "Training prompt 0."), Prompt(1, "Not training prompt 1.")], {"x": {0: 1}}
+        ),
+        mixed,
+    )
+    with pytest.raises(ValueError, match="1 of its prompts are training prompts"):
+        add_collected(base, mixed)
 
 
 def test_long_prompts_keep_head_and_tail() -> None:
@@ -158,7 +217,8 @@ def test_artifact_answers_per_llm_and_falls_back(runtime: ArtifactRuntime) -> No
 def test_artifact_ranks_held_out_prompts_better_than_prompt_length(
     runtime: ArtifactRuntime, llm: str
 ) -> None:
-    metrics, prompt_length, head = evaluate_artifact(runtime, load_dataset(HELD_OUT), llm)
+    groups, head = evaluate_by_source(runtime, load_dataset(HELD_OUT), llm)
+    metrics, prompt_length = groups[ALL_SOURCES]
     assert head == llm and metrics.n == 100
     assert metrics.kendall_tau > prompt_length.kendall_tau + 0.1
 
@@ -175,8 +235,10 @@ def test_evaluation_by_source_splits_the_prompts_by_their_source(
     # The per-source numbers are scored on exactly that source's prompts (up to int8's
     # per-batch activation scale: the prompts share micro-batches with other sources there).
     koala = [prompt.prompt_id for prompt in dataset.prompts if prompt.extra["source"] == "koala"]
-    alone, _, _ = evaluate_artifact(runtime, dataset.subset(koala), "gpt4_0314", progress=False)
-    assert groups["koala"][0].kendall_tau == pytest.approx(alone.kendall_tau, abs=0.02)
+    alone, _ = evaluate_by_source(runtime, dataset.subset(koala), "gpt4_0314", progress=False)
+    assert groups["koala"][0].kendall_tau == pytest.approx(
+        alone[ALL_SOURCES][0].kendall_tau, abs=0.02
+    )
 
 
 # ---- the gRPC service -------------------------------------------------------------------
@@ -325,7 +387,7 @@ def test_train_export_smoke_on_a_handful_of_prompts(tmp_path: Path) -> None:
         "--data",
         str(HELD_OUT),
         "--labels",
-        str(SERVED_MODEL_LABELS),
+        f"{SERVED_MODEL_LABELS},{SERVED_MODEL_ARENA_LABELS}",
         "--llm",
         "vicuna-13b,smollm2-135m-instruct",
         "--epochs",
@@ -346,6 +408,11 @@ def test_train_export_smoke_on_a_handful_of_prompts(tmp_path: Path) -> None:
     assert smoke.version.startswith("smoke-")
     # The served model's labels (joined from its collect directory) got a head of their own.
     assert "smollm2-135m-instruct" in smoke.metadata["held_out_test"]
+    # Arena's prompts (another prompt set) trained it too, and are scored apart, per source.
+    arena = smoke.metadata["held_out_test_other_prompt_sets"][SERVED_MODEL_ARENA_LABELS.name]
+    assert list(arena) == ["smollm2-135m-instruct"]
+    sources = set(arena["smollm2-135m-instruct"]["by_source"])
+    assert sources == {"coding", "math", "creative_writing"}
     parity = smoke.metadata["parity"]["fp32_vs_pytorch"]
     assert parity["max_rel_diff"] < 1e-3
     vicuna, smollm2 = smoke.predict(

@@ -19,6 +19,11 @@ API:
 - :func:`split_by_prompt(prompt_ids, fractions, seed)` -> one list of ids per fraction. The
   split is by prompt, never by row: every model's answer to one prompt lands on the same side.
   It depends only on the set of ids and the seed, so it is repeatable across runs and machines.
+- :func:`add_prompt_set(dataset, directory)`: another prompt set's prompts and lengths (e.g.
+  the served model's answers to Arena prompts), ids namespaced as ``"<set>:<id>"`` and each
+  prompt tagged with its set (:func:`prompt_set_of`), so splits can be drawn per set.
+- :func:`add_collected(dataset, directory)`: whichever of the two an ``ssjf collect`` directory
+  is (same prompts: more lengths; other prompts: another set).
 - :func:`write_dataset(dataset, directory, llms=None)`: write the shared format back (to
   vendor a slice: ``write_dataset(full.subset(ids), path, ["vicuna-13b"])``).
 - :func:`default_data_dir()` -> ``../shared/data/alpaca_eval`` beside the repository, or None.
@@ -182,6 +187,63 @@ def add_labels(dataset: LengthDataset, directory: Path | str) -> LengthDataset:
             raise ValueError(f"{directory}: the data already has lengths for {llm!r}")
         lengths[llm] = {pid: tokens for pid, tokens in answered.items() if pid in texts}
     return LengthDataset(dataset.prompts, lengths)
+
+
+# Prompt.extra key naming the prompt set a prompt was added from (absent: the main set).
+PROMPT_SET_KEY = "prompt_set"
+
+
+def prompt_set_of(prompt: Prompt) -> str:
+    """The set ``prompt`` came from: '' for the main data, else :func:`add_prompt_set`'s name."""
+    return str(prompt.extra.get(PROMPT_SET_KEY, ""))
+
+
+def add_prompt_set(dataset: LengthDataset, directory: Path | str) -> LengthDataset:
+    """``dataset`` plus the prompts and lengths of another prompt set (an ``ssjf collect`` run
+    over other prompts). Both sets may count their ids from 0, so the added ids become
+    ``"<directory name>:<id>"``; the added prompts have no lengths for the LLMs only the main
+    set has (NaN in ``length_matrix``, which training skips)."""
+    directory = Path(directory)
+    name = directory.name
+    added = load_dataset(directory)
+    renamed = {prompt.prompt_id: f"{name}:{prompt.prompt_id}" for prompt in added.prompts}
+    if set(renamed.values()) & set(dataset.prompt_ids):
+        raise ValueError(f"{directory}: prompt set {name!r} is already in the data")
+    prompts = [
+        *dataset.prompts,
+        *(
+            Prompt(renamed[prompt.prompt_id], prompt.text, {**prompt.extra, PROMPT_SET_KEY: name})
+            for prompt in added.prompts
+        ),
+    ]
+    lengths = {llm: dict(answered) for llm, answered in dataset.lengths.items()}
+    for llm, answered in added.lengths.items():
+        lengths.setdefault(llm, {}).update(
+            {renamed[pid]: tokens for pid, tokens in answered.items() if pid in renamed}
+        )
+    return LengthDataset(prompts, lengths)
+
+
+def add_collected(dataset: LengthDataset, directory: Path | str) -> LengthDataset:
+    """``dataset`` plus an ``ssjf collect`` directory: one more LLM's lengths when it labels the
+    training prompts (:func:`add_labels`; prompts beyond them are dropped), more prompts when
+    none of its prompts is a training prompt (:func:`add_prompt_set`); a mix is refused."""
+    texts = {prompt.prompt_id: prompt.text for prompt in dataset.prompts}
+    collected = load_prompts(Path(directory) / PROMPTS_FILE)
+    same = sum(texts.get(prompt.prompt_id) == prompt.text for prompt in collected)
+    clashing = sum(
+        prompt.prompt_id in texts and texts[prompt.prompt_id] != prompt.text for prompt in collected
+    )
+    if same and not clashing:
+        return add_labels(dataset, directory)
+    if not same:
+        if {prompt.text for prompt in collected} & set(texts.values()):
+            raise ValueError(f"{directory}: its prompts are already in the data under other ids")
+        return add_prompt_set(dataset, directory)
+    raise ValueError(
+        f"{directory}: {same} of its prompts are training prompts and {len(collected) - same} "
+        "are not (or have other ids): label either the training prompts or another prompt set"
+    )
 
 
 def write_dataset(

@@ -93,9 +93,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         train,
         "--labels",
         default=default_labels(),
-        help="comma-separated ssjf collect directories with other LLMs' lengths of the same "
-        "prompts, each trained as one more head (default: the served model's committed "
-        "labels; '' for none)",
+        help="comma-separated ssjf collect directories: another LLM's lengths of the same "
+        "prompts (one more head), or another prompt set's lengths (more training prompts, ids "
+        "namespaced '<directory name>:<id>', split 70/10/20 on their own and scored apart); "
+        "default: the served model's committed AlpacaEval and Arena labels; '' for none",
     )
     add_option(
         train,

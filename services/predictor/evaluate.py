@@ -70,15 +70,6 @@ def predict_dataset(
 ALL_SOURCES = "all"
 
 
-def evaluate_artifact(
-    runtime: ArtifactRuntime, dataset: LengthDataset, llm: str, progress: bool = True
-) -> tuple[LengthMetrics, LengthMetrics, str]:
-    """Model metrics, prompt-length baseline metrics and the head used, on answered prompts."""
-    groups, head = evaluate_by_source(runtime, dataset, llm, progress)
-    model, prompt_length = groups[ALL_SOURCES]
-    return model, prompt_length, head
-
-
 def evaluate_by_source(
     runtime: ArtifactRuntime, dataset: LengthDataset, llm: str, progress: bool = True
 ) -> tuple[dict[str, tuple[LengthMetrics, LengthMetrics]], str]:

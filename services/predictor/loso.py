@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from scipy.stats import kendalltau
 
-from services.common.alpaca import default_data_dir, split_by_prompt
+from services.common.alpaca import default_data_dir, prompt_set_of, split_by_prompt
 from services.common.first_stage import fit_first_stage
 from services.common.paths import CHECKOUT_ROOT, default_labels, label_dirs
 from services.predictor.bench import command_line, write_result
@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--labels",
         default=default_labels(),
-        help="comma-separated collect directories joined as more heads (as train-predictor)",
+        help="comma-separated collect directories: more heads, or another prompt set that "
+        "stays in training in every fold (as train-predictor)",
     )
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--trainable-layers", type=int, default=2)
@@ -59,7 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     dataset = training_data(Path(args.data), label_dirs(args.labels))
     llms = [llm for llm in REPORT_LLMS if llm in dataset.lengths]
-    sources = sorted({str(prompt.extra.get("source", "")) for prompt in dataset.prompts})
+    # The folds are the main set's sources (alpaca_eval's five); another prompt set's prompts
+    # (--labels) stay in every fold's training.
+    main_set = [prompt for prompt in dataset.prompts if not prompt_set_of(prompt)]
+    sources = sorted({str(prompt.extra.get("source", "")) for prompt in main_set})
     config = TrainConfig(
         formulation=args.formulation,
         epochs=args.epochs,
@@ -77,8 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     lower = None
     for source in sources:
         started = time.monotonic()
-        held = [p.prompt_id for p in dataset.prompts if p.extra.get("source") == source]
-        rest = [p.prompt_id for p in dataset.prompts if p.extra.get("source") != source]
+        held = [p.prompt_id for p in main_set if p.extra.get("source") == source]
+        rest = [pid for pid in dataset.prompt_ids if pid not in set(held)]
         train_ids, dev_ids = split_by_prompt(rest, (0.9, 0.1), seed=0)
         trainer = Trainer(dataset, config, lower, split=Split(train_ids, dev_ids, held))
         lower = trainer.lower

@@ -12,9 +12,15 @@ from typing import Any
 
 import numpy as np
 
-from services.common.alpaca import LengthDataset, add_labels, load_dataset
+from services.common.alpaca import (
+    LengthDataset,
+    PromptId,
+    add_collected,
+    load_dataset,
+    prompt_set_of,
+)
 from services.common.first_stage import FIRST_STAGE_FILE, fit_first_stage
-from services.predictor.evaluate import evaluate_artifact, score
+from services.predictor.evaluate import ALL_SOURCES, evaluate_by_source, score
 from services.predictor.export import FP32_MODEL_FILE, METADATA_FILE, write_artifact
 from services.predictor.model import FORMULATIONS
 from services.predictor.runtime import ArtifactRuntime
@@ -36,10 +42,11 @@ __all__ = ["FORMULATIONS", "format_table", "train_and_export"]
 
 
 def training_data(data_dir: Path, label_dirs: Sequence[Path] = ()) -> LengthDataset:
-    """The shared-format training data plus other LLMs' labels of the same prompts."""
+    """The shared-format training data plus ``ssjf collect`` directories: other LLMs' lengths
+    of the same prompts (one more head each) or another prompt set's (more prompts)."""
     dataset = load_dataset(data_dir)
     for directory in label_dirs:
-        dataset = add_labels(dataset, directory)
+        dataset = add_collected(dataset, directory)
     return dataset
 
 
@@ -79,13 +86,21 @@ def train_and_export(
             keep_fp32=keep_fp32,
             training_summary=trainer.summary(),
         )
-        test_set = dataset.subset(trainer.split.test)
+        test_sets = held_out_by_prompt_set(dataset, trainer.split.test)
+        test_set = test_sets.pop("")
         report_llms = [
             *trainer.eval_llms,
             *(llm for llm in FIRST_STAGE_EXTRA_LLMS if llm in trainer.llms),
         ]
-        held_out = held_out_metrics(ArtifactRuntime(directory), test_set, report_llms)
+        runtime = ArtifactRuntime(directory)
+        held_out = held_out_metrics(runtime, test_set, report_llms)
         metadata["held_out_test"] = held_out
+        if test_sets:
+            # Reported apart: the main set's numbers stay comparable with earlier artifacts.
+            metadata["held_out_test_other_prompt_sets"] = {
+                name: held_out_metrics(runtime, subset, answering(subset), by_source=True)
+                for name, subset in test_sets.items()
+            }
         metadata["first_stage"] = write_first_stage(
             dataset, trainer.split, [*trainer.eval_llms, default_llm], directory
         )
@@ -125,7 +140,7 @@ def write_first_stage(
     digest = hashlib.sha256(model.weights.astype(np.float16).tobytes()).hexdigest()[:12]
     model.version = f"first-stage-{digest}"
     model.save(directory / FIRST_STAGE_FILE)
-    test_set = dataset.subset(split.test)
+    test_set = held_out_by_prompt_set(dataset, split.test)[""]
     held_out = {}
     for llm in heads:
         answered = test_set.lengths_for(llm)
@@ -159,13 +174,41 @@ def add_first_stage(
     return metadata["first_stage"]
 
 
+def held_out_by_prompt_set(
+    dataset: LengthDataset, test_ids: Sequence[PromptId]
+) -> dict[str, LengthDataset]:
+    """The held-out prompts of each prompt set ('' the main one, always present)."""
+    held = set(test_ids)
+    ids: dict[str, list[PromptId]] = {"": []}
+    for prompt in dataset.prompts:
+        if prompt.prompt_id in held:
+            ids.setdefault(prompt_set_of(prompt), []).append(prompt.prompt_id)
+    return {name: dataset.subset(chosen) for name, chosen in ids.items()}
+
+
+def answering(dataset: LengthDataset) -> list[str]:
+    """The LLMs with lengths for at least two of ``dataset``'s prompts (a tau needs two)."""
+    return [llm for llm in dataset.llms if len(dataset.lengths_for(llm)) >= 2]
+
+
 def held_out_metrics(
-    runtime: ArtifactRuntime, test_set: LengthDataset, llms: Sequence[str]
-) -> dict[str, dict[str, float]]:
-    held_out = {}
+    runtime: ArtifactRuntime,
+    test_set: LengthDataset,
+    llms: Sequence[str],
+    by_source: bool = False,
+) -> dict[str, dict[str, Any]]:
+    """Each LLM's held-out metrics and prompt length's tau; with ``by_source`` also both taus
+    per prompt source."""
+    held_out: dict[str, dict[str, Any]] = {}
     for llm in llms:
-        metrics, baseline, _ = evaluate_artifact(runtime, test_set, llm, progress=False)
+        groups, _ = evaluate_by_source(runtime, test_set, llm, progress=False)
+        metrics, baseline = groups.pop(ALL_SOURCES)
         held_out[llm] = {**metrics.as_dict(), "prompt_length_tau": baseline.kendall_tau}
+        if by_source:
+            held_out[llm]["by_source"] = {
+                source: {"kendall_tau": model.kendall_tau, "prompt_length_tau": length.kendall_tau}
+                for source, (model, length) in groups.items()
+            }
     return held_out
 
 

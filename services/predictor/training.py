@@ -20,7 +20,7 @@ import torch
 from scipy.stats import kendalltau
 from tqdm import tqdm
 
-from services.common.alpaca import LengthDataset, PromptId, split_by_prompt
+from services.common.alpaca import LengthDataset, PromptId, prompt_set_of, split_by_prompt
 from services.predictor.model import (
     NUM_BUCKETS,
     SCORE_FORMULATIONS,
@@ -78,7 +78,13 @@ class Split:
 
 
 def split_dataset(dataset: LengthDataset, seed: int = SPLIT_SEED) -> Split:
-    return Split(*split_by_prompt(dataset.prompt_ids, SPLIT_FRACTIONS, seed))
+    """Train/dev/test by prompt, drawn within each prompt set (``add_prompt_set``): the main
+    set's split does not move when another set is added, and every set is in every part."""
+    by_set: dict[str, list[PromptId]] = {}
+    for prompt in dataset.prompts:
+        by_set.setdefault(prompt_set_of(prompt), []).append(prompt.prompt_id)
+    parts = [split_by_prompt(ids, SPLIT_FRACTIONS, seed) for ids in by_set.values()]
+    return Split(*([pid for part in column for pid in part] for column in zip(*parts, strict=True)))
 
 
 def seed_everything(seed: int) -> None:
