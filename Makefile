@@ -50,7 +50,7 @@ soak: $(STAMP)  ## ~10 min soak: random clients, cancels, disconnects; invariant
 run: $(STAMP)  ## start the whole stack locally on embedded defaults
 	$(BIN)/ssjf up
 
-PREDICTOR_FLAGS = --trainable-layers 6 --epochs 6
+PREDICTOR_FLAGS = --trainable-layers 6 --epochs 6 --serve-max-prompt-tokens 128
 
 predictor: $(STAMP)  ## train the default proxy model into services/predictor/artifacts/default
 	$(BIN)/ssjf train-predictor $(PREDICTOR_FLAGS) --out services/predictor/artifacts/default

@@ -378,6 +378,12 @@ def test_eval_predictor_prints_metrics_and_ends_with_tau() -> None:
     assert unknown.returncode != 0 and "not-in-the-data" in unknown.stderr
 
 
+def test_a_serving_window_below_eight_word_pieces_is_refused() -> None:
+    result = _ssjf("train-predictor", "--serve-max-prompt-tokens", "4", "--out", "unused")
+    assert result.returncode != 0
+    assert "--serve-max-prompt-tokens must be 0 or at least 8, got 4" in result.stderr
+
+
 @pytest.mark.slow
 def test_train_export_smoke_on_a_handful_of_prompts(tmp_path: Path) -> None:
     """The whole train -> ONNX -> int8 -> parity -> held-out evaluation path, tiny."""
@@ -396,6 +402,8 @@ def test_train_export_smoke_on_a_handful_of_prompts(tmp_path: Path) -> None:
         "8",
         "--max-prompt-tokens",
         "64",
+        "--serve-max-prompt-tokens",
+        "32",
         "--out",
         str(out),
         "--name",
@@ -406,6 +414,8 @@ def test_train_export_smoke_on_a_handful_of_prompts(tmp_path: Path) -> None:
     smoke = ArtifactRuntime(out, intra_op_threads=1)
     assert smoke.llms == ["vicuna-13b", "smollm2-135m-instruct"]
     assert smoke.version.startswith("smoke-")
+    # Trained on 64 word pieces, serving on 32 (the window is part of the version's hash).
+    assert smoke.max_prompt_tokens == 32 and smoke.metadata["trained_max_prompt_tokens"] == 64
     # The served model's labels (joined from its collect directory) got a head of their own.
     assert "smollm2-135m-instruct" in smoke.metadata["held_out_test"]
     # Arena's prompts (another prompt set) trained it too, and are scored apart, per source.

@@ -17,18 +17,15 @@ SHARED_DATA_DIR = CHECKOUT_ROOT.parent / "shared" / "data"
 # see data/smollm2-135m-instruct/README.md): its predictor head's labels, the real-generation
 # benchmark's oracle.
 SERVED_MODEL_LABELS = CHECKOUT_ROOT / "data" / "smollm2-135m-instruct" / "alpaca_eval-greedy"
-# Its greedy answer lengths on another prompt set (Chatbot Arena's hard prompts): more, and
-# unlike, training prompts for its head.
+# Its greedy answer lengths on another prompt set (Chatbot Arena's hard prompts). Not in the
+# trainers' default: mixed into training they cost its head more on AlpacaEval than they buy
+# on Arena (docs/predictor.md, "Training on Arena labels").
 SERVED_MODEL_ARENA_LABELS = SERVED_MODEL_LABELS.parent / "arena_hard_v2-greedy"
 
 
 def default_labels() -> str:
     """``--labels`` default of every trainer: the served model's committed labels, if here."""
-    return ",".join(
-        str(directory)
-        for directory in (SERVED_MODEL_LABELS, SERVED_MODEL_ARENA_LABELS)
-        if directory.exists()
-    )
+    return str(SERVED_MODEL_LABELS) if SERVED_MODEL_LABELS.exists() else ""
 
 
 def label_dirs(labels: str) -> list[Path]:

@@ -96,7 +96,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="comma-separated ssjf collect directories: another LLM's lengths of the same "
         "prompts (one more head), or another prompt set's lengths (more training prompts, ids "
         "namespaced '<directory name>:<id>', split 70/10/20 on their own and scored apart); "
-        "default: the served model's committed AlpacaEval and Arena labels; '' for none",
+        "default: the served model's committed AlpacaEval labels; '' for none",
     )
     add_option(
         train,
@@ -124,7 +124,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--max-prompt-tokens",
         default=256,
         type=int,
-        help="longer prompts keep their head and tail",
+        help="training window in word pieces: longer prompts keep their head and tail",
+    )
+    add_option(
+        train,
+        "--serve-max-prompt-tokens",
+        default=0,
+        type=int,
+        help="serving window written into the artifact (0: the training window); a model "
+        "trained at 256 serves at 128 with the same held-out tau and half the cost of long "
+        "prompts (docs/predictor.md)",
     )
     add_option(
         train,
@@ -238,6 +247,10 @@ def _data_dir(args: argparse.Namespace) -> Path:
 
 
 def _train(args: argparse.Namespace) -> int:
+    # Checked before torch is imported: a typo costs a second, not a model load.
+    window = args.serve_max_prompt_tokens
+    if window < 0 or 0 < window < 8:
+        raise SystemExit(f"--serve-max-prompt-tokens must be 0 or at least 8, got {window}")
     from services.predictor import pipeline
 
     if args.first_stage_only:
@@ -255,6 +268,7 @@ def _train(args: argparse.Namespace) -> int:
         epochs=args.epochs,
         batch_size=args.batch_size,
         max_prompt_tokens=args.max_prompt_tokens,
+        serve_max_prompt_tokens=window or None,
         trainable_layers=args.trainable_layers,
         encoder_layers=args.encoder_layers,
         seed=args.seed,

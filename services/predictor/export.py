@@ -7,8 +7,10 @@ An artifact directory holds:
   output tokens per LLM head, the last column for the all-LLM head ``*``.
 - ``tokenizer.json``: the fast tokenizer the model was trained with.
 - ``metadata.json``: ``version`` (name + content hash), ``llms`` (column order),
-  ``default_llm``, ``formulation``, ``max_prompt_tokens``, ``quantized``, ``outputs`` (how to
-  read the output), the parity check's result, and the training summary.
+  ``default_llm``, ``formulation``, ``max_prompt_tokens`` (the serving window: longer prompts
+  keep their head and tail), ``trained_max_prompt_tokens`` (the training window, which may
+  be longer), ``quantized``, ``outputs`` (how to read the output), the parity check's
+  result, and the training summary.
 """
 
 from __future__ import annotations
@@ -112,10 +114,12 @@ def parity(model: LengthModel, onnx_path: Path, tokenizer: PromptTokenizer) -> d
     }
 
 
-def content_hash(directory: Path) -> str:
+def content_hash(directory: Path, max_prompt_tokens: int) -> str:
+    """What decides the predictions: the graph, the tokenizer and the serving window."""
     digest = hashlib.sha256()
     for name in (MODEL_FILE, TOKENIZER_FILE):
         digest.update((directory / name).read_bytes())
+    digest.update(f"max_prompt_tokens={max_prompt_tokens}".encode())
     return digest.hexdigest()[:12]
 
 
@@ -130,14 +134,19 @@ def write_artifact(
     quantize: bool,
     keep_fp32: bool = False,
     training_summary: dict[str, Any] | None = None,
+    serve_max_prompt_tokens: int | None = None,
 ) -> dict[str, Any]:
     """Export, optionally quantize, check parity, and write metadata. Returns the metadata.
 
+    ``serve_max_prompt_tokens`` (default: ``max_prompt_tokens``, the training window) is the
+    window the artifact tokenizes with when serving: a model trained at 256 word pieces can
+    serve at 128, which halves the cost of long prompts (docs/predictor.md).
     ``keep_fp32`` also leaves the fp32 graph and the PyTorch weights in ``directory`` (for
     comparisons; the shipped artifact has neither: ~90 MB each)."""
     directory.mkdir(parents=True, exist_ok=True)
+    window = serve_max_prompt_tokens or max_prompt_tokens
     tokenizer_file = encoder_dir() / TOKENIZER_FILE
-    tokenizer = PromptTokenizer(tokenizer_file, max_prompt_tokens)
+    tokenizer = PromptTokenizer(tokenizer_file, window)
     shutil.copyfile(tokenizer_file, directory / TOKENIZER_FILE)
     model_path = directory / MODEL_FILE
     if quantize:
@@ -155,11 +164,12 @@ def write_artifact(
     artifact_parity = parity(model, model_path, tokenizer)
     log.info("parity vs PyTorch", extra={"fp32": fp32_parity, "artifact": artifact_parity})
     metadata = {
-        "version": f"{name}-{content_hash(directory)}",
+        "version": f"{name}-{content_hash(directory, window)}",
         "llms": llms,
         "default_llm": default_llm,
         "formulation": model.formulation,
-        "max_prompt_tokens": max_prompt_tokens,
+        "max_prompt_tokens": window,
+        "trained_max_prompt_tokens": max_prompt_tokens,
         "quantized": "int8-dynamic" if quantize else "fp32",
         "inputs": ["input_ids", "attention_mask"],
         "outputs": {

@@ -61,6 +61,7 @@ def train_and_export(
     name: str,
     quantize: bool,
     keep_fp32: bool = False,
+    serve_max_prompt_tokens: int | None = None,
     **train_options: Any,
 ) -> list[dict[str, Any]]:
     """Train each formulation, write its artifact (``out`` or ``out/<formulation>``) and score
@@ -85,6 +86,7 @@ def train_and_export(
             quantize=quantize,
             keep_fp32=keep_fp32,
             training_summary=trainer.summary(),
+            serve_max_prompt_tokens=serve_max_prompt_tokens,
         )
         test_sets = held_out_by_prompt_set(dataset, trainer.split.test)
         test_set = test_sets.pop("")
