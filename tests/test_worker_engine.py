@@ -133,6 +133,20 @@ def test_dynamic_batching_admits_nobody_until_the_batch_is_done(model: LoadedMod
     assert first_batch_decodes == 29
 
 
+def run_all_at_once_as_solo(
+    model: LoadedModel, solo: dict[str, Result], batching: Batching, **budget: int
+) -> list[StepStat]:
+    """Submit every job at once to an engine of batch size 5 under ``budget``; check that each
+    job still gets its solo greedy tokens and runs to its length. Returns the steps taken."""
+    steps: list[StepStat] = []
+    engine = Engine(model, batching, max_batch_size=5, on_step=steps.append, **budget)
+    batched = run(engine, requests(model))
+    for job_id, alone in solo.items():
+        assert batched[job_id].token_ids == alone.token_ids, job_id
+        assert batched[job_id].outcome.finish_reason is FinishReason.LENGTH
+    return steps
+
+
 @pytest.mark.parametrize("batching", [Batching.DYNAMIC, Batching.CONTINUOUS])
 def test_a_prefill_budget_splits_newcomers_and_keeps_their_solo_tokens(
     model: LoadedModel, solo: dict[str, Result], batching: Batching
@@ -143,13 +157,7 @@ def test_a_prefill_budget_splits_newcomers_and_keeps_their_solo_tokens(
     jobs = requests(model)
     lengths = [len(job.prompt_ids) for job in jobs]
     budget = 2 * max(sorted(lengths)[:2])
-    steps: list[StepStat] = []
-    engine = Engine(
-        model, batching, max_batch_size=5, on_step=steps.append, max_prefill_tokens=budget
-    )
-    batched = run(engine, jobs)
-    for job_id, alone in solo.items():
-        assert batched[job_id].token_ids == alone.token_ids, job_id
+    steps = run_all_at_once_as_solo(model, solo, batching, max_prefill_tokens=budget)
     prefills = [step for step in steps if step.kind == "prefill"]
     assert len(prefills) > 1
     assert sum(step.batch_size for step in prefills) == len(jobs)
@@ -183,14 +191,7 @@ def test_a_cache_budget_holds_jobs_back_and_keeps_their_solo_tokens(
     jobs = requests(model)
     spans = sorted(len(job.prompt_ids) + job.sampling.answer_limit for job in jobs)
     budget = 2 * spans[-1]
-    steps: list[StepStat] = []
-    engine = Engine(
-        model, batching, max_batch_size=5, on_step=steps.append, max_batch_total_tokens=budget
-    )
-    batched = run(engine, jobs)
-    for job_id, alone in solo.items():
-        assert batched[job_id].token_ids == alone.token_ids, job_id
-        assert batched[job_id].outcome.finish_reason is FinishReason.LENGTH
+    steps = run_all_at_once_as_solo(model, solo, batching, max_batch_total_tokens=budget)
     decodes = [step for step in steps if step.kind == "decode"]
     for step in decodes:
         assert step.batch_size == 1 or step.batch_size * step.context <= budget
