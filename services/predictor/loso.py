@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     for source in sources:
         started = time.monotonic()
         held = [p.prompt_id for p in main_set if p.extra.get("source") == source]
-        rest = [pid for pid in dataset.prompt_ids if pid not in set(held)]
+        held_ids = set(held)
+        rest = [pid for pid in dataset.prompt_ids if pid not in held_ids]
         train_ids, dev_ids = split_by_prompt(rest, (0.9, 0.1), seed=0)
         trainer = Trainer(dataset, config, lower, split=Split(train_ids, dev_ids, held))
         lower = trainer.lower

@@ -45,7 +45,11 @@ def _median_decode_ms(
     """Median decoding-step latency for ``batch_size`` rows at about ``context`` tokens."""
     rng = random.Random(seed)
     stats: list[StepStat] = []
-    engine = Engine(model, Batching.DYNAMIC, batch_size, on_step=stats.append)
+    # The cache budget must not hold rows back: the sweep measures exactly batch_size rows.
+    budget = batch_size * (context + steps + 1)
+    engine = Engine(
+        model, Batching.DYNAMIC, batch_size, on_step=stats.append, max_batch_total_tokens=budget
+    )
     for index in range(batch_size):
         engine.submit(
             GenerationRequest(
