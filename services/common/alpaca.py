@@ -169,11 +169,14 @@ def load_dataset(
     return LengthDataset(load_prompts(Path(prompts)), load_lengths(Path(lengths)))
 
 
-def add_labels(dataset: LengthDataset, directory: Path | str) -> LengthDataset:
+def add_labels(
+    dataset: LengthDataset, directory: Path | str, labels: LengthDataset | None = None
+) -> LengthDataset:
     """``dataset`` plus the lengths of a shared-format directory labelling the same prompts
-    (an ``ssjf collect`` run, e.g. the served model's own answers). Prompt ids must name the
-    same texts: prompt sets that both count from 0 are refused, not silently mixed."""
-    labels = load_dataset(directory)
+    (an ``ssjf collect`` run, e.g. the served model's own answers; ``labels`` when already
+    loaded). Prompt ids must name the same texts: prompt sets that both count from 0 are
+    refused, not silently mixed."""
+    labels = labels or load_dataset(directory)
     texts = {prompt.prompt_id: prompt.text for prompt in dataset.prompts}
     for prompt in labels.prompts:
         if texts.get(prompt.prompt_id, prompt.text) != prompt.text:
@@ -198,14 +201,24 @@ def prompt_set_of(prompt: Prompt) -> str:
     return str(prompt.extra.get(PROMPT_SET_KEY, ""))
 
 
-def add_prompt_set(dataset: LengthDataset, directory: Path | str) -> LengthDataset:
+def ids_by_prompt_set(prompts: Iterable[Prompt]) -> dict[str, list[PromptId]]:
+    """The prompts' ids grouped by :func:`prompt_set_of`, in order ('' first when present)."""
+    groups: dict[str, list[PromptId]] = {}
+    for prompt in prompts:
+        groups.setdefault(prompt_set_of(prompt), []).append(prompt.prompt_id)
+    return groups
+
+
+def add_prompt_set(
+    dataset: LengthDataset, directory: Path | str, added: LengthDataset | None = None
+) -> LengthDataset:
     """``dataset`` plus the prompts and lengths of another prompt set (an ``ssjf collect`` run
-    over other prompts). Both sets may count their ids from 0, so the added ids become
-    ``"<directory name>:<id>"``; the added prompts have no lengths for the LLMs only the main
-    set has (NaN in ``length_matrix``, which training skips)."""
+    over other prompts; ``added`` when already loaded). Both sets may count their ids from 0,
+    so the added ids become ``"<directory name>:<id>"``; the added prompts have no lengths for
+    the LLMs only the main set has (NaN in ``length_matrix``, which training skips)."""
     directory = Path(directory)
     name = directory.name
-    added = load_dataset(directory)
+    added = added or load_dataset(directory)
     renamed = {prompt.prompt_id: f"{name}:{prompt.prompt_id}" for prompt in added.prompts}
     if set(renamed.values()) & set(dataset.prompt_ids):
         raise ValueError(f"{directory}: prompt set {name!r} is already in the data")
@@ -229,17 +242,18 @@ def add_collected(dataset: LengthDataset, directory: Path | str) -> LengthDatase
     training prompts (:func:`add_labels`; prompts beyond them are dropped), more prompts when
     none of its prompts is a training prompt (:func:`add_prompt_set`); a mix is refused."""
     texts = {prompt.prompt_id: prompt.text for prompt in dataset.prompts}
-    collected = load_prompts(Path(directory) / PROMPTS_FILE)
+    loaded = load_dataset(directory)
+    collected = loaded.prompts
     same = sum(texts.get(prompt.prompt_id) == prompt.text for prompt in collected)
     clashing = sum(
         prompt.prompt_id in texts and texts[prompt.prompt_id] != prompt.text for prompt in collected
     )
     if same and not clashing:
-        return add_labels(dataset, directory)
+        return add_labels(dataset, directory, loaded)
     if not same:
         if {prompt.text for prompt in collected} & set(texts.values()):
             raise ValueError(f"{directory}: its prompts are already in the data under other ids")
-        return add_prompt_set(dataset, directory)
+        return add_prompt_set(dataset, directory, loaded)
     raise ValueError(
         f"{directory}: {same} of its prompts are training prompts and {len(collected) - same} "
         "are not (or have other ids): label either the training prompts or another prompt set"

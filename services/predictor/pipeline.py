@@ -16,8 +16,8 @@ from services.common.alpaca import (
     LengthDataset,
     PromptId,
     add_collected,
+    ids_by_prompt_set,
     load_dataset,
-    prompt_set_of,
 )
 from services.common.first_stage import FIRST_STAGE_FILE, fit_first_stage
 from services.predictor.evaluate import ALL_SOURCES, evaluate_by_source, score
@@ -181,10 +181,7 @@ def held_out_by_prompt_set(
 ) -> dict[str, LengthDataset]:
     """The held-out prompts of each prompt set ('' the main one, always present)."""
     held = set(test_ids)
-    ids: dict[str, list[PromptId]] = {"": []}
-    for prompt in dataset.prompts:
-        if prompt.prompt_id in held:
-            ids.setdefault(prompt_set_of(prompt), []).append(prompt.prompt_id)
+    ids = {"": [], **ids_by_prompt_set(p for p in dataset.prompts if p.prompt_id in held)}
     return {name: dataset.subset(chosen) for name, chosen in ids.items()}
 
 

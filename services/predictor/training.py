@@ -20,7 +20,7 @@ import torch
 from scipy.stats import kendalltau
 from tqdm import tqdm
 
-from services.common.alpaca import LengthDataset, PromptId, prompt_set_of, split_by_prompt
+from services.common.alpaca import LengthDataset, PromptId, ids_by_prompt_set, split_by_prompt
 from services.predictor.model import (
     NUM_BUCKETS,
     SCORE_FORMULATIONS,
@@ -80,9 +80,7 @@ class Split:
 def split_dataset(dataset: LengthDataset, seed: int = SPLIT_SEED) -> Split:
     """Train/dev/test by prompt, drawn within each prompt set (``add_prompt_set``): the main
     set's split does not move when another set is added, and every set is in every part."""
-    by_set: dict[str, list[PromptId]] = {}
-    for prompt in dataset.prompts:
-        by_set.setdefault(prompt_set_of(prompt), []).append(prompt.prompt_id)
+    by_set = ids_by_prompt_set(dataset.prompts)
     parts = [split_by_prompt(ids, SPLIT_FRACTIONS, seed) for ids in by_set.values()]
     return Split(*([pid for part in column for pid in part] for column in zip(*parts, strict=True)))
 

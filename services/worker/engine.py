@@ -405,10 +405,14 @@ class Engine:
     def _admit(self, updates: list[JobUpdate]) -> None:
         """Prefill as many waiting jobs as the mode and the cache budget allow and join them
         to the batch; the others keep waiting, in order, for rows to finish."""
+        free = free_slots(self.batching, self.max_batch_size, self.running)
+        slots = min(len(self._waiting), free)
+        if not slots:  # every decoding step passes here: nothing to weigh
+            return
         admit = admissible_within_budget(
             [row.span for row in self._batch.rows] if self._batch else [],
-            [row.span for row in self._waiting],
-            free_slots(self.batching, self.max_batch_size, self.running),
+            [self._waiting[index].span for index in range(slots)],
+            slots,
             self.max_batch_total_tokens,
         )
         newcomers = [self._waiting.popleft() for _ in range(admit)]
