@@ -14,6 +14,7 @@ from services.bench import report, stats
 from services.bench.latency import LatencyModel
 from services.bench.loadgen import RequestResult
 from services.bench.runner import realized_utilization as measured_utilization
+from services.bench.runner import turn_order
 from services.bench.simulate import SimulateConfig, run_simulations
 from services.bench.simulator import (
     HrrnQueue,
@@ -383,3 +384,14 @@ def test_a_sync_entry_is_compared_with_its_asynchronous_twin() -> None:
     assert twin["ci_low"] == pytest.approx(0.5) and twin["ci_high"] == pytest.approx(0.5)
     assert "async_twin_mean_jct_over_this" not in rows[0]["policies"]["ssjf"]
     assert "(prediction asynchronous) / ssjf:sync: 0.50 [0.50, 0.50]" in format_intervals(rows)
+
+
+def test_policies_take_turns_in_reversed_order_every_other_round() -> None:
+    policies = ["fcfs", "ssjf", "sjf-oracle"]
+    orders = [turn_order(policies, r) for r in range(4)]
+    assert orders[0] == orders[2] == policies
+    assert orders[1] == orders[3] == ["sjf-oracle", "ssjf", "fcfs"]
+    # Over a pair of rounds every policy's mean position is the same: none runs first more.
+    positions = {p: sum(order.index(p) for order in orders[:2]) for p in policies}
+    assert len(set(positions.values())) == 1
+    assert policies == ["fcfs", "ssjf", "sjf-oracle"]  # the caller's list is not reordered

@@ -227,7 +227,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=int,
         default=1,
         help="split each run into this many rounds (seeds seed, seed+1, ...), the policies "
-        "taking turns round by round, so a shared machine's drift hits all alike",
+        "taking turns round by round (reversed every other round), so a shared machine's "
+        "drift hits all alike",
     )
     add_option(bench, "--workers", type=int, default=1, help="worker processes per stack")
     add_option(

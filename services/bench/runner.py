@@ -61,8 +61,9 @@ class BenchConfig:
     # When set, each run's request count is this many seconds of arrivals at its rate
     # (``requests`` is ignored): batched modes, serving faster, get more jobs in equal time.
     duration_s: float | None = None
-    # Each run is split into this many rounds, the policies taking turns round by round, so
-    # that a shared machine's changing speed hits every policy alike.
+    # Each run is split into this many rounds, the policies taking turns round by round (in
+    # reversed order every other round), so that a shared machine's changing speed hits
+    # every policy alike.
     rounds: int = 1
     # Workload jobs sent at once to measure the worker's speed under load (calibrate.py).
     saturation_jobs: int = 40
@@ -148,6 +149,14 @@ def stack_for(config: BenchConfig, policy: str, batching: str) -> Iterator[str]:
 def file_safe(policy: str) -> str:
     """A grid entry as part of a file name: ``ssjf:guard=10`` -> ``ssjf-guard10``."""
     return policy.replace(":", "-").replace("=", "")
+
+
+def turn_order(policies: Sequence[str], round_index: int) -> list[str]:
+    """The order the policies take their turns in round ``round_index``: as given in even
+    rounds, reversed in odd ones. A machine that speeds up or slows down steadily over a
+    pair of rounds then favours no policy (a counterbalanced, ABBA design); with one fixed
+    order the first policy would always run on the earlier, differently loaded, minutes."""
+    return list(policies) if round_index % 2 == 0 else list(reversed(policies))
 
 
 def run_name(policy: str, batching: str, load: float) -> str:
@@ -472,7 +481,7 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
                     rate = load * calibration.capacity_rps
                     count = round_jobs(config, rate)
                     this_round = {}
-                    for policy in config.policies:
+                    for policy in turn_order(config.policies, round_index):
                         label = f"{run_name(policy, batching, load)} round {round_index + 1}"
                         results = _run_round(
                             addresses[policy], items, config, policy, rate, round_index, label
