@@ -17,12 +17,14 @@ from services.bench.runner import realized_utilization as measured_utilization
 from services.bench.runner import turn_order
 from services.bench.simulate import SimulateConfig, run_simulations
 from services.bench.simulator import (
+    GridEntry,
     HrrnQueue,
     SimJob,
     Simulation,
+    aging_for,
     guard_for,
     known_policy,
-    parse_policy,
+    parse_entry,
 )
 from services.bench.workload import (
     PromptLength,
@@ -220,14 +222,20 @@ def test_hrrn_bounds_the_wait_that_sjf_lets_grow() -> None:
     assert max_wait("hrrn") < max_wait("sjf-oracle")
 
 
-def test_policy_entries_with_their_own_guard() -> None:
-    assert parse_policy("ssjf") == ("ssjf", None)
-    assert parse_policy("ssjf:noguard") == ("ssjf", 0.0)
-    assert parse_policy("sjf-oracle:guard=12.5") == ("sjf-oracle", 12.5)
+def test_policy_entries_with_their_own_guard_and_aging() -> None:
+    assert parse_entry("ssjf") == GridEntry("ssjf")
+    assert parse_entry("ssjf:noguard") == GridEntry("ssjf", guard_s=0.0)
+    assert parse_entry("sjf-oracle:guard=12.5") == GridEntry("sjf-oracle", guard_s=12.5)
+    assert parse_entry("ssjf:aging=2:noguard") == GridEntry("ssjf", 0.0, 2.0)
     assert guard_for("ssjf", 5.0) == 5.0 and guard_for("ssjf:noguard", 5.0) == 0.0
+    assert aging_for("ssjf", 0.5) == 0.5 and aging_for("ssjf:aging=3", 0.5) == 3.0
     assert known_policy("hrrn", simulated=True) and not known_policy("hrrn", simulated=False)
-    assert not known_policy("ssjf:guard=soon", simulated=True)
-    assert not known_policy("lifo", simulated=True)
+    assert known_policy("ssjf:aging=10", simulated=True)
+    for bad in ("ssjf:guard=soon", "ssjf:aging=11", "ssjf:aging=-1", "ssjf:aging=nan",
+                "ssjf:noguard:guard=3", "ssjf:aging=1:aging=2", "ssjf:later", "lifo"):  # fmt: skip
+        assert not known_policy(bad, simulated=True), bad
+    with pytest.raises(ValueError, match="given twice"):
+        parse_entry("ssjf:guard=1:noguard")
 
 
 def test_sync_entries_run_the_scheduler_with_synchronous_prediction(tmp_path) -> None:
@@ -235,7 +243,7 @@ def test_sync_entries_run_the_scheduler_with_synchronous_prediction(tmp_path) ->
     only the real stack has a submit path to make synchronous."""
     from services.bench.runner import BenchConfig, _scheduler_args
 
-    assert parse_policy("ssjf:guard=10:sync") == ("ssjf", 10.0)
+    assert parse_entry("ssjf:guard=10:sync") == GridEntry("ssjf", 10.0, sync=True)
     assert known_policy("ssjf:sync", simulated=False)
     assert not known_policy("ssjf:sync", simulated=True)
     config = BenchConfig(out_dir=tmp_path, policies=["ssjf:sync"], batchings=["none"], loads=[0.9])

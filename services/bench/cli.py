@@ -42,7 +42,7 @@ def _names(allowed: list[str]):
 
 def _policies(simulated: bool):
     """A comma-separated list of grid entries: policies, each optionally ``:noguard`` or
-    ``:guard=SECONDS``."""
+    ``:guard=SECONDS``, ``:aging=RATE``."""
     allowed = SIMULATED_POLICIES if simulated else POLICIES
 
     def parse(text: str) -> list[str]:
@@ -51,8 +51,8 @@ def _policies(simulated: bool):
         if unknown or not names:
             raise argparse.ArgumentTypeError(
                 f"unknown {', '.join(unknown) or 'empty list'}; choose from {', '.join(allowed)}, "
-                "each optionally with :noguard or :guard=SECONDS (and, on the real stack, "
-                ":sync)"
+                "each optionally with :noguard or :guard=SECONDS, :aging=RATE (and, on the "
+                "real stack, :sync)"
             )
         if len(set(names)) != len(names):
             raise argparse.ArgumentTypeError(f"a policy is listed twice in {text!r}")
@@ -108,7 +108,8 @@ def _add_workload_options(
         help="comma-separated scheduling policies, of "
         f"{', '.join(SIMULATED_POLICIES if simulated else POLICIES)}; NAME:noguard runs "
         "NAME without the starvation guard, NAME:guard=SECONDS with its own (e.g. "
-        "ssjf:noguard,ssjf:guard=10 side by side); on the real stack NAME:sync makes every "
+        "ssjf:noguard,ssjf:guard=10 side by side), NAME:aging=RATE with its own aging rate "
+        "(tokens of credit per second waited, at most 10); on the real stack NAME:sync makes every "
         "job wait for its prediction before it is queued (--prediction-mode sync)",
     )
     add_option(

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from services.bench import stats
-from services.bench.simulator import SYNC
+from services.bench.simulator import asynchronous_twin
 from services.common.paths import CHECKOUT_ROOT
 
 POLICY_ORDER = ("fcfs", "ssjf", "hrrn", "sjf-prompt", "sjf-oracle")
@@ -130,7 +130,7 @@ def interval_comparisons(
             statistics[f"{policy}|p99"] = stats.quantile_ratio(policy, BASELINE, 99)
             if ORACLE in present and policy != ORACLE:
                 statistics[f"{policy}|gain"] = stats.oracle_gain_fraction(policy, BASELINE, ORACLE)
-            twin = policy.removesuffix(SYNC)
+            twin = asynchronous_twin(policy)
             if twin != policy and twin in present:
                 # The asynchronous submit path against the same policy waiting for every
                 # prediction, paired job by job (< 1: async is faster).
@@ -205,7 +205,7 @@ def format_intervals(rows: Sequence[dict[str, Any]]) -> str:
             if twin:
                 lines.append(
                     f"{row['batching']:<10} {row['load']:>5.2f} mean JCT of "
-                    f"{policy.removesuffix(SYNC)} (prediction asynchronous) / {policy}: "
+                    f"{asynchronous_twin(policy)} (prediction asynchronous) / {policy}: "
                     f"{cell(twin, 0).strip()}"
                 )
     return "\n".join(lines)

@@ -43,7 +43,7 @@ from services.bench.calibrate import (
 from services.bench.latency import LatencyModel
 from services.bench.loadgen import RequestResult, run_open_loop
 from services.bench.realgen import DEFAULT_LABELS, load_greedy_lengths
-from services.bench.simulator import base_policy, guard_for, synchronous_prediction
+from services.bench.simulator import aging_for, base_policy, guard_for, synchronous_prediction
 from services.bench.workload import PromptLength, build_requests, llm_names, load_workload
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ def _scheduler_args(config: BenchConfig, spec: str) -> list[str]:
         llm_names(config.llm)[0],
         "--allow-oracle",
         "--aging-rate",
-        str(config.aging_rate),
+        str(aging_for(spec, config.aging_rate)),
         "--max-wait-s",
         str(guard_for(spec, config.max_wait_s)),
         "--prediction-mode",
@@ -294,17 +294,16 @@ def validate(
     simulated_jct: list[float] = []
     factors: list[float] = []
     guard = guard_for(policy, config.max_wait_s)
+    aging = aging_for(policy, config.aging_rate)
     for one_round, model in zip(rounds, models, strict=True):
         settings = (base_policy(policy), batching, config.max_batch_size)
         try:
             model, simulated = replay_run(
-                one_round, model, *settings, config.aging_rate, guard, workers=config.workers
+                one_round, model, *settings, aging, guard, workers=config.workers
             )
             factors.append(float(model.source["run_level_factor"]))
         except UnattributedJobs:
-            simulated = simulate_measured(
-                one_round, model, *settings, config.workers, config.aging_rate, guard
-            )
+            simulated = simulate_measured(one_round, model, *settings, config.workers, aging, guard)
             factors.append(1.0)
         simulated_jct += [job.jct_s + model.overhead_s for job in simulated]
     predicted = float(np.mean(simulated_jct))
@@ -498,6 +497,7 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
                     )
                     run["capacity_rps_by_round"] = capacities
                     run["max_wait_s"] = guard_for(policy, config.max_wait_s)
+                    run["aging_rate"] = aging_for(policy, config.aging_rate)
                     run.update(validate(rounds[policy], models, policy, batching, config))
                     runs.append(run)
                     results = [r for one_round in rounds[policy] for r in one_round]

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from services.bench import report, stats
 from services.bench.calibrate import capacity_rps
 from services.bench.latency import LatencyModel
-from services.bench.simulator import SimJob, Simulation, base_policy, guard_for
+from services.bench.simulator import SimJob, Simulation, aging_for, base_policy, guard_for
 from services.bench.workload import PromptLength, Request, build_requests, load_workload
 from services.common.paths import CHECKOUT_ROOT
 
@@ -141,7 +141,10 @@ def simulate_policy(
             r.index,
             r.arrival_s,
             r.output_tokens,
-            score if policy in PREDICTED else float(r.output_tokens),
+            # The simulated job serves output_tokens (the real length / length_scale); a
+            # prediction of the real length is brought to the same scale, so that an aging
+            # rate (tokens of credit per second) weighs SSJF's and the oracle's keys alike.
+            score / config.length_scale if policy in PREDICTED else float(r.output_tokens),
             prompt_chars=len(r.prompt),
             llm=r.llm,
         )
@@ -153,7 +156,7 @@ def simulate_policy(
         batching,
         config.max_batch_size,
         config.workers,
-        aging_rate=config.aging_rate,
+        aging_rate=aging_for(spec, config.aging_rate),
         max_wait_s=guard_for(spec, config.max_wait_s),
         prediction_cpu_s=config.prediction_cpu_ms / 1e3 if policy in PREDICTED else 0.0,
     )
@@ -251,6 +254,7 @@ def run_point(
                 "rounds": config.rounds,
                 "workers": config.workers,
                 "max_wait_s": guard_for(spec, config.max_wait_s),
+                "aging_rate": aging_for(spec, config.aging_rate),
                 **report.summarize(got["jct"], got["ttft"], sum(got["span"]), 0, got["wait"]),
                 "realized_utilization": float(np.mean(got["util"])),
                 "ssjf_score_kendall_tau": float(np.nanmean(got["tau"])),

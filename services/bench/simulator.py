@@ -26,6 +26,7 @@ import numpy as np
 from services.bench.latency import LatencyModel
 from services.scheduler.policies import (
     EPOCH_S,
+    MAX_AGING_RATE,
     POLICIES,
     JobFeatures,
     ReferenceQueue,
@@ -35,53 +36,100 @@ from services.scheduler.policies import (
 BATCHING_MODES = ("none", "dynamic", "continuous")
 # Policies only the simulator serves (no static score: see HrrnQueue).
 SIMULATOR_ONLY_POLICIES = ("hrrn",)
-# A grid entry is a policy name, optionally with its own starvation guard: ``ssjf:noguard``
-# (max_wait_s 0) or ``ssjf:guard=10`` (10 s), so one grid holds SSJF with and without it.
-NO_GUARD = ":noguard"
-GUARD_PREFIX = ":guard="
+# A grid entry is a policy name, optionally with its own starvation guard and aging rate:
+# ``ssjf:noguard`` (max_wait_s 0), ``ssjf:guard=10`` (10 s), ``ssjf:aging=5`` (5 tokens of
+# credit per second waited), so one grid holds SSJF with and without either.
+NO_GUARD = "noguard"
+GUARD = "guard"
+AGING = "aging"
 # On the real stack only, ``ssjf:sync`` runs the scheduler with ``--prediction-mode sync``
 # (every job waits for its prediction before it is queued), so one grid compares the
 # default asynchronous submit path against it in the same interleaved rounds.
-SYNC = ":sync"
+SYNC = "sync"
+
+
+@dataclass(frozen=True)
+class GridEntry:
+    """One parsed grid entry; ``None``: the grid's own --max-wait-s / --aging-rate."""
+
+    policy: str
+    guard_s: float | None = None
+    aging_rate: float | None = None
+    sync: bool = False
+
+
+def _number(spec: str, field: str, text: str, example: str, upper: float = math.inf) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{spec!r}: the {field} must be a number, e.g. {example}") from None
+    if not math.isfinite(value) or not 0 <= value <= upper:
+        raise ValueError(f"{spec!r}: the {field} must be within [0, {upper:g}]")
+    return value
+
+
+def parse_entry(spec: str) -> GridEntry:
+    """``ssjf:guard=10:aging=2:sync`` -> GridEntry("ssjf", 10.0, 2.0, True); ``ssjf`` ->
+    GridEntry("ssjf"). Each option at most once, in any order."""
+    policy, *options = spec.split(":")
+    guard: float | None = None
+    aging: float | None = None
+    sync = False
+    seen: set[str] = set()
+    for option in options:
+        key, sep, value = option.partition("=")
+        # noguard and guard=S set the same thing.
+        setting = GUARD if key == NO_GUARD else key
+        if setting in seen:
+            raise ValueError(f"{spec!r}: the {setting} is given twice")
+        seen.add(setting)
+        if option == NO_GUARD:
+            guard = 0.0
+        elif option == SYNC:
+            sync = True
+        elif key == GUARD and sep:
+            guard = _number(spec, "guard", value, "ssjf:guard=10 (seconds)")
+        elif key == AGING and sep:
+            aging = _number(
+                spec, "aging rate", value, "ssjf:aging=5 (tokens per second)", MAX_AGING_RATE
+            )
+        else:
+            raise ValueError(
+                f"{spec!r}: unknown option {option!r} (noguard, guard=SECONDS, aging=RATE, sync)"
+            )
+    return GridEntry(policy, guard, aging, sync)
 
 
 def synchronous_prediction(spec: str) -> bool:
     """Whether a grid entry makes its jobs wait for their prediction (``...:sync``)."""
-    return spec.endswith(SYNC)
+    return parse_entry(spec).sync
 
 
-def parse_policy(spec: str) -> tuple[str, float | None]:
-    """``ssjf:guard=10`` -> ("ssjf", 10.0); ``ssjf:noguard`` -> ("ssjf", 0.0); ``ssjf`` ->
-    ("ssjf", None): the grid's --max-wait-s. A trailing ``:sync`` is set aside."""
-    spec = spec.removesuffix(SYNC)
-    if spec.endswith(NO_GUARD):
-        return spec.removesuffix(NO_GUARD), 0.0
-    name, sep, seconds = spec.partition(GUARD_PREFIX)
-    if not sep:
-        return spec, None
-    try:
-        guard = float(seconds)
-    except ValueError:
-        raise ValueError(f"{spec!r}: the guard must be seconds, e.g. ssjf:guard=10") from None
-    if not math.isfinite(guard) or guard < 0:
-        raise ValueError(f"{spec!r}: the guard must be seconds >= 0")
-    return name, guard
+def asynchronous_twin(spec: str) -> str:
+    """The grid entry ``spec`` would be without ``:sync`` (itself if it has none)."""
+    return spec.removesuffix(f":{SYNC}")
 
 
 def base_policy(spec: str) -> str:
     """The policy a grid entry runs: ``ssjf:noguard`` runs ``ssjf``."""
-    return parse_policy(spec)[0]
+    return parse_entry(spec).policy
 
 
 def guard_for(spec: str, max_wait_s: float) -> float:
     """The max-wait guard a grid entry runs with: its own, else the grid's."""
-    guard = parse_policy(spec)[1]
+    guard = parse_entry(spec).guard_s
     return max_wait_s if guard is None else guard
+
+
+def aging_for(spec: str, aging_rate: float) -> float:
+    """The aging rate a grid entry runs with: its own, else the grid's."""
+    aging = parse_entry(spec).aging_rate
+    return aging_rate if aging is None else aging
 
 
 def known_policy(spec: str, simulated: bool) -> bool:
     """Whether a grid entry names a policy (the scheduler's registry, and for the simulator
-    its own extra ones) with a well-formed guard."""
+    its own extra ones) with well-formed options."""
     try:
         name = base_policy(spec)
     except ValueError:
