@@ -394,6 +394,23 @@ def test_a_sync_entry_is_compared_with_its_asynchronous_twin() -> None:
     assert "(prediction asynchronous) / ssjf:sync: 0.50 [0.50, 0.50]" in format_intervals(rows)
 
 
+def test_a_guarded_or_aged_entry_reports_the_share_of_the_unguarded_gain_it_keeps() -> None:
+    """FCFS 2x, unguarded SSJF 1x, an aged SSJF 1.25x the same jobs: the aged entry keeps
+    (2 - 1.25) / (2 - 1) = 0.75 of the unguarded gain; the unguarded one has no such line."""
+    from services.bench.report import format_intervals, interval_comparisons
+
+    rng = np.random.default_rng(2)
+    rounds = []
+    for _ in range(3):
+        jobs = rng.exponential(1.0, 200) + 0.1
+        rounds.append({"fcfs": 2 * jobs, "ssjf:noguard": jobs, "ssjf:aging=1": 1.25 * jobs})
+    rows = interval_comparisons({("none", 0.9): rounds}, resamples=200)
+    kept = rows[0]["policies"]["ssjf:aging=1"]["unguarded_gain_kept"]
+    assert kept["value"] == pytest.approx(0.75)
+    assert "unguarded_gain_kept" not in rows[0]["policies"]["ssjf:noguard"]
+    assert "ssjf:aging=1 keeps 0.75 [0.75, 0.75] of ssjf:noguard's" in format_intervals(rows)
+
+
 def test_policies_take_turns_in_reversed_order_every_other_round() -> None:
     policies = ["fcfs", "ssjf", "sjf-oracle"]
     orders = [turn_order(policies, r) for r in range(4)]

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from services.bench import stats
-from services.bench.simulator import asynchronous_twin
+from services.bench.simulator import NO_GUARD_SUFFIX, asynchronous_twin, base_policy
 from services.common.paths import CHECKOUT_ROOT
 
 POLICY_ORDER = ("fcfs", "ssjf", "hrrn", "sjf-prompt", "sjf-oracle")
@@ -130,6 +130,13 @@ def interval_comparisons(
             statistics[f"{policy}|p99"] = stats.quantile_ratio(policy, BASELINE, 99)
             if ORACLE in present and policy != ORACLE:
                 statistics[f"{policy}|gain"] = stats.oracle_gain_fraction(policy, BASELINE, ORACLE)
+            unguarded = f"{base_policy(policy)}{NO_GUARD_SUFFIX}"
+            if policy != unguarded and unguarded in present:
+                # What a guard or an aging rate costs: the share of the unguarded policy's
+                # gain over FCFS it keeps (the starvation goal: at least three quarters).
+                statistics[f"{policy}|kept"] = stats.oracle_gain_fraction(
+                    policy, BASELINE, unguarded
+                )
             twin = asynchronous_twin(policy)
             if twin != policy and twin in present:
                 # The asynchronous submit path against the same policy waiting for every
@@ -159,6 +166,7 @@ def interval_comparisons(
                 "p99": "p99_jct_over_fcfs",
                 "gain": "oracle_gain_fraction",
                 "async": "async_twin_mean_jct_over_this",
+                "kept": "unguarded_gain_kept",
             }[what]
             row["policies"].setdefault(policy, {})[name] = interval.to_dict()
         if "ssjf" in row["policies"]:
@@ -199,6 +207,15 @@ def format_intervals(rows: Sequence[dict[str, Any]]) -> str:
         "oracle gain = (FCFS - policy) / (FCFS - oracle) on mean JCT: 1 = all of oracle SJF's "
         "gain, 0 = none, < 0 = worse than FCFS"
     )
+    for row in rows:
+        for policy in sorted(row["policies"], key=_policy_rank):
+            kept = row["policies"][policy].get("unguarded_gain_kept")
+            if kept:
+                lines.append(
+                    f"{row['batching']:<10} {row['load']:>5.2f} {policy} keeps "
+                    f"{cell(kept, 0).strip()} of {base_policy(policy)}{NO_GUARD_SUFFIX}'s "
+                    "mean-JCT gain over FCFS"
+                )
     for row in rows:
         for policy, entry in row["policies"].items():
             twin = entry.get("async_twin_mean_jct_over_this")

@@ -40,6 +40,7 @@ SIMULATOR_ONLY_POLICIES = ("hrrn",)
 # ``ssjf:noguard`` (max_wait_s 0), ``ssjf:guard=10`` (10 s), ``ssjf:aging=5`` (5 tokens of
 # credit per second waited), so one grid holds SSJF with and without either.
 NO_GUARD = "noguard"
+NO_GUARD_SUFFIX = f":{NO_GUARD}"
 GUARD = "guard"
 AGING = "aging"
 # On the real stack only, ``ssjf:sync`` runs the scheduler with ``--prediction-mode sync``
