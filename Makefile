@@ -95,7 +95,7 @@ bench-stack-starvation: $(STAMP)  ## real stack: SSJF without and with a 1 s gua
 		--policies fcfs,ssjf:noguard,ssjf:guard=1,sjf-oracle --batching none,dynamic,continuous \
 		--loads 0.9 --duration-s 90 --rounds 3 --max-wait-s 0 $(BENCH_COMMON) $(BENCH_STACK_FLAGS)
 
-bench-stack-light: $(STAMP)  ## real stack at light load (0.3, 0.5): does SSJF cost anything where few wait? 10 short counterbalanced rounds per point (~45 min)
+bench-stack-light: $(STAMP)  ## real stack at light load (0.3, 0.5): does SSJF cost anything where few wait? 10 short counterbalanced rounds per point (~40 min)
 	$(BIN)/ssjf bench --out bench/results/stack-light --policies fcfs,ssjf \
 		--batching none,dynamic,continuous --loads 0.3,0.5 --duration-s 150 --rounds 10 \
 		--recalibrate round --max-wait-s 0 $(BENCH_COMMON) $(BENCH_STACK_FLAGS)
