@@ -115,7 +115,7 @@ bench-stack-workers: $(STAMP)  ## real stack with 2 and 4 workers, each run repl
 		--policies $(BENCH_POLICIES) --batching continuous --loads 0.5,0.9 --duration-s 45 \
 		--rounds 3 --max-wait-s 0 $(BENCH_COMMON) $(BENCH_STACK_FLAGS) || exit 1; done
 
-bench-stack-slo: $(STAMP)  ## real stack: highest arrival rate under the SLO per policy (slow)
+bench-stack-slo: $(STAMP)  ## real stack: highest arrival rate under the SLO per policy, 120 jobs per evaluation (~30 min)
 	$(BIN)/ssjf bench --out bench/results/stack-slo --slo-search --policies fcfs,ssjf,sjf-oracle \
 		--batching none,continuous --requests 120 --max-wait-s 0 $(BENCH_COMMON) $(BENCH_STACK_FLAGS)
 
