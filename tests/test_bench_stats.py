@@ -22,6 +22,7 @@ from services.bench.simulator import (
     SimJob,
     Simulation,
     aging_for,
+    asynchronous_twin,
     guard_for,
     known_policy,
     parse_entry,
@@ -244,6 +245,8 @@ def test_sync_entries_run_the_scheduler_with_synchronous_prediction(tmp_path) ->
     from services.bench.runner import BenchConfig, _scheduler_args
 
     assert parse_entry("ssjf:guard=10:sync") == GridEntry("ssjf", 10.0, sync=True)
+    assert asynchronous_twin("ssjf:sync:guard=10") == "ssjf:guard=10"
+    assert asynchronous_twin("ssjf:guard=10") == "ssjf:guard=10"
     assert known_policy("ssjf:sync", simulated=False)
     assert not known_policy("ssjf:sync", simulated=True)
     config = BenchConfig(out_dir=tmp_path, policies=["ssjf:sync"], batchings=["none"], loads=[0.9])

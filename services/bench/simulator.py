@@ -108,7 +108,7 @@ def synchronous_prediction(spec: str) -> bool:
 
 def asynchronous_twin(spec: str) -> str:
     """The grid entry ``spec`` would be without ``:sync`` (itself if it has none)."""
-    return spec.removesuffix(f":{SYNC}")
+    return ":".join(part for part in spec.split(":") if part != SYNC)
 
 
 def base_policy(spec: str) -> str:
