@@ -130,7 +130,7 @@ bench-sim-full: $(STAMP)  ## every simulator study: starvation, SLO throughput, 
 	$(BENCH_SIM) --out bench/results/sim/starvation --loads 0.9 --requests 40000 --rounds 20 \
 		--policies fcfs,ssjf:noguard,ssjf:guard=8,ssjf:guard=12,ssjf:guard=20,ssjf:aging=0.7,ssjf:aging=1,ssjf:aging=1.3,ssjf:aging=1.5,hrrn,sjf-oracle \
 		--max-wait-s 0 --resamples 500 $(BENCH_SIM_FLAGS)
-	$(BENCH_SIM) --out bench/results/sim/slo --policies fcfs,ssjf,sjf-prompt,sjf-oracle \
+	$(BENCH_SIM) --out bench/results/sim/slo --policies fcfs,ssjf,ssjf:aging=1.3,sjf-prompt,sjf-oracle \
 		--loads 0.9 --requests 4000 --max-wait-s 0 --slo-search --slo-requests 10000 \
 		--slo-seeds 2 $(BENCH_SIM_FLAGS)
 	for llm in gpt4_0314 llama-2-13b-chat-hf Mistral-7B-Instruct-v0.2; do \
