@@ -13,8 +13,8 @@ import pytest
 from services.bench import report, stats
 from services.bench.latency import LatencyModel
 from services.bench.loadgen import RequestResult
+from services.bench.runner import Calibration, lower_median_calibration, turn_order
 from services.bench.runner import realized_utilization as measured_utilization
-from services.bench.runner import turn_order
 from services.bench.simulate import SimulateConfig, run_simulations
 from services.bench.simulator import (
     GridEntry,
@@ -347,7 +347,11 @@ def test_bench_and_simulate_accept_their_own_policies() -> None:
     bench = parser.parse_args(["bench", "--policies", "fcfs,sjf-prompt,ssjf:noguard"])
     assert bench.policies == ["fcfs", "sjf-prompt", "ssjf:noguard"]
     assert parser.parse_args(["simulate", "--prediction-cpu-ms", "11"]).prediction_cpu_ms == 11
+    assert parser.parse_args(["bench", "--saturation-jobs", "160"]).saturation_jobs == 160
+    assert parser.parse_args(["bench", "--recalibrate", "pooled"]).recalibrate == "pooled"
     for bad in (
+        ["bench", "--saturation-jobs", "0"],
+        ["bench", "--saturation-jobs", "many"],
         ["bench", "--policies", "hrrn"],
         ["simulate", "--policies", "ssjf,ssjf"],
         ["simulate", "--prediction-cpu-ms", "-1"],
@@ -423,3 +427,16 @@ def test_policies_take_turns_in_reversed_order_every_other_round() -> None:
     positions = {p: sum(order.index(p) for order in orders[:2]) for p in policies}
     assert len(set(positions.values())) == 1
     assert policies == ["fcfs", "ssjf", "sjf-oracle"]  # the caller's list is not reordered
+
+
+def test_pooled_calibration_runs_at_the_lower_median_of_the_measurements() -> None:
+    def measured(capacity: float) -> Calibration:
+        return Calibration(UNIT, UNIT, capacity)
+
+    first, slow, fast = measured(12.0), measured(9.0), measured(13.5)
+    assert lower_median_calibration([first]) is first
+    # Of two, the lower: a high outlier never sets a round's rate.
+    assert lower_median_calibration([first, fast]) is first
+    assert lower_median_calibration([first, slow]) is slow
+    assert lower_median_calibration([fast, slow, first]) is first
+    assert lower_median_calibration([fast, slow, first, measured(12.5)]) is first

@@ -80,6 +80,16 @@ _loads = _number_list(float, "0.5,0.9")
 _positive_ints = _number_list(int, "500,1000,2000")
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {value}")
+    return value
+
+
 def _milliseconds(text: str) -> float:
     try:
         value = float(text)
@@ -234,12 +244,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_option(bench, "--workers", type=int, default=1, help="worker processes per stack")
     add_option(
         bench,
+        "--saturation-jobs",
+        type=_positive_int,
+        default=40,
+        help="workload jobs sent at once to measure the worker's speed under load (each "
+        "calibration); more jobs measure the capacity, and so the load, more precisely",
+    )
+    add_option(
+        bench,
         "--recalibrate",
         default="round",
-        choices=["round", "once"],
+        choices=["round", "pooled", "once"],
         help="round: re-measure the worker's speed under load before every round and set "
         "that round's arrival rate from it (holds the load while the machine drifts); "
-        "once: one calibration per batching mode",
+        "pooled: re-measure every round but set the rate from the lower median of all "
+        "measurements so far (damps a single measurement's scatter, so no round runs "
+        "overloaded on a high outlier); once: one calibration per batching mode",
     )
     add_flag(
         bench,
@@ -406,6 +426,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         model=REAL_MODEL if real else "tiny-llama",
         max_batch_size=args.max_batch_size,
         workers=args.workers,
+        saturation_jobs=args.saturation_jobs,
         recalibrate=args.recalibrate,
         resamples=args.resamples,
         slo_search=args.slo_search,

@@ -74,7 +74,8 @@ class BenchConfig:
     max_batch_size: int = 4
     workers: int = 1
     # "round": measure the worker's speed under load before every round and set that
-    # round's rate from it; "once": one calibration per batching mode.
+    # round's rate from it; "pooled": measure before every round, set the rate from the
+    # lower median of all measurements so far; "once": one calibration per batching mode.
     recalibrate: str = "round"
     resamples: int = 1000
     slo_search: bool = False
@@ -330,7 +331,8 @@ class Calibration:
 
 class Calibrator:
     """Measures one batching mode's worker on the first policy's stack: the idle shape
-    once, the level under load once or before every round (``--recalibrate``)."""
+    once, the level under load once or before every round (``--recalibrate``); with
+    ``pooled``, every round runs at the lower median of all the levels measured so far."""
 
     def __init__(
         self,
@@ -346,6 +348,7 @@ class Calibrator:
             items, config.saturation_jobs, 1.0, config.length_scale, config.seed + 1000
         )
         self.llm = llm_names(config.llm)[0]
+        self.measurements: list[Calibration] = []
         self.shape = fit_shape(
             address,
             self.llm,
@@ -372,15 +375,30 @@ class Calibrator:
             latency, self.scaled * 4, self.batching, config.max_batch_size, config.workers
         )
         self.current = Calibration(self.shape, latency, capacity)
+        self.measurements.append(self.current)
         log.info("calibrated", extra={"batching": self.batching, "capacity": capacity})
         return self.current
 
     def for_round(self, round_index: int) -> Calibration:
         """The calibration a round runs at: measured again, unless this is the first round
-        after the initial one or recalibration is off."""
-        if self.config.recalibrate == "round" and round_index > 0:
-            return self.level()
+        after the initial one or recalibration is off; pooled, the lower median of every
+        measurement of this batching mode."""
+        if self.config.recalibrate != "once" and round_index > 0:
+            self.level()
+        if self.config.recalibrate == "pooled":
+            return lower_median_calibration(self.measurements)
         return self.current
+
+
+def lower_median_calibration(measurements: Sequence[Calibration]) -> Calibration:
+    """The measurement of median capacity, the lower of the two middle ones for an even
+    count. A single calibration burst's span scatters by +-15% on a machine whose speed has
+    not moved (bench/results/stack-precise), and a round whose rate is set from a high
+    outlier runs overloaded, its queue and JCTs growing without bound; the median of all
+    measurements so far damps that scatter, and taking the lower one never raises the
+    load."""
+    ordered = sorted(measurements, key=lambda calibration: calibration.capacity_rps)
+    return ordered[(len(ordered) - 1) // 2]
 
 
 @contextlib.contextmanager
@@ -473,6 +491,7 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
                             "load": load,
                             "round": round_index,
                             "capacity_rps": calibration.capacity_rps,
+                            "measured_capacity_rps": calibrator.current.capacity_rps,
                             "load_factor": calibration.latency.source.get("load_factor"),
                             "load_average": report.load_average(),
                         }
