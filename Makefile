@@ -105,7 +105,7 @@ bench-stack-sync: $(STAMP)  ## real stack: SSJF's asynchronous submit path again
 		--policies fcfs,ssjf,ssjf:sync --batching $$b --loads 0.5,0.9 --duration-s 60 --rounds 3 \
 		--recalibrate round --max-wait-s 0 $(BENCH_COMMON) $(BENCH_STACK_FLAGS) || exit 1; done
 
-bench-stack-precise: $(STAMP)  ## real stack, one point with ~16,000 jobs per policy in 25 rounds: the +-0.05 interval at load 0.9 (~65 min)
+bench-stack-precise: $(STAMP)  ## real stack, continuous at load 0.9, ~16,000 jobs per policy in 25 rounds, for a narrow interval (~60 min)
 	$(BIN)/ssjf bench --out bench/results/stack-precise --policies fcfs,ssjf \
 		--batching continuous --loads 0.9 --duration-s 1500 --rounds 25 --recalibrate round \
 		--saturation-jobs 160 --max-wait-s 0 $(BENCH_COMMON) $(BENCH_STACK_FLAGS)
