@@ -48,7 +48,7 @@ def test_bench_runs_the_real_stack_and_writes_its_report(tmp_path: Path) -> None
     assert [entry["round"] for entry in latency["recalibrated"]] == [0, 1]
     provenance = summary["provenance"]
     assert provenance["predictor_version"] is None  # neither policy asks the predictor
-    assert provenance["machine"]["cpu_cores"] >= 1 and provenance["git_commit"]
+    assert provenance["machine"]["cpus"] >= 1 and provenance["git_commit"]
     (row,) = summary["comparisons"]
     ratio = row["policies"]["sjf-prompt"]["mean_jct_over_fcfs"]
     assert ratio["ci_low"] <= ratio["value"] <= ratio["ci_high"]

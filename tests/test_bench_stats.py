@@ -35,6 +35,7 @@ from services.bench.workload import (
     map_lengths_to,
 )
 from services.common.alpaca import load_dataset
+from services.common.machine import describe_machine
 from services.common.paths import SERVED_MODEL_LABELS
 from services.scheduler.policies import EPOCH_S, JobFeatures
 
@@ -310,7 +311,7 @@ def test_simulate_summary_schema(tmp_path: Path) -> None:
     summary = json.loads((tmp_path / "summary.json").read_text())
     provenance = summary["provenance"]
     assert provenance["command"] is not None and len(provenance["git_commit"]) == 40
-    assert provenance["machine"]["cpu_cores"] >= 1
+    assert provenance["machine"]["cpus"] >= 1 and provenance["machine"]["cpu_model"]
     assert len(provenance["machine"]["load_average_1_5_15m"]) == 3
     assert "predictor_version" in provenance
     runs = {run["policy"]: run for run in summary["runs"]}
@@ -440,3 +441,15 @@ def test_pooled_calibration_runs_at_the_lower_median_of_the_measurements() -> No
     assert lower_median_calibration([first, slow]) is slow
     assert lower_median_calibration([fast, slow, first]) is first
     assert lower_median_calibration([fast, slow, first, measured(12.5)]) is first
+
+
+def test_the_machine_record_names_the_cpu_and_its_speed_relevant_extensions() -> None:
+    cpuinfo = (
+        "processor\t: 0\nmodel name\t: AMD EPYC 9B14\n"
+        "flags\t\t: fpu sse2 avx avx2 avx512f avx512_vnni sha_ni\n"
+    )
+    machine = describe_machine(cpuinfo)
+    assert machine["cpu_model"] == "AMD EPYC 9B14"
+    assert machine["cpu_flags"] == ["avx2", "avx512f", "avx512_vnni"]
+    assert describe_machine("")["cpu_flags"] == []
+    assert describe_machine()["cpus"] >= 1

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -22,6 +21,7 @@ import numpy as np
 
 from services.bench import stats
 from services.bench.simulator import NO_GUARD_SUFFIX, asynchronous_twin, base_policy
+from services.common.machine import describe_machine
 from services.common.paths import CHECKOUT_ROOT
 
 POLICY_ORDER = ("fcfs", "ssjf", "hrrn", "sjf-prompt", "sjf-oracle")
@@ -274,12 +274,7 @@ def provenance(predictor_version: str | None) -> dict[str, Any]:
         "git_commit": git("rev-parse", "HEAD"),
         "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
         "predictor_version": predictor_version,
-        "machine": {
-            "cpu_cores": os.cpu_count(),
-            "load_average_1_5_15m": load,
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-        },
+        "machine": {**describe_machine(), "load_average_1_5_15m": load},
         "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 

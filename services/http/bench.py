@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import random
 import statistics
 import subprocess
@@ -36,6 +35,7 @@ import grpc
 
 from services.common.grpc_server import CHANNEL_OPTIONS
 from services.common.health import wait_for_http, wait_for_serving
+from services.common.machine import describe_machine
 from services.common.net import free_port
 from services.common.paths import CHECKOUT_ROOT
 from services.pb import common_pb2, scheduler_pb2, scheduler_pb2_grpc
@@ -604,7 +604,7 @@ def main(argv: list[str] | None = None) -> int:
     log_dir = Path(tempfile.mkdtemp(prefix="ssjf-bench-http-"))
     print(f"service logs in {log_dir}", flush=True)
     report: dict[str, Any] = {
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "machine": describe_machine(),
         "load_average_start": os.getloadavg(),
     }
     if not args.skip_capacity:

@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -31,6 +30,7 @@ import numpy as np
 from tqdm import tqdm
 
 from services.common.alpaca import LengthDataset, default_data_dir, load_dataset
+from services.common.machine import describe_machine
 from services.common.paths import CHECKOUT_ROOT
 from services.predictor.evaluate import score
 from services.predictor.export import FP32_MODEL_FILE, MODEL_FILE, TORCH_STATE_FILE
@@ -271,8 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {
         "command": "make bench-predictor",
         "machine": {
-            "cpus": os.cpu_count(),
-            "processor": platform.processor() or platform.machine(),
+            **describe_machine(),
             # Other processes on the machine slow every timing below: read them with this.
             "load_average_1m_at_start": os.getloadavg()[0],
         },

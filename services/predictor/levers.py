@@ -30,6 +30,7 @@ import numpy as np
 
 from services.common.alpaca import default_data_dir, load_dataset
 from services.common.first_stage import FIRST_STAGE_FILE, FirstStageModel
+from services.common.machine import describe_machine
 from services.common.paths import CHECKOUT_ROOT
 from services.predictor.bench import command_line, eager_engine, write_result
 from services.predictor.core import PredictionCache
@@ -176,13 +177,14 @@ def main(argv: list[str] | None = None) -> int:
         "threads": args.threads,
         "load_average_at_start": load_start,
         "load_average_at_end": os.getloadavg(),
-        "cpus": os.cpu_count(),
+        "machine": (machine := describe_machine()),
         "engines": rows,
     }
     print(
         f"\n{len(prompts)} held-out prompts x {REPEATS} repeats; load average "
         f"{load_start[0]:.1f} at start, {result['load_average_at_end'][0]:.1f} at end, "
-        f"{os.cpu_count()} cores"
+        f"{os.cpu_count()} cores of {machine['cpu_model']} "
+        f"({', '.join(machine['cpu_flags']) or 'no AVX2/AVX-512/VNNI'})"
     )
     print(
         f"{'engine':<26}{'tau':>7}{'p50 ms':>9}{'p90 ms':>9}  {'batch-32 prompts/s (repeats)':<30}"

@@ -26,7 +26,6 @@ import csv
 import io
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -40,6 +39,7 @@ from tqdm import tqdm
 
 from services.common.grpc_server import CHANNEL_OPTIONS
 from services.common.health import wait_for_serving
+from services.common.machine import describe_machine
 from services.common.net import free_port
 from services.common.paths import CHECKOUT_ROOT
 from services.common.redis_store import LocalRedisServer, connect
@@ -342,11 +342,7 @@ async def run(args: argparse.Namespace) -> dict:
         )
         results: dict = {
             "command": " ".join(["python -m services.scheduler.bench", *sys.argv[1:]]),
-            "machine": {
-                "cpus": os.cpu_count(),
-                "platform": platform.platform(),
-                "python": platform.python_version(),
-            },
+            "machine": describe_machine(),
             "submit_to_dispatch": await submit_to_dispatch(
                 stack.address, args.samples, args.workers
             ),

@@ -27,7 +27,6 @@ import asyncio
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -41,6 +40,7 @@ from scipy import stats
 from services.common.channels import dial_aio
 from services.common.config import REDIS_URL_ENV
 from services.common.health import wait_for_serving
+from services.common.machine import describe_machine
 from services.common.net import free_port
 from services.common.paths import CHECKOUT_ROOT
 from services.common.pki import CertificateAuthority, new_token
@@ -247,7 +247,7 @@ async def run(args: argparse.Namespace) -> dict:
         for metric in plain
     }
     return {
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "machine": describe_machine(),
         "load_average_start": load_start,
         "load_average_end": os.getloadavg(),
         "rounds": args.rounds,

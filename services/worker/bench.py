@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import random
 import statistics
 import sys
@@ -30,6 +29,7 @@ import torch
 from tqdm import tqdm
 from transformers.cache_utils import DynamicLayer
 
+from services.common.machine import describe_machine
 from services.common.paths import CHECKOUT_ROOT
 from services.worker.engine import Batching, Engine, StepStat
 from services.worker.jobs import GenerationRequest, Sampling
@@ -370,7 +370,7 @@ def main(argv: list[str] | None = None) -> None:
         "device": str(model.device),
         "dtype": str(model.dtype).removeprefix("torch."),
         "torch_threads": torch.get_num_threads(),
-        "cpu": platform.processor() or platform.machine(),
+        "machine": describe_machine(),
         "torch": torch.__version__,
         "modes": modes,
         "decode_step": decode,
