@@ -258,8 +258,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="round: re-measure the worker's speed under load before every round and set "
         "that round's arrival rate from it (holds the load while the machine drifts); "
         "pooled: re-measure every round but set the rate from the lower median of all "
-        "measurements so far (damps a single measurement's scatter, so no round runs "
-        "overloaded on a high outlier); once: one calibration per batching mode",
+        "measurements so far (damps a noisy measurement; where the machine's speed really "
+        "moves, as on a shared 2-core host, use round); once: one calibration per batching "
+        "mode",
     )
     add_flag(
         bench,

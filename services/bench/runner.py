@@ -395,8 +395,10 @@ def lower_median_calibration(measurements: Sequence[Calibration]) -> Calibration
     count. One calibration burst's capacity scattered over 9.2-13.4 jobs/s across the 25
     rounds of bench/results/stack-precise, and the rounds measured high ran nearest
     saturation, where a queue and its JCTs grow without bound; the median of all
-    measurements so far damps that scatter, and the lower middle one errs towards a
-    lighter load."""
+    measurements so far damps scatter that is noise, and the lower middle one errs towards
+    a lighter load. Where the scatter is the machine really slowing down, as on this
+    project's 2-core host (bench/results/stack-precise-pooled), it does not help: use
+    ``round`` there."""
     ordered = sorted(measurements, key=lambda calibration: calibration.capacity_rps)
     return ordered[(len(ordered) - 1) // 2]
 
