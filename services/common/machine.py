@@ -1,7 +1,7 @@
 """What a benchmark ran on, recorded beside its timings.
 
 Timings are comparable only on the same CPU: the predictor's int8 ONNX model ran at 314-361
-prompts/s (batch 32) on one host of this project and at 146-147 on another, an AVX2 host
+prompts/s (batch 32) on one host of this project and at 130-148 on another, an AVX2 host
 without AVX-512 VNNI, where int8 is no faster than fp32 (docs/predictor.md). So every
 benchmark records the CPU model and the instruction-set extensions that decide that.
 """

@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"\n{len(prompts)} held-out prompts x {REPEATS} repeats; load average "
         f"{load_start[0]:.1f} at start, {result['load_average_at_end'][0]:.1f} at end, "
-        f"{os.cpu_count()} cores of {machine['cpu_model']} "
+        f"{machine['cpus']} cores of {machine['cpu_model']} "
         f"({', '.join(machine['cpu_flags']) or 'no AVX2/AVX-512/VNNI'})"
     )
     print(
