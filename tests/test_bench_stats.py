@@ -453,3 +453,16 @@ def test_the_machine_record_names_the_cpu_and_its_speed_relevant_extensions() ->
     assert machine["cpu_flags"] == ["avx2", "avx512f", "avx512_vnni"]
     assert describe_machine("")["cpu_flags"] == []
     assert describe_machine()["cpus"] >= 1
+
+
+def test_a_bad_environment_value_is_a_usage_error_not_a_crash(monkeypatch) -> None:
+    from services.cli import build_parser
+
+    monkeypatch.setenv("SSJF_SATURATION_JOBS", "12")
+    assert build_parser().parse_args(["bench"]).saturation_jobs == 12
+    monkeypatch.setenv("SSJF_SATURATION_JOBS", "0")
+    parser = build_parser()  # building the parser (and so --help) must not fail on it
+    with pytest.raises(SystemExit):
+        parser.parse_args(["bench"])
+    # The flag still wins over the variable.
+    assert parser.parse_args(["bench", "--saturation-jobs", "3"]).saturation_jobs == 3

@@ -42,13 +42,15 @@ def add_option(
     choices: list[str] | None = None,
     env: str | None = None,
 ) -> None:
-    """Add ``flag`` whose default comes from its environment variable when that is set."""
+    """Add ``flag`` whose default comes from its environment variable when that is set.
+    The variable's text stays a string default, which argparse converts with ``type`` at
+    parse time: a bad value is then a usage error naming the flag (the variable is in
+    ``--help``), not a traceback while the parser is built, and ``--help`` still works."""
     variable = env or env_name(flag)
     raw = os.environ.get(variable)
-    value = type(raw) if raw is not None else default
     parser.add_argument(
         flag,
-        default=value,
+        default=raw if raw is not None else default,
         type=type,
         choices=choices,
         help=f"{help} [env {variable}; default: {default!r}]",
