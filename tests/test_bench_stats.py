@@ -13,7 +13,13 @@ import pytest
 from services.bench import report, stats
 from services.bench.latency import LatencyModel
 from services.bench.loadgen import RequestResult
-from services.bench.runner import Calibration, lower_median_calibration, turn_order
+from services.bench.runner import (
+    Calibration,
+    idle_arrival_waits,
+    lower_median_calibration,
+    summarize_idle_arrivals,
+    turn_order,
+)
 from services.bench.runner import realized_utilization as measured_utilization
 from services.bench.simulate import SimulateConfig, run_simulations
 from services.bench.simulator import (
@@ -194,6 +200,37 @@ def test_measured_utilization_counts_each_worker_once() -> None:
     # Worker a busy 0-4 (two overlapping jobs of a batch), worker b 0-2; span 4 s, 2 workers.
     results = [result(0, "a", 0, 4), result(1, "a", 1, 3), result(2, "b", 0, 2)]
     assert measured_utilization(results, workers=2) == pytest.approx(6 / 8)
+
+
+def test_only_jobs_that_found_the_system_empty_count_as_idle_arrivals() -> None:
+    def result(index: int, sent: float, end: float, wait: float, ok: bool = True) -> RequestResult:
+        return RequestResult(
+            index=index,
+            prompt_id=index,
+            output_tokens=1,
+            true_output_tokens=1,
+            arrival_s=sent,
+            submitted_s=sent,
+            finished_s=end,
+            state="JOB_STATE_DONE" if ok else "JOB_STATE_FAILED",
+            server_queue_wait_s=wait,
+        )
+
+    one_round = [
+        result(0, 0.0, 2.0, 0.001),  # empty system
+        result(1, 1.0, 3.0, 0.5),  # job 0 still running
+        result(2, 2.5, 4.0, 0.3),  # job 1 still running (finishes at 3)
+        result(3, 5.0, 6.0, 0.002),  # everything before it done
+        result(4, 7.0, math.nan, 0.0, ok=False),  # failed: never counted, busy for good
+        result(5, 9.0, 10.0, 0.004),
+    ]
+    # Listed out of order: the job that was sent first decides, not the list's order.
+    assert idle_arrival_waits(list(reversed(one_round))) == [0.001, 0.002]
+    summary = summarize_idle_arrivals([one_round, one_round[:1]])
+    assert summary["jobs"] == 3
+    assert summary["p50_queue_wait_ms"] == pytest.approx(1.0)
+    assert summary["mean_queue_wait_ms"] == pytest.approx(4 / 3)
+    assert summarize_idle_arrivals([[]]) == {"jobs": 0}
 
 
 def test_hrrn_serves_the_highest_response_ratio() -> None:

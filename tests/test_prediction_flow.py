@@ -90,7 +90,10 @@ def wait_for_counters(node, timeout: float = 30.0, **expected: int) -> dict[str,
 
 def test_job_is_leasable_before_its_prediction_arrives(start_scheduler, gated_predictor) -> None:
     address, predictor = gated_predictor
-    node = start_scheduler("--predictor", address, "--predictor-timeout-ms", "60000")
+    # No grace: the predictor is asked at once, so the lease below happens while it is busy.
+    node = start_scheduler(
+        "--predictor", address, "--predictor-timeout-ms", "60000", "--prediction-grace-ms", "0"
+    )
     reply = node.scheduler.Submit(request(prompt="one two three"))
     assert not reply.job.prediction_fallback  # pending, not failed
     [job] = lease(node)  # the predictor has not answered (its gate is closed)
@@ -108,7 +111,14 @@ def test_late_prediction_rescores_only_queued_jobs(start_scheduler, gated_predic
     address, predictor = gated_predictor
     # No first-stage model: every job waits at the same fallback score, in arrival order.
     node = start_scheduler(
-        "--predictor", address, "--predictor-timeout-ms", "60000", "--first-stage", ""
+        "--predictor",
+        address,
+        "--predictor-timeout-ms",
+        "60000",
+        "--first-stage",
+        "",
+        "--prediction-grace-ms",
+        "0",
     )
     prompts = ["a b c d e f", "a b c", "a"]  # 60, 30, 10 predicted tokens
     ids = {node.scheduler.Submit(request(prompt=p)).job_id: p for p in prompts}
@@ -125,6 +135,30 @@ def test_late_prediction_rescores_only_queued_jobs(start_scheduler, gated_predic
             record = node.scheduler.GetJob(scheduler_pb2.GetJobRequest(job_id=job_id))
             assert record.predictor_version == VERSION
             assert record.predicted_output_tokens == 10 * len(prompt.split())
+
+
+def test_a_job_taken_within_the_grace_is_never_predicted(start_scheduler, gated_predictor) -> None:
+    """A job an idle worker takes at once needs no prediction: the predictor is not asked
+    (no work for it, nothing competing with the lease), and the job is counted as such; a
+    job still queued when the grace ends is predicted and re-scored as before."""
+    address, predictor = gated_predictor
+    predictor.gate.set()
+    node = start_scheduler(
+        "--predictor", address, "--predictor-timeout-ms", "60000", "--prediction-grace-ms", "2000"
+    )
+    taken = node.scheduler.Submit(request(prompt="one two three")).job_id
+    [job] = lease(node)
+    assert job.job_id == taken
+    waiting = node.scheduler.Submit(request(prompt="four five")).job_id
+    seen = wait_for_counters(node, prediction_unneeded=1, rescored=1)
+    assert seen.get("prediction_late", 0) == 0
+    assert predictor.calls == 1  # only the job that was still queued
+    record = node.scheduler.GetJob(scheduler_pb2.GetJobRequest(job_id=waiting))
+    assert record.predictor_version == VERSION
+    assert record.predicted_output_tokens == 20
+    taken_record = node.scheduler.GetJob(scheduler_pb2.GetJobRequest(job_id=taken))
+    assert taken_record.predictor_version != VERSION  # kept its first-stage score
+    assert not taken_record.prediction_fallback
 
 
 def test_bench_records_the_score_a_job_ended_with(start_scheduler, gated_predictor) -> None:

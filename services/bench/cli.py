@@ -4,11 +4,10 @@ a discrete-event simulator, at scales this machine cannot serve)."""
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
 from services.bench.simulator import known_policy
-from services.common.config import add_flag, add_option
+from services.common.config import add_flag, add_option, milliseconds
 from services.common.paths import SHARED_DATA_DIR
 
 # The scheduler's policy registry and the worker's modes: a new one is benchmarked as is.
@@ -87,16 +86,6 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive whole number, got {value}")
-    return value
-
-
-def _milliseconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected milliseconds, got {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"expected milliseconds >= 0, got {text!r}")
     return value
 
 
@@ -368,7 +357,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_option(
         simulate,
         "--prediction-cpu-ms",
-        type=_milliseconds,
+        type=milliseconds,
         default=0.0,
         help="CPU milliseconds each SSJF (and HRRN) prediction takes from the workers, as "
         "when the predictor shares their host (about 5 ms per job on the 2-core reference "

@@ -231,6 +231,47 @@ def realized_utilization(results: Sequence[RequestResult], workers: int) -> floa
     return busy / (workers * span) if span > 0 else math.nan
 
 
+def idle_arrival_waits(one_round: Sequence[RequestResult]) -> list[float]:
+    """Queue waits (s) of the round's jobs that found the system empty: every earlier job of
+    the round had finished when they were sent. No policy has a reason to make such a job
+    wait, so its wait is the dispatch path's own cost (Submit, the first-stage score, the
+    lease), and SSJF's against FCFS's shows whether anything still waits for a prediction."""
+    busy_until = -math.inf
+    waits = []
+    for result in sorted(one_round, key=lambda r: r.submitted_s):
+        if result.ok and result.submitted_s > busy_until:
+            waits.append(result.server_queue_wait_s)
+        # A job that never finished keeps the system busy for the rest of the round.
+        finished = result.finished_s if result.ok else math.inf
+        busy_until = max(busy_until, finished)
+    return waits
+
+
+def summarize_idle_arrivals(rounds: Sequence[Sequence[RequestResult]]) -> dict[str, Any]:
+    """Mean (with its 95% t half-width) and median queue wait in ms of the jobs that arrived
+    to an empty system (``idle_arrival_waits``), over all rounds."""
+    waits_ms = 1e3 * np.array(
+        [w for one_round in rounds for w in idle_arrival_waits(one_round)], dtype=float
+    )
+    if len(waits_ms) == 0:
+        return {"jobs": 0}
+    return {
+        "jobs": len(waits_ms),
+        "mean_queue_wait_ms": float(waits_ms.mean()),
+        "mean_half_width_95_ms": stats.half_width_t(waits_ms),
+        "p50_queue_wait_ms": float(np.median(waits_ms)),
+    }
+
+
+def idle_line(idle: dict[str, Any]) -> str:
+    if not idle["jobs"]:
+        return "no job found the system empty"
+    return (
+        f"{idle['jobs']} found it empty: queue wait {idle['mean_queue_wait_ms']:.1f} "
+        f"+- {idle['mean_half_width_95_ms']:.1f} ms (p50 {idle['p50_queue_wait_ms']:.1f})"
+    )
+
+
 def summarize_rounds(
     rounds: Sequence[Sequence[RequestResult]],
     policy: str,
@@ -268,6 +309,7 @@ def summarize_rounds(
         "server_mean_jct_s": _mean([r.server_completion_s for r in ok]),
         "server_mean_queue_wait_s": _mean([r.server_queue_wait_s for r in ok]),
         "prediction_fallbacks": sum(r.prediction_fallback for r in results),
+        "idle_arrivals": summarize_idle_arrivals(rounds),
         "workers": workers,
         "realized_utilization_by_round": [
             realized_utilization(one_round, workers) for one_round in rounds
@@ -532,7 +574,7 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
                         f"{run.get('simulated_mean_jct_s', math.nan):.3f}s), p99 "
                         f"{run['p99_jct_s']:.3f}s, utilization "
                         f"{run['realized_utilization']:.2f}, {run['completed']}/"
-                        f"{run['requests']} done"
+                        f"{run['requests']} done, {idle_line(run['idle_arrivals'])}"
                     )
                 compared = report.interval_comparisons(points, config.resamples, config.seed)
                 meta["provenance"]["predictor_version"] = ",".join(sorted(versions)) or None

@@ -14,10 +14,12 @@ from services.common.config import (
     add_option,
     add_redis_url_options,
     add_server_options,
+    milliseconds,
     redis_url,
 )
 from services.common.tls import add_client_security_options
 from services.scheduler.policies import POLICIES
+from services.scheduler.prediction import DEFAULT_GRACE_S
 
 # The shipped predictor artifact carries the first-stage model too (ssjf train-predictor).
 DEFAULT_FIRST_STAGE = (
@@ -85,6 +87,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="async: queue each job at once with its first-stage score and re-score it when "
         "the prediction arrives (an idle worker never waits); sync: wait for the prediction "
         "before queueing",
+    )
+    add_option(
+        parser,
+        "--prediction-grace-ms",
+        default=1e3 * DEFAULT_GRACE_S,
+        type=milliseconds,
+        help="async mode: ask for a job's prediction this long after queueing it, and only if "
+        "it is still queued then; a job an idle worker took within it needs none (saves the "
+        "predictor's work and the job's dispatch time at light load; 0: ask at once)",
     )
     add_option(
         parser,

@@ -49,7 +49,12 @@ from services.scheduler.models import (
     scoped_request_id,
 )
 from services.scheduler.policies import PRIORITY_RANGE, JobFeatures, Policy
-from services.scheduler.prediction import AsyncPredictions, PendingJob, PredictionMode
+from services.scheduler.prediction import (
+    DEFAULT_GRACE_S,
+    AsyncPredictions,
+    PendingJob,
+    PredictionMode,
+)
 from services.scheduler.predictor_client import Prediction, clamp_prediction
 from services.scheduler.registry import (
     KNOWN_LLM_MEMORY_S,
@@ -104,6 +109,9 @@ class SchedulerConfig:
     # arrives; sync: wait for the prediction before queueing.
     prediction_mode: PredictionMode = PredictionMode.ASYNC
     max_predictions_in_flight: int = 4096
+    # async mode: how long after queueing a job's prediction is asked for, and only if the
+    # job is still queued then (prediction.py: a job an idle worker took needs none).
+    prediction_grace_s: float = DEFAULT_GRACE_S
 
 
 def shown(value: str, limit: int = 64) -> str:
@@ -164,7 +172,12 @@ class SchedulerCore:
         self.predictor = predictor
         self.first_stage = first_stage
         self.predictions = (
-            AsyncPredictions(store, predictor, max_in_flight=config.max_predictions_in_flight)
+            AsyncPredictions(
+                store,
+                predictor,
+                max_in_flight=config.max_predictions_in_flight,
+                grace_s=config.prediction_grace_s,
+            )
             if predictor is not None and config.prediction_mode == PredictionMode.ASYNC
             else None
         )

@@ -112,6 +112,7 @@ async def serve(args: argparse.Namespace) -> None:
             reap_interval_s=args.reap_interval_s,
             default_start_timeout_s=args.default_start_timeout_s,
             prediction_mode=PredictionMode(args.prediction_mode),
+            prediction_grace_s=args.prediction_grace_ms / 1e3,
         ),
         predictor,
         first_stage,
