@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 PROTOS := $(wildcard protos/ssjf/v1/*.proto)
 PB_DIR := services/pb
 
-.PHONY: help venv proto proto-check lint test test-faults soak run predictor bench simulate-submit-path \
+.PHONY: help venv proto proto-check lint test test-faults soak run predictor bench simulate-submit-path bench-predictor-sweep \
         bench-predictor bench-scheduler bench-worker bench-http bench-security bench-streams clean bench-sim bench-stack \
         bench-stack-starvation bench-stack-light bench-stack-sync bench-stack-precise bench-stack-workers bench-stack-slo bench-sim-full bench-real \
         images images-monitoring stubs test-compose
@@ -157,8 +157,13 @@ bench-predictor: $(STAMP) runs/predictor/comparison.json runs/predictor-shipped/
 	nice -n 10 $(BIN)/python -m services.predictor.levers --candidate runs/predictor-shipped \
 		--student runs/predictor-student3
 
-simulate-submit-path: $(STAMP)  ## sync vs async (two-stage) prediction, 1e5 simulated jobs at load 0.9 -> bench/results/submit_path_sim.json
-	nice -n 10 $(BIN)/python -m services.predictor.submit_path_sim --requests 100000 --load 0.9
+simulate-submit-path: $(STAMP)  ## sync vs async (two-stage) prediction, 1e5 simulated jobs x 3 seeds at load 0.9, vicuna-13b and SmolLM2 -> bench/results/submit_path_sim_<llm>.json
+	for llm in vicuna-13b smollm2-135m-instruct; do nice -n 10 $(BIN)/python -m services.predictor.submit_path_sim \
+		--requests 100000 --load 0.9 --seeds 3 --prediction-delay-ms 10 --llm $$llm \
+		--out bench/results/submit_path_sim_$$llm.json || exit 1; done
+
+bench-predictor-sweep: $(STAMP)  ## quality levers: the shipped recipe with one change each (seed, loss, learning rate, ...) -> bench/results/predictor_sweep.json (~25 min)
+	$(BIN)/python -m services.predictor.sweep
 
 bench-scheduler: $(STAMP)  ## dispatch latency, submissions/s, 1e3-1e6 queued vs redis-benchmark -> bench/results/scheduler.json
 	$(BIN)/python -m services.scheduler.bench --out bench/results/scheduler.json

@@ -32,7 +32,8 @@ from services.predictor.training import EVAL_LLMS, Split, TrainConfig, Trainer
 REPORT_LLMS = (*EVAL_LLMS[:3], "smollm2-135m-instruct")
 
 
-def _tau(predicted: np.ndarray, true: np.ndarray) -> float | None:
+def known_tau(predicted: np.ndarray, true: np.ndarray) -> float | None:
+    """Kendall's tau over the prompts with a known length (None below 5 of them)."""
     known = ~np.isnan(true)
     if known.sum() < 5:
         return None
@@ -100,8 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         for row, llm in enumerate(llms):
             column = trainer.llms.index(llm) if llm in trainer.llms else None
             fold["tau"][llm] = {
-                "proxy_model": None if column is None else _tau(predicted[column], true[row]),
-                "first_stage": _tau(
+                "proxy_model": None if column is None else known_tau(predicted[column], true[row]),
+                "first_stage": known_tau(
                     np.array([first.predict(text, llm) for text in texts]), true[row]
                 ),
                 "labelled": int((~np.isnan(true[row])).sum()),
