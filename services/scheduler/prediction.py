@@ -9,11 +9,12 @@ a job still queued moves to its new place; a job a worker already took (an idle 
 waits for a prediction) keeps everything, and the late prediction is only counted.
 
 Why the grace: a job that finds an idle worker is leased within a few milliseconds, and its
-prediction can no longer change anything. Asking for it anyway cost such a job about a
-millisecond of dispatch (the predictor's inference and this replica's gRPC call competed with
-the lease for the same cores) and cost the predictor one inference per job even at light
-load, where most jobs never wait. A queued job gets its prediction a few milliseconds later,
-which changes next to nothing where waits are counted in seconds.
+prediction can no longer change anything. Asking for it anyway cost such a job 0.5-1.7 ms of
+dispatch on a 2-core host (the predictor's inference and this replica's gRPC call competed
+with the lease for the same cores; docs/predictor.md, "Prediction grace") and cost the
+predictor one inference per job even at light load, where most jobs never wait. A queued job
+gets its prediction a few milliseconds later, which changes next to nothing where waits are
+counted in seconds.
 
 Metrics: the ``ssjf_scheduler_prediction_seconds`` histogram (this replica's predictor round
 trips, by outcome) and, in Redis beside the other job counters (every replica's): ``rescored``,
