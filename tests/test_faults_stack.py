@@ -245,8 +245,17 @@ def test_predictor_sigstop_and_sigkill_degrade_ordering_never_availability(
     stack: FaultStack,
 ) -> None:
     predictor = stack.start_predictor()
+    # No grace: every job is sent to the stalled or dead predictor (with the default grace, a
+    # job the idle worker takes at once is never sent: test_prediction_flow covers that).
     scheduler = stack.start_scheduler(
-        "--predictor", predictor, "--policy", "ssjf", "--predictor-timeout-ms", "500"
+        "--predictor",
+        predictor,
+        "--policy",
+        "ssjf",
+        "--predictor-timeout-ms",
+        "500",
+        "--prediction-grace-ms",
+        "0",
     )
     stack.start_worker([scheduler])
     service = stack.others[0]
