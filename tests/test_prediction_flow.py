@@ -278,3 +278,17 @@ def test_first_stage_model_learns_and_round_trips(tmp_path) -> None:
     assert loaded.predict("answer yes or no", "m") == pytest.approx(
         model.predict("answer yes or no", "m"), rel=1e-2
     )
+
+
+def test_the_grace_flag_defaults_to_the_core_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI writes the default out (importing the prediction module would slow every
+    `ssjf` command's start-up); it must stay the core's."""
+    import argparse
+
+    from services.scheduler.cli import add_arguments
+    from services.scheduler.prediction import DEFAULT_GRACE_S
+
+    monkeypatch.delenv("SSJF_PREDICTION_GRACE_MS", raising=False)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert parser.parse_args([]).prediction_grace_ms == pytest.approx(1e3 * DEFAULT_GRACE_S)

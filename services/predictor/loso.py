@@ -20,24 +20,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy.stats import kendalltau
 
 from services.common.alpaca import default_data_dir, prompt_set_of, split_by_prompt
 from services.common.first_stage import fit_first_stage
 from services.common.paths import CHECKOUT_ROOT, default_labels, label_dirs
 from services.predictor.bench import command_line, write_result
 from services.predictor.pipeline import training_data
-from services.predictor.training import EVAL_LLMS, Split, TrainConfig, Trainer
+from services.predictor.training import EVAL_LLMS, Split, TrainConfig, Trainer, known_tau
 
 REPORT_LLMS = (*EVAL_LLMS[:3], "smollm2-135m-instruct")
-
-
-def known_tau(predicted: np.ndarray, true: np.ndarray) -> float | None:
-    """Kendall's tau over the prompts with a known length (None below 5 of them)."""
-    known = ~np.isnan(true)
-    if known.sum() < 5:
-        return None
-    return float(kendalltau(predicted[known], true[known]).statistic)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,9 +27,14 @@ import numpy as np
 from services.common.alpaca import default_data_dir
 from services.common.paths import CHECKOUT_ROOT, default_labels, label_dirs
 from services.predictor.bench import command_line, write_result
-from services.predictor.loso import known_tau
 from services.predictor.pipeline import FIRST_STAGE_EXTRA_LLMS, training_data
-from services.predictor.training import EVAL_LLMS, TrainConfig, Trainer, split_dataset
+from services.predictor.training import (
+    EVAL_LLMS,
+    TrainConfig,
+    Trainer,
+    known_tau,
+    split_dataset,
+)
 
 SHIPPED = {
     "formulation": "regression-mse",
@@ -83,6 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     texts = [prompt.text for prompt in test.prompts]
     llms = [llm for llm in REPORT_LLMS if llm in dataset.lengths]
     true = test.length_matrix(llms)
+
+    def test_taus(predicted: np.ndarray) -> dict[str, float | None]:
+        """Test tau per reported LLM of ``predicted``, one row per LLM of ``llms``."""
+        return {llm: known_tau(predicted[i], true[i]) for i, llm in enumerate(llms)}
+
     predictions_dir = out.with_suffix("")  # per-variant test predictions, for ensembles
     predictions_dir.mkdir(parents=True, exist_ok=True)
     for name in args.variants:
@@ -98,17 +108,13 @@ def main(argv: list[str] | None = None) -> int:
             dataset, TrainConfig(**settings, threads=args.threads), split=variant_split
         )
         model = trainer.train()
-        predicted = trainer.predict_z(model, texts)
-        rows = [trainer.llms.index(llm) for llm in llms]
-        np.save(predictions_dir / f"{name}.npy", predicted[rows])
+        predicted = trainer.predict_z(model, texts)[[trainer.llms.index(llm) for llm in llms]]
+        np.save(predictions_dir / f"{name}.npy", predicted)
         result["variants"][name] = {
             "changed": VARIANTS[name],
             "best_dev_tau": trainer.summary()["best_dev_tau"],
             "dev_tau_by_epoch": [entry["dev_tau"] for entry in trainer.history],
-            "test_tau": {
-                llm: known_tau(predicted[row], true[i])
-                for i, (llm, row) in enumerate(zip(llms, rows, strict=True))
-            },
+            "test_tau": test_taus(predicted),
             "minutes": (time.monotonic() - started) / 60,
         }
         write_result(out, result)
@@ -117,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             mean = np.mean([np.load(predictions_dir / f"{m}.npy") for m in members], axis=0)
             result["ensembles"][name] = {
                 "members": list(members),
-                "test_tau": {llm: known_tau(mean[i], true[i]) for i, llm in enumerate(llms)},
+                "test_tau": test_taus(mean),
             }
     result["load_average_1m_at_end"] = os.getloadavg()[0]
     write_result(out, result)

@@ -109,6 +109,14 @@ def length_stats(log_lengths: np.ndarray) -> LengthStats:
     return LengthStats(as_tensor(mean), as_tensor(std), as_tensor(edges), as_tensor(centers))
 
 
+def known_tau(predicted: np.ndarray, true: np.ndarray) -> float | None:
+    """Kendall's tau over the prompts with a known length (None below 5 of them)."""
+    known = ~np.isnan(true)
+    if known.sum() < 5:
+        return None
+    return float(kendalltau(predicted[known], true[known]).statistic)
+
+
 def mean_kendall_tau(predicted_z: np.ndarray, true_tokens: np.ndarray) -> float:
     """Mean over LLMs (rows) of Kendall's tau on the prompts each LLM answered."""
     taus = []

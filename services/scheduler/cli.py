@@ -19,7 +19,6 @@ from services.common.config import (
 )
 from services.common.tls import add_client_security_options
 from services.scheduler.policies import POLICIES
-from services.scheduler.prediction import DEFAULT_GRACE_S
 
 # The shipped predictor artifact carries the first-stage model too (ssjf train-predictor).
 DEFAULT_FIRST_STAGE = (
@@ -91,7 +90,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_option(
         parser,
         "--prediction-grace-ms",
-        default=1e3 * DEFAULT_GRACE_S,
+        # prediction.DEFAULT_GRACE_S in ms, written out: importing that module (and Redis)
+        # here would slow every `ssjf` command's start-up by a quarter of a second.
+        default=5.0,
         type=milliseconds,
         help="async mode: ask for a job's prediction this long after queueing it, and only if "
         "it is still queued then; a job an idle worker took within it needs none (saves the "
