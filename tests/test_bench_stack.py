@@ -17,7 +17,7 @@ from services.bench.runner import BenchConfig, revalidate, run_bench
 def test_bench_runs_the_real_stack_and_writes_its_report(tmp_path: Path) -> None:
     config = BenchConfig(
         out_dir=tmp_path,
-        policies=["fcfs", "sjf-prompt"],
+        policies=["fcfs", "ssjf"],
         batchings=["continuous"],
         loads=[0.5],
         requests=8,
@@ -32,7 +32,7 @@ def test_bench_runs_the_real_stack_and_writes_its_report(tmp_path: Path) -> None
 
     summary = json.loads((tmp_path / "summary.json").read_text())
     runs = {run["policy"]: run for run in summary["runs"]}
-    assert set(runs) == {"fcfs", "sjf-prompt"}
+    assert set(runs) == {"fcfs", "ssjf"}
     for run in runs.values():
         assert run["batching"] == "continuous" and run["rounds"] == 2
         assert run["completed"] == 16 and run["failed"] == 0
@@ -46,11 +46,26 @@ def test_bench_runs_the_real_stack_and_writes_its_report(tmp_path: Path) -> None
     assert set(latency["step_by_batch"]) == {"1", "2"}
     assert latency["fcfs_capacity_rps"] > 0
     assert [entry["round"] for entry in latency["recalibrated"]] == [0, 1]
+    # The scheduler's own counts, read before and after each round: every job of the run
+    # was submitted once, and each SSJF job's prediction ended exactly one way.
+    assert runs["fcfs"]["predictions"]["counts"]["submitted"] == 16
+    assert runs["fcfs"]["predictions"]["dispatched_before_prediction"] is None
+    ssjf = runs["ssjf"]["predictions"]
+    assert ssjf["counts"]["submitted"] == 16
+    assert sum(ssjf["counts"].values()) - 16 == 16
+    assert 0.0 <= ssjf["dispatched_before_prediction"] <= 1.0
     provenance = summary["provenance"]
-    assert provenance["predictor_version"] is None  # neither policy asks the predictor
+    # Jobs dispatched on their first-stage score name that model; re-scored ones the proxy's.
+    versions = provenance["predictor_version"].split(",")
+    assert any(version.startswith("first-stage-") for version in versions) == bool(
+        ssjf["counts"]["submitted"] - ssjf["counts"]["rescored"]
+    )
+    assert any(version.startswith("minilm-length-") for version in versions) == bool(
+        ssjf["counts"]["rescored"]
+    )
     assert provenance["machine"]["cpus"] >= 1 and provenance["git_commit"]
     (row,) = summary["comparisons"]
-    ratio = row["policies"]["sjf-prompt"]["mean_jct_over_fcfs"]
+    ratio = row["policies"]["ssjf"]["mean_jct_over_fcfs"]
     assert ratio["ci_low"] <= ratio["value"] <= ratio["ci_high"]
     assert row["jobs_per_policy"] == 16 and row["rounds"] == 2
     jobs = [json.loads(line) for line in (tmp_path / "jobs").glob("*.jsonl").__next__().open()]

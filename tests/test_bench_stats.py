@@ -18,6 +18,7 @@ from services.bench.runner import (
     idle_arrival_waits,
     lower_median_calibration,
     summarize_idle_arrivals,
+    summarize_prediction_counts,
     turn_order,
 )
 from services.bench.runner import realized_utilization as measured_utilization
@@ -231,6 +232,27 @@ def test_only_jobs_that_found_the_system_empty_count_as_idle_arrivals() -> None:
     assert summary["p50_queue_wait_ms"] == pytest.approx(1.0)
     assert summary["mean_queue_wait_ms"] == pytest.approx(4 / 3)
     assert summarize_idle_arrivals([[]]) == {"jobs": 0}
+
+
+def test_the_share_dispatched_before_prediction_sums_the_rounds_counts() -> None:
+    rounds = [
+        {"submitted": 10, "rescored": 6, "prediction_unneeded": 3, "prediction_late": 1},
+        {"submitted": 10, "rescored": 2, "prediction_unneeded": 7, "prediction_fallback": 1},
+    ]
+    summary = summarize_prediction_counts(rounds)
+    assert summary["counts"] == {
+        "submitted": 20,
+        "rescored": 8,
+        "prediction_unneeded": 10,
+        "prediction_late": 1,
+        "prediction_fallback": 1,
+        "prediction_skipped": 0,
+    }
+    assert summary["dispatched_before_prediction"] == pytest.approx(11 / 20)
+    # A policy that never asks the predictor has no share, not a share of zero.
+    fcfs = summarize_prediction_counts([{"submitted": 10}])
+    assert fcfs["dispatched_before_prediction"] is None
+    assert fcfs["counts"]["submitted"] == 10
 
 
 def test_hrrn_serves_the_highest_response_ratio() -> None:

@@ -13,6 +13,7 @@ import asyncio
 import math
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
@@ -166,6 +167,19 @@ async def run_open_loop(
         results = list(await asyncio.gather(*tasks))
         await read_back(stub, results)
         return results
+
+
+async def queue_counters(address: str) -> Counter[str]:
+    """The scheduler's job counters (QueueStats), summed over every LLM's queue. They are
+    shared by all replicas and only grow, so a run's own counts are the difference of two
+    readings (and include any other client's traffic on a ``--server`` the user shares)."""
+    async with dial_aio(address) as channel:
+        stub = scheduler_pb2_grpc.SchedulerStub(channel)
+        reply = await stub.QueueStats(scheduler_pb2.QueueStatsRequest(), timeout=30)
+    total: Counter[str] = Counter()
+    for queue in reply.queues:
+        total.update(dict(queue.counters))
+    return total
 
 
 async def read_back(stub: scheduler_pb2_grpc.SchedulerStub, results: list[RequestResult]) -> None:

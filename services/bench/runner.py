@@ -22,7 +22,8 @@ import dataclasses
 import json
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,7 @@ from services.bench.calibrate import (
     summed_busy_s,
 )
 from services.bench.latency import LatencyModel
-from services.bench.loadgen import RequestResult, run_open_loop
+from services.bench.loadgen import RequestResult, queue_counters, run_open_loop
 from services.bench.realgen import DEFAULT_LABELS, load_greedy_lengths
 from services.bench.simulator import aging_for, base_policy, guard_for, synchronous_prediction
 from services.bench.workload import PromptLength, build_requests, llm_names, load_workload
@@ -164,6 +165,18 @@ def run_name(policy: str, batching: str, load: float) -> str:
     return f"{file_safe(policy)}_{batching}_load{load:.2f}"
 
 
+# What became of each job's background prediction, as the scheduler counts it
+# (services/scheduler/prediction.py): with asynchronous prediction every SSJF job ends in
+# exactly one of these; under a policy that needs no prediction, in none.
+PREDICTION_OUTCOMES = (
+    "rescored",  # predicted while queued: moved to its place
+    "prediction_unneeded",  # dispatched within the grace: never predicted
+    "prediction_late",  # dispatched while its prediction was on the way
+    "prediction_fallback",  # the predictor gave no answer
+    "prediction_skipped",  # too many predictions in flight
+)
+
+
 def _run_round(
     address: str,
     items: Sequence[PromptLength],
@@ -172,8 +185,10 @@ def _run_round(
     rate: float,
     round_index: int,
     label: str,
-) -> list[RequestResult]:
-    """One open-loop run of ``policy`` at ``rate``; round ``r`` replays seed ``seed + r``."""
+) -> tuple[list[RequestResult], dict[str, int]]:
+    """One open-loop run of ``policy`` at ``rate``; round ``r`` replays seed ``seed + r``.
+    Returns its jobs and the scheduler's counts for the round (``submitted`` and
+    ``PREDICTION_OUTCOMES``)."""
     count = round_jobs(config, rate)
     requests = build_requests(
         items,
@@ -187,6 +202,7 @@ def _run_round(
     if config.generation == "real":
         requests = [dataclasses.replace(request, real=True) for request in requests]
     bar = tqdm(total=len(requests), desc=label, unit="job", leave=False)
+    before = asyncio.run(queue_counters(address))
     results = asyncio.run(
         run_open_loop(
             address,
@@ -197,10 +213,14 @@ def _run_round(
             on_done=lambda _: bar.update(),
         )
     )
+    # Every job has ended here, so each prediction's outcome is settled: a job leased within
+    # the grace is decided within milliseconds, far less than any job takes.
+    after = asyncio.run(queue_counters(address))
     bar.close()
     for result in results:
         result.round = round_index
-    return results
+    counts = {name: after[name] - before[name] for name in ("submitted", *PREDICTION_OUTCOMES)}
+    return results, counts
 
 
 def round_jobs(config: BenchConfig, rate: float) -> int:
@@ -272,6 +292,25 @@ def idle_line(idle: dict[str, Any]) -> str:
     )
 
 
+def summarize_prediction_counts(counts: Sequence[Mapping[str, int]]) -> dict[str, Any]:
+    """The rounds' scheduler counts summed, and the share of submitted jobs a worker took
+    before their prediction could re-score them (None where no job was predicted)."""
+    total: Counter[str] = Counter()
+    for one_round in counts:
+        total.update(one_round)
+    predicted = sum(total[name] for name in PREDICTION_OUTCOMES)
+    before = total["prediction_unneeded"] + total["prediction_late"]
+    return {
+        "counts": {name: total[name] for name in ("submitted", *PREDICTION_OUTCOMES)},
+        "dispatched_before_prediction": before / total["submitted"] if predicted else None,
+    }
+
+
+def predictions_line(predictions: dict[str, Any]) -> str:
+    share = predictions["dispatched_before_prediction"]
+    return "" if share is None else f", {100 * share:.0f}% dispatched before their prediction"
+
+
 def summarize_rounds(
     rounds: Sequence[Sequence[RequestResult]],
     policy: str,
@@ -280,8 +319,9 @@ def summarize_rounds(
     rate: float,
     capacity: float,
     workers: int = 1,
+    prediction_counts: Sequence[Mapping[str, int]] = (),
 ) -> dict[str, Any]:
-    """One run's numbers from all its rounds' jobs together."""
+    """One run's numbers from all its rounds' jobs (and the scheduler's counts) together."""
     results = [r for one_round in rounds for r in one_round]
     ok = [r for r in results if r.ok]
     # Throughput: completed jobs per second of the rounds' spans (arrival to last answer).
@@ -310,6 +350,7 @@ def summarize_rounds(
         "server_mean_queue_wait_s": _mean([r.server_queue_wait_s for r in ok]),
         "prediction_fallbacks": sum(r.prediction_fallback for r in results),
         "idle_arrivals": summarize_idle_arrivals(rounds),
+        "predictions": summarize_prediction_counts(prediction_counts),
         "workers": workers,
         "realized_utilization_by_round": [
             realized_utilization(one_round, workers) for one_round in rounds
@@ -523,6 +564,7 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
             }
             for load in config.loads:
                 rounds: dict[str, list[list[RequestResult]]] = {p: [] for p in config.policies}
+                counts: dict[str, list[dict[str, int]]] = {p: [] for p in config.policies}
                 models: list[LatencyModel] = []
                 capacities: list[float] = []
                 point: list[dict[str, np.ndarray]] = []
@@ -545,10 +587,11 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
                     this_round = {}
                     for policy in turn_order(config.policies, round_index):
                         label = f"{run_name(policy, batching, load)} round {round_index + 1}"
-                        results = _run_round(
+                        results, round_counts = _run_round(
                             addresses[policy], items, config, policy, rate, round_index, label
                         )
                         rounds[policy].append(results)
+                        counts[policy].append(round_counts)
                         this_round[policy] = _job_jcts(results, count)
                     point.append(this_round)
                 points[(batching, load)] = point
@@ -556,7 +599,14 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
                 capacity = float(np.mean(capacities))
                 for policy in config.policies:
                     run = summarize_rounds(
-                        rounds[policy], policy, batching, load, rate, capacity, config.workers
+                        rounds[policy],
+                        policy,
+                        batching,
+                        load,
+                        rate,
+                        capacity,
+                        config.workers,
+                        counts[policy],
                     )
                     run["capacity_rps_by_round"] = capacities
                     run["max_wait_s"] = guard_for(policy, config.max_wait_s)
@@ -575,6 +625,7 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
                         f"{run['p99_jct_s']:.3f}s, utilization "
                         f"{run['realized_utilization']:.2f}, {run['completed']}/"
                         f"{run['requests']} done, {idle_line(run['idle_arrivals'])}"
+                        f"{predictions_line(run['predictions'])}"
                     )
                 compared = report.interval_comparisons(points, config.resamples, config.seed)
                 meta["provenance"]["predictor_version"] = ",".join(sorted(versions)) or None
@@ -628,7 +679,7 @@ def run_slo_search(config: BenchConfig) -> dict[str, Any]:
                 ) -> np.ndarray:
                     if rate not in cache:
                         label = f"SLO search {file_safe(policy)} {batching} {rate:.2f}/s"
-                        results = _run_round(address, items, config, policy, rate, 0, label)
+                        results, _ = _run_round(address, items, config, policy, rate, 0, label)
                         cache[rate] = np.array([r.jct_s for r in results if r.ok])
                         if version := _predictor_version(results):
                             versions.add(version)

@@ -27,6 +27,11 @@ FORMULATIONS = ("regression-l1", "regression-mse", "classification", "ranking", 
 SCORE_FORMULATIONS = ("ranking", "listwise")
 LISTWISE_TEMPERATURE = 0.5
 NUM_BUCKETS = 10
+# How the token states become one prompt embedding: their mean (shipped), the [CLS] token's
+# state, or the mean and the element-wise max side by side.
+POOLINGS = ("mean", "cls", "mean-max")
+# The per-LLM heads on that embedding: one hidden GELU layer (shipped), or a plain linear map.
+HEADS = ("mlp", "linear")
 # Pairs whose normalised log lengths differ by less than this are ties, not training signal.
 RANK_TIE = 0.1
 RANK_MARGIN = 1.0
@@ -56,21 +61,30 @@ class LengthModel(nn.Module):
         formulation: str,
         stats: LengthStats,
         dropout: float = 0.1,
+        pooling: str = "mean",
+        head: str = "mlp",
     ) -> None:
         super().__init__()
         if formulation not in FORMULATIONS:
             raise ValueError(f"unknown formulation {formulation!r}; choose from {FORMULATIONS}")
+        if pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {pooling!r}; choose from {POOLINGS}")
+        if head not in HEADS:
+            raise ValueError(f"unknown head {head!r}; choose from {HEADS}")
         self.encoder = encoder
         self.formulation = formulation
+        self.pooling = pooling
         n_llms = stats.log_mean.numel()
         self.n_llms = n_llms
         self.outputs_per_llm = NUM_BUCKETS if formulation == "classification" else 1
         hidden = encoder.config.hidden_size
+        embedding = 2 * hidden if pooling == "mean-max" else hidden
+        outputs = n_llms * self.outputs_per_llm
+        hidden_layer = [nn.Linear(embedding, hidden), nn.GELU()] if head == "mlp" else []
         self.head = nn.Sequential(
             nn.Dropout(dropout),
-            nn.Linear(hidden, hidden),
-            nn.GELU(),
-            nn.Linear(hidden, n_llms * self.outputs_per_llm),
+            *hidden_layer,
+            nn.Linear(hidden if head == "mlp" else embedding, outputs),
         )
         self.register_buffer("log_mean", stats.log_mean.float().clone())
         self.register_buffer("log_std", stats.log_std.float().clone())
@@ -82,7 +96,13 @@ class LengthModel(nn.Module):
 
     @classmethod
     def from_pretrained_encoder(
-        cls, formulation: str, stats: LengthStats, path: Path | None = None, layers: int = 0
+        cls,
+        formulation: str,
+        stats: LengthStats,
+        path: Path | None = None,
+        layers: int = 0,
+        pooling: str = "mean",
+        head: str = "mlp",
     ) -> LengthModel:
         """The pretrained encoder, cut to its first ``layers`` transformer layers when given
         (a student: fewer layers, proportionally less compute per token)."""
@@ -90,7 +110,7 @@ class LengthModel(nn.Module):
         if layers:
             encoder.encoder.layer = encoder.encoder.layer[:layers]
             encoder.config.num_hidden_layers = layers
-        return cls(encoder, formulation, stats)
+        return cls(encoder, formulation, stats, pooling=pooling, head=head)
 
     @classmethod
     def from_state_dict(cls, formulation: str, state: dict[str, torch.Tensor]) -> LengthModel:
@@ -141,9 +161,15 @@ class LengthModel(nn.Module):
         return states
 
     def head_outputs(self, states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Mean of the real (unpadded) token states -> the heads: ``[batch, n_llms, outputs]``."""
-        weights = attention_mask.unsqueeze(-1).to(states.dtype)
-        pooled = (states * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        """The pooled real (unpadded) token states -> the heads: ``[batch, n_llms, outputs]``."""
+        if self.pooling == "cls":
+            pooled = states[:, 0]
+        else:
+            weights = attention_mask.unsqueeze(-1).to(states.dtype)
+            pooled = (states * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+            if self.pooling == "mean-max":
+                padding = (1.0 - weights) * torch.finfo(states.dtype).min
+                pooled = torch.cat([pooled, (states + padding).amax(1)], dim=-1)
         raw = self.head(pooled)
         return raw.view(raw.shape[0], self.n_llms, self.outputs_per_llm)
 

@@ -3,10 +3,11 @@
 Every variant trains on the seed-0 split's 564 training prompts (all six layers fine-tuned,
 6 epochs, the epoch kept by dev tau, as ``make predictor``) with one setting changed: the
 seed, the formulation, the encoder's learning rate, the batch size, the number of epochs,
-or training on train+dev. Each is scored on the 161 held-out test prompts in PyTorch fp32
-(no ONNX export: the int8 graph moves tau by about 0.005, see docs/predictor.md), and seed
-ensembles are scored from the saved predictions. The dev tau is the selection criterion; the
-test tau is reported only.
+training on train+dev, the pooling of the token states, or the head (these two with two
+seeds each, since the seed alone moves test tau by up to 0.025). Each is scored on the 161
+held-out test prompts in PyTorch fp32 (no ONNX export: the int8 graph moves tau by about
+0.005, see docs/predictor.md), and seed ensembles are scored from the saved predictions. The
+dev tau is the selection criterion; the test tau is reported only.
 
 ``python -m services.predictor.sweep [VARIANT ...] [--out bench/results/predictor_sweep.json]``
 prints a table and writes the JSON (variants already in it are kept, not retrained).
@@ -56,6 +57,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "train-dev-4-epochs": {"train_dev": True, "epochs": 4},
     "10-epochs": {"epochs": 10},
     "batch-16": {"batch_size": 16},
+    "cls-pooling": {"pooling": "cls"},
+    "mean-max-pooling": {"pooling": "mean-max"},
+    "linear-head": {"head": "linear"},
+    "cls-pooling-seed1": {"pooling": "cls", "seed": 1},
+    "mean-max-pooling-seed1": {"pooling": "mean-max", "seed": 1},
+    "linear-head-seed1": {"head": "linear", "seed": 1},
 }
 ENSEMBLES = {"ensemble-3-seeds": ("shipped", "seed1", "seed2")}
 REPORT_LLMS = (*EVAL_LLMS, *FIRST_STAGE_EXTRA_LLMS)

@@ -64,6 +64,9 @@ class TrainConfig:
     # A student keeps only the encoder's first ``encoder_layers`` of 6 (half the layers: about
     # half the serving cost) and is fine-tuned like the full model.
     encoder_layers: int = ENCODER_LAYERS
+    # Sweep levers (services/predictor/sweep.py); the exported artifacts use the defaults.
+    pooling: str = "mean"
+    head: str = "mlp"
     seed: int = 0
     threads: int = 2
     max_train_prompts: int | None = None  # smoke runs only
@@ -250,7 +253,11 @@ class Trainer:
         torch.set_num_threads(config.threads)
         seed_everything(config.seed)
         model = LengthModel.from_pretrained_encoder(
-            config.formulation, self.stats, layers=config.encoder_layers
+            config.formulation,
+            self.stats,
+            layers=config.encoder_layers,
+            pooling=config.pooling,
+            head=config.head,
         )
         frozen = [
             model.encoder.embeddings,
