@@ -162,7 +162,7 @@ simulate-submit-path: $(STAMP)  ## sync vs async (two-stage) prediction, 1e5 sim
 		--requests 100000 --load 0.9 --seeds 3 --prediction-delay-ms 10 --llm $$llm \
 		--out bench/results/submit_path_sim_$$llm.json || exit 1; done
 
-bench-predictor-sweep: $(STAMP)  ## quality levers: the shipped recipe with one change each (seed, loss, learning rate, ...) -> bench/results/predictor_sweep.json (~25 min)
+bench-predictor-sweep: $(STAMP)  ## quality levers: the shipped recipe with one change each (seed, loss, pooling, head, tail weight, ...), rated by test tau and by the simulated fraction of oracle's gain -> bench/results/predictor_sweep.json (~60-90 min)
 	$(BIN)/python -m services.predictor.sweep
 
 bench-scheduler: $(STAMP)  ## dispatch latency, submissions/s, 1e3-1e6 queued vs redis-benchmark -> bench/results/scheduler.json

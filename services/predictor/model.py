@@ -190,12 +190,23 @@ class LengthModel(nn.Module):
     def predict_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.z_to_tokens(self.raw_to_z(self(input_ids, attention_mask)))
 
-    def loss(self, raw: torch.Tensor, z: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
-        """Loss of ``raw`` against targets ``z`` ``[batch, n_llms]`` where ``known`` is true."""
-        if self.formulation == "regression-l1":
-            return (raw[..., 0] - z).abs()[known].mean()
-        if self.formulation == "regression-mse":
-            return (raw[..., 0] - z).pow(2)[known].mean()
+    def loss(
+        self,
+        raw: torch.Tensor,
+        z: torch.Tensor,
+        known: torch.Tensor,
+        weights: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Loss of ``raw`` against targets ``z`` ``[batch, n_llms]`` where ``known`` is true;
+        the regression formulations' errors weighted by ``weights`` (same shape) if given."""
+        if self.formulation in ("regression-l1", "regression-mse"):
+            error = raw[..., 0] - z
+            error = error.abs() if self.formulation == "regression-l1" else error.pow(2)
+            if weights is None:
+                return error[known].mean()
+            return (error * weights)[known].sum() / weights[known].sum()
+        if weights is not None:
+            raise ValueError(f"the {self.formulation} loss takes no per-prompt weights")
         if self.formulation == "classification":
             buckets = bucket_of(z, self.bucket_edges)
             return F.cross_entropy(raw[known], buckets[known])

@@ -26,9 +26,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
-from collections.abc import Sequence
-from dataclasses import replace
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +36,7 @@ import numpy as np
 from services.bench.calibrate import capacity_rps
 from services.bench.simulate import load_latency, proxy_predictions
 from services.bench.simulator import BATCHING_MODES, SimJob, Simulation
-from services.bench.workload import build_requests, load_prompt_lengths
+from services.bench.workload import PromptLength, Request, build_requests, load_prompt_lengths
 from services.common.first_stage import FIRST_STAGE_FILE, FirstStageModel
 from services.common.paths import CHECKOUT_ROOT, SHARED_DATA_DIR
 from services.predictor.bench import command_line, write_result
@@ -116,6 +115,74 @@ def simulate_variant(
     return {"mean_jct_s": float(jct.mean()), "p99_jct_s": float(np.percentile(jct, 99)), **extra}
 
 
+@dataclass
+class SteadyState:
+    """One batching mode's steady-state workloads: one request list per seed at ``load``, with
+    FCFS's and oracle SJF's mean JCT on each, so that any predictor's scores can be rated by
+    the fraction of oracle's gain they keep without re-running the references."""
+
+    batching: str
+    latency: Any
+    max_batch_size: int
+    capacity_rps: float
+    workloads: list[list[Request]]
+    fcfs_jct_s: list[float]
+    oracle_jct_s: list[float]
+
+    @classmethod
+    def build(
+        cls,
+        items: Sequence[PromptLength],
+        batching: str,
+        *,
+        requests: int,
+        load: float,
+        seeds: int,
+        length_scale: float = 16.0,
+        max_batch_size: int = 4,
+    ) -> SteadyState:
+        latency, _ = load_latency(batching, None)
+        scaled = [max(1, round(i.output_tokens / length_scale)) for i in items]
+        capacity = capacity_rps(latency, scaled * 4, batching, max_batch_size, 1)
+        workloads = [
+            build_requests(items, requests, load * capacity, length_scale, seed)
+            for seed in range(seeds)
+        ]
+        state = cls(batching, latency, max_batch_size, capacity, workloads, [], [])
+        for workload in workloads:
+            state.fcfs_jct_s.append(state.simulate("fcfs", workload)["mean_jct_s"])
+            state.oracle_jct_s.append(state.simulate("sjf-oracle", workload)["mean_jct_s"])
+        return state
+
+    def simulate(
+        self,
+        variant: str,
+        workload: Sequence[Request],
+        first: Sequence[float] = (),
+        proxy: Sequence[float] = (),
+        delay_s: float = 0.0,
+    ) -> dict[str, Any]:
+        fresh = [replace(r) for r in workload]
+        return simulate_variant(
+            variant, self.latency, self.batching, self.max_batch_size, fresh, first, proxy, delay_s
+        )
+
+    def fraction(self, seed: int, mean_jct_s: float) -> float:
+        """``(FCFS - X) / (FCFS - oracle)`` on seed ``seed``'s workload."""
+        fcfs, oracle = self.fcfs_jct_s[seed], self.oracle_jct_s[seed]
+        return (fcfs - mean_jct_s) / (fcfs - oracle)
+
+    def fractions_for(self, scores: Mapping[Any, float]) -> list[float]:
+        """Per seed, the fraction of oracle's gain of SSJF scoring each job by ``scores`` (its
+        prompt id's predicted length), known on arrival."""
+        fractions = []
+        for seed, workload in enumerate(self.workloads):
+            predicted = [scores[r.prompt_id] for r in workload]
+            row = self.simulate("ssjf-instant", workload, proxy=predicted)
+            fractions.append(self.fraction(seed, row["mean_jct_s"]))
+        return fractions
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--artifact", default=str(DEFAULT_ARTIFACT))
@@ -153,33 +220,30 @@ def main(argv: list[str] | None = None) -> int:
         "modes": {},
     }
     for batching in args.batchings.split(","):
-        latency, _ = load_latency(batching, None)
-        scaled = [max(1, round(i.output_tokens / args.length_scale)) for i in items]
-        capacity = capacity_rps(latency, scaled * 4, batching, args.max_batch_size, 1)
-        per_seed: dict[str, list[dict[str, Any]]] = {variant: [] for variant in VARIANTS}
-        for seed in range(args.seeds):
-            requests = build_requests(
-                items, args.requests, args.load * capacity, args.length_scale, seed
-            )
-            first = [first_by_id[r.prompt_id] for r in requests]
-            proxy = [proxy_by_key[(r.llm or args.llm, r.prompt_id)] for r in requests]
-            for variant in VARIANTS:
-                started = time.monotonic()
-                fresh = [replace(r) for r in requests]
-                row = simulate_variant(
-                    variant, latency, batching, args.max_batch_size, fresh, first, proxy, delay_s
-                )
-                row["seconds"] = time.monotonic() - started
-                per_seed[variant].append(row)
-        mode: dict[str, Any] = {"capacity_rps": capacity, "variants": {}}
-        for variant, rows in per_seed.items():
-            fractions = [
-                (fcfs["mean_jct_s"] - row["mean_jct_s"])
-                / (fcfs["mean_jct_s"] - oracle["mean_jct_s"])
-                for row, fcfs, oracle in zip(
-                    rows, per_seed["fcfs"], per_seed["sjf-oracle"], strict=True
-                )
-            ]
+        state = SteadyState.build(
+            items,
+            batching,
+            requests=args.requests,
+            load=args.load,
+            seeds=args.seeds,
+            length_scale=args.length_scale,
+            max_batch_size=args.max_batch_size,
+        )
+        mode: dict[str, Any] = {"capacity_rps": state.capacity_rps, "variants": {}}
+        for variant in VARIANTS:
+            rows = []
+            for seed, workload in enumerate(state.workloads):
+                first = [first_by_id[r.prompt_id] for r in workload]
+                proxy = [proxy_by_key[(r.llm or args.llm, r.prompt_id)] for r in workload]
+                if variant == "fcfs":
+                    row = {"mean_jct_s": state.fcfs_jct_s[seed]}
+                elif variant == "sjf-oracle":
+                    row = {"mean_jct_s": state.oracle_jct_s[seed]}
+                else:
+                    row = state.simulate(variant, workload, first, proxy, delay_s)
+                row["fraction"] = state.fraction(seed, row["mean_jct_s"])
+                rows.append(row)
+            fractions = [row["fraction"] for row in rows]
             mode["variants"][variant] = {
                 "mean_jct_s": [row["mean_jct_s"] for row in rows],
                 "fraction_of_oracle_gain": fractions,

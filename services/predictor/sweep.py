@@ -3,11 +3,19 @@
 Every variant trains on the seed-0 split's 564 training prompts (all six layers fine-tuned,
 6 epochs, the epoch kept by dev tau, as ``make predictor``) with one setting changed: the
 seed, the formulation, the encoder's learning rate, the batch size, the number of epochs,
-training on train+dev, the pooling of the token states, or the head (these two with two
-seeds each, since the seed alone moves test tau by up to 0.025). Each is scored on the 161
-held-out test prompts in PyTorch fp32 (no ONNX export: the int8 graph moves tau by about
-0.005, see docs/predictor.md), and seed ensembles are scored from the saved predictions. The
-dev tau is the selection criterion; the test tau is reported only.
+training on train+dev, the pooling of the token states, the head, or a squared error weighted
+toward long answers (pooling, head and tail weight with two seeds each, 10 epochs and
+classification with three, since the seed alone moves test tau by up to 0.025). Each is
+scored on the 161 held-out test prompts in PyTorch fp32 (no ONNX export: the int8 graph
+moves tau by about 0.005, see docs/predictor.md), and seed ensembles are scored from the
+saved predictions. The dev tau is the selection criterion; the test tau is reported only.
+
+Tau is a proxy for what the issue asks: the fraction of oracle SJF's gain over FCFS that SSJF
+keeps. So each variant (and ensemble, and the shipped artifact's n-gram first stage for
+reference) is also rated by it, for vicuna-13b and the served model (SmolLM2): the steady-state
+simulator of ``make simulate-submit-path`` (load 0.9, ``--sim-requests`` jobs drawn from the
+same test prompts, ``--sim-seeds`` workloads, each batching mode), with the variant's
+predictions known on arrival.
 
 ``python -m services.predictor.sweep [VARIANT ...] [--out bench/results/predictor_sweep.json]``
 prints a table and writes the JSON (variants already in it are kept, not retrained).
@@ -25,15 +33,22 @@ from typing import Any
 
 import numpy as np
 
-from services.common.alpaca import default_data_dir
+from services.bench.simulator import BATCHING_MODES
+from services.bench.workload import PromptLength
+from services.common.alpaca import LengthDataset, default_data_dir
+from services.common.first_stage import FIRST_STAGE_FILE, FirstStageModel
 from services.common.paths import CHECKOUT_ROOT, default_labels, label_dirs
 from services.predictor.bench import command_line, write_result
 from services.predictor.pipeline import FIRST_STAGE_EXTRA_LLMS, training_data
+from services.predictor.runtime import DEFAULT_ARTIFACT
+from services.predictor.submit_path_sim import SteadyState
 from services.predictor.training import (
     EVAL_LLMS,
+    Split,
     TrainConfig,
     Trainer,
     known_tau,
+    length_stats,
     split_dataset,
 )
 
@@ -63,9 +78,22 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "cls-pooling-seed1": {"pooling": "cls", "seed": 1},
     "mean-max-pooling-seed1": {"pooling": "mean-max", "seed": 1},
     "linear-head-seed1": {"head": "linear", "seed": 1},
+    "10-epochs-seed1": {"epochs": 10, "seed": 1},
+    "10-epochs-seed2": {"epochs": 10, "seed": 2},
+    "tail-weight-1": {"tail_weight": 1.0},
+    "tail-weight-1-seed1": {"tail_weight": 1.0, "seed": 1},
+    "tail-weight-2": {"tail_weight": 2.0},
+    "classification-seed1": {"formulation": "classification", "seed": 1},
+    "classification-seed2": {"formulation": "classification", "seed": 2},
 }
-ENSEMBLES = {"ensemble-3-seeds": ("shipped", "seed1", "seed2")}
+ENSEMBLES = {
+    "ensemble-3-seeds": ("shipped", "seed1", "seed2"),
+    "ensemble-10-epochs-3-seeds": ("10-epochs", "10-epochs-seed1", "10-epochs-seed2"),
+}
 REPORT_LLMS = (*EVAL_LLMS, *FIRST_STAGE_EXTRA_LLMS)
+# The workloads whose fraction of oracle's gain is reported: the issue's LLM and the served one.
+GAIN_LLMS = ("vicuna-13b", *FIRST_STAGE_EXTRA_LLMS)
+GAIN_LOAD = 0.9
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,6 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default=str(default_data_dir() or ""))
     parser.add_argument("--labels", default=default_labels())
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--sim-requests", type=int, default=30_000, help="simulated jobs per workload"
+    )
+    parser.add_argument("--sim-seeds", type=int, default=3, help="simulated workloads")
     parser.add_argument(
         "--out", default=str(CHECKOUT_ROOT / "bench" / "results" / "predictor_sweep.json")
     )
@@ -99,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     def test_taus(predicted: np.ndarray) -> dict[str, float | None]:
         """Test tau per reported LLM of ``predicted``, one row per LLM of ``llms``."""
         return {llm: known_tau(predicted[i], true[i]) for i, llm in enumerate(llms)}
+
+    gain = OracleGain(dataset, split, llms, args.sim_requests, args.sim_seeds)
 
     predictions_dir = out.with_suffix("")  # per-variant test predictions, for ensembles
     predictions_dir.mkdir(parents=True, exist_ok=True)
@@ -131,9 +165,94 @@ def main(argv: list[str] | None = None) -> int:
             result["ensembles"][name] = {
                 "members": list(members),
                 "test_tau": test_taus(mean),
+                "oracle_gain": gain.of_z(mean),
             }
+    for name, entry in result["variants"].items():
+        saved = predictions_dir / f"{name}.npy"
+        if "oracle_gain" not in entry and saved.exists():
+            entry["oracle_gain"] = gain.of_z(np.load(saved))
+            write_result(out, result)
+    first_stage = FirstStageModel.load(DEFAULT_ARTIFACT / FIRST_STAGE_FILE)
+    result["first_stage"] = {
+        "version": first_stage.version,
+        "oracle_gain": gain.of_tokens(
+            np.array([[first_stage.predict(text, llm) for text in texts] for llm in llms])
+        ),
+    }
+    result["oracle_gain_setting"] = {
+        "load": GAIN_LOAD,
+        "requests": args.sim_requests,
+        "seeds": args.sim_seeds,
+        "batchings": list(BATCHING_MODES),
+    }
     result["load_average_1m_at_end"] = os.getloadavg()[0]
     write_result(out, result)
+    print_table(result, llms)
+    return 0
+
+
+class OracleGain:
+    """Rates test-prompt predictions by the fraction of oracle SJF's gain over FCFS they keep
+    in the steady-state simulator, per GAIN_LLMS workload and batching mode (the mean over
+    the seeds' workloads). The workloads and their FCFS and oracle runs are built once, on
+    first use."""
+
+    def __init__(
+        self,
+        dataset: LengthDataset,
+        split: Split,
+        llms: list[str],
+        requests: int,
+        seeds: int,
+    ) -> None:
+        self.llms = llms
+        # In the order of the saved predictions' columns: the test subset's, file order.
+        self.test = dataset.subset(split.test)
+        self.test_ids = [prompt.prompt_id for prompt in self.test.prompts]
+        train_log = np.log1p(dataset.subset(split.train).length_matrix(llms))
+        # z -> tokens as the model's own z_to_tokens does, with the training prompts' stats.
+        stats = length_stats(train_log)
+        self.log_mean = stats.log_mean.numpy()[:, None]
+        self.log_std = stats.log_std.numpy()[:, None]
+        self.requests, self.seeds = requests, seeds
+        self._states: dict[tuple[str, str], SteadyState] = {}
+
+    def _state(self, llm: str, batching: str) -> SteadyState:
+        if (llm, batching) not in self._states:
+            lengths = self.test.lengths_for(llm)
+            # The test prompts this LLM answered, as load_from_data gives them to the bench.
+            items = [
+                PromptLength(prompt.prompt_id, prompt.text, lengths[prompt.prompt_id])
+                for prompt in self.test.prompts
+                if prompt.prompt_id in lengths
+            ]
+            self._states[(llm, batching)] = SteadyState.build(
+                items,
+                batching,
+                requests=self.requests,
+                load=GAIN_LOAD,
+                seeds=self.seeds,
+            )
+        return self._states[(llm, batching)]
+
+    def of_z(self, predicted_z: np.ndarray) -> dict[str, dict[str, float]]:
+        return self.of_tokens(np.expm1(predicted_z * self.log_std + self.log_mean))
+
+    def of_tokens(self, tokens: np.ndarray) -> dict[str, dict[str, float]]:
+        """``tokens``: one row per LLM of ``llms``, one column per test prompt."""
+        gains: dict[str, dict[str, float]] = {}
+        for llm in GAIN_LLMS:
+            if llm not in self.llms:
+                continue
+            scores = dict(zip(self.test_ids, tokens[self.llms.index(llm)], strict=True))
+            gains[llm] = {
+                batching: float(np.mean(self._state(llm, batching).fractions_for(scores)))
+                for batching in BATCHING_MODES
+            }
+        return gains
+
+
+def print_table(result: dict[str, Any], llms: list[str]) -> None:
     print(f"\n{'variant':<22}{'dev':>7}" + "".join(f"{llm[:12]:>14}" for llm in llms))
     for name, entry in {**result["variants"], **result["ensembles"]}.items():
         dev = entry.get("best_dev_tau")
@@ -145,7 +264,16 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"{name:<22}{'' if dev is None else f'{dev:.3f}':>7}{cells}")
     print("(dev: mean dev tau of the epoch kept; the rest: Kendall's tau on the test prompts)")
-    return 0
+    print(f"\nfraction of oracle's gain at load {GAIN_LOAD} (none / dynamic / continuous)")
+    rows = {**result["variants"], **result["ensembles"], "first stage": result["first_stage"]}
+    for name, entry in rows.items():
+        gains = entry.get("oracle_gain")
+        cells = "".join(
+            f"{' / '.join(f'{value:.2f}' for value in per_mode.values()):>24}"
+            for per_mode in (gains or {}).values()
+        )
+        print(f"{name:<26}{cells or '   (predictions not kept)'}")
+    print(f"{'':<26}" + "".join(f"{llm[:22]:>24}" for llm in GAIN_LLMS))
 
 
 if __name__ == "__main__":

@@ -67,10 +67,21 @@ class TrainConfig:
     # Sweep levers (services/predictor/sweep.py); the exported artifacts use the defaults.
     pooling: str = "mean"
     head: str = "mlp"
+    # Each prompt's squared error weighted by exp(tail_weight * z): with 1, roughly in
+    # proportion to its answer's length, which is what a misplaced job costs SJF (regression
+    # formulations only; 0: unweighted).
+    tail_weight: float = 0.0
     seed: int = 0
     threads: int = 2
     max_train_prompts: int | None = None  # smoke runs only
     eval_llms: list[str] = field(default_factory=lambda: list(EVAL_LLMS))
+
+    def __post_init__(self) -> None:
+        if self.tail_weight and not self.formulation.startswith("regression"):
+            raise ValueError(
+                f"tail_weight weighs a regression loss, not {self.formulation}: use "
+                "regression-mse or regression-l1"
+            )
 
 
 @dataclass
@@ -293,7 +304,10 @@ class Trainer:
             losses = []
             for batch in self._batches([len(row) for row in states], generator):
                 raw = self._raw(model, [states[index] for index in batch])
-                loss = model.loss(raw, targets[batch], known[batch])
+                weights = (
+                    torch.exp(config.tail_weight * targets[batch]) if config.tail_weight else None
+                )
+                loss = model.loss(raw, targets[batch], known[batch], weights)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
