@@ -175,6 +175,8 @@ PREDICTION_OUTCOMES = (
     "prediction_fallback",  # the predictor gave no answer
     "prediction_skipped",  # too many predictions in flight
 )
+# The counters a run reads back: every job submitted, and its prediction's outcome.
+COUNTED = ("submitted", *PREDICTION_OUTCOMES)
 
 
 def _run_round(
@@ -219,7 +221,7 @@ def _run_round(
     bar.close()
     for result in results:
         result.round = round_index
-    counts = {name: after[name] - before[name] for name in ("submitted", *PREDICTION_OUTCOMES)}
+    counts = {name: after[name] - before[name] for name in COUNTED}
     return results, counts
 
 
@@ -301,7 +303,7 @@ def summarize_prediction_counts(counts: Sequence[Mapping[str, int]]) -> dict[str
     predicted = sum(total[name] for name in PREDICTION_OUTCOMES)
     before = total["prediction_unneeded"] + total["prediction_late"]
     return {
-        "counts": {name: total[name] for name in ("submitted", *PREDICTION_OUTCOMES)},
+        "counts": {name: total[name] for name in COUNTED},
         "dispatched_before_prediction": before / total["submitted"] if predicted else None,
     }
 

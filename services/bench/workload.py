@@ -33,10 +33,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from services.common.paths import CHECKOUT_ROOT
+
+if TYPE_CHECKING:
+    from services.common.alpaca import LengthDataset
 
 WORKLOAD_DIR = CHECKOUT_ROOT / "bench" / "workloads"
 ARRIVAL_PROCESSES = ("poisson", "azure-conversation", "azure-code")
@@ -98,11 +102,17 @@ def load_from_data(data_dir: Path, llm: str) -> list[PromptLength]:
     """
     from services.common.alpaca import add_labels, load_dataset
     from services.common.paths import SERVED_MODEL_LABELS
-    from services.predictor.training import split_dataset
 
     dataset = load_dataset(data_dir / "alpaca_eval")
     if llm not in dataset.lengths and SERVED_MODEL_LABELS.exists():
         dataset = add_labels(dataset, SERVED_MODEL_LABELS)
+    return held_out_prompt_lengths(dataset, llm)
+
+
+def held_out_prompt_lengths(dataset: LengthDataset, llm: str) -> list[PromptLength]:
+    """The predictor's test prompts of ``dataset`` that ``llm`` answered, in file order."""
+    from services.predictor.training import split_dataset
+
     held_out = set(split_dataset(dataset).test)
     lengths = dataset.lengths_for(llm)
     return [

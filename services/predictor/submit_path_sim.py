@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from services.bench.calibrate import capacity_rps
+from services.bench.latency import LatencyModel
 from services.bench.simulate import load_latency, proxy_predictions
 from services.bench.simulator import BATCHING_MODES, SimJob, Simulation
 from services.bench.workload import PromptLength, Request, build_requests, load_prompt_lengths
@@ -122,7 +123,7 @@ class SteadyState:
     the fraction of oracle's gain they keep without re-running the references."""
 
     batching: str
-    latency: Any
+    latency: LatencyModel
     max_batch_size: int
     capacity_rps: float
     workloads: list[list[Request]]
@@ -230,11 +231,19 @@ def main(argv: list[str] | None = None) -> int:
             max_batch_size=args.max_batch_size,
         )
         mode: dict[str, Any] = {"capacity_rps": state.capacity_rps, "variants": {}}
+        # Each seed's jobs scored by both stages, once for all the variants.
+        scored = [
+            (
+                [first_by_id[r.prompt_id] for r in workload],
+                [proxy_by_key[(r.llm or args.llm, r.prompt_id)] for r in workload],
+            )
+            for workload in state.workloads
+        ]
         for variant in VARIANTS:
             rows = []
-            for seed, workload in enumerate(state.workloads):
-                first = [first_by_id[r.prompt_id] for r in workload]
-                proxy = [proxy_by_key[(r.llm or args.llm, r.prompt_id)] for r in workload]
+            for seed, (workload, (first, proxy)) in enumerate(
+                zip(state.workloads, scored, strict=True)
+            ):
                 if variant == "fcfs":
                     row = {"mean_jct_s": state.fcfs_jct_s[seed]}
                 elif variant == "sjf-oracle":

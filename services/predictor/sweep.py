@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from services.bench.simulator import BATCHING_MODES
-from services.bench.workload import PromptLength
+from services.bench.workload import held_out_prompt_lengths
 from services.common.alpaca import LengthDataset, default_data_dir
 from services.common.first_stage import FIRST_STAGE_FILE, FirstStageModel
 from services.common.paths import CHECKOUT_ROOT, default_labels, label_dirs
@@ -205,10 +205,9 @@ class OracleGain:
         requests: int,
         seeds: int,
     ) -> None:
-        self.llms = llms
+        self.dataset, self.llms = dataset, llms
         # In the order of the saved predictions' columns: the test subset's, file order.
-        self.test = dataset.subset(split.test)
-        self.test_ids = [prompt.prompt_id for prompt in self.test.prompts]
+        self.test_ids = [prompt.prompt_id for prompt in dataset.subset(split.test).prompts]
         train_log = np.log1p(dataset.subset(split.train).length_matrix(llms))
         # z -> tokens as the model's own z_to_tokens does, with the training prompts' stats.
         stats = length_stats(train_log)
@@ -219,15 +218,8 @@ class OracleGain:
 
     def _state(self, llm: str, batching: str) -> SteadyState:
         if (llm, batching) not in self._states:
-            lengths = self.test.lengths_for(llm)
-            # The test prompts this LLM answered, as load_from_data gives them to the bench.
-            items = [
-                PromptLength(prompt.prompt_id, prompt.text, lengths[prompt.prompt_id])
-                for prompt in self.test.prompts
-                if prompt.prompt_id in lengths
-            ]
             self._states[(llm, batching)] = SteadyState.build(
-                items,
+                held_out_prompt_lengths(self.dataset, llm),
                 batching,
                 requests=self.requests,
                 load=GAIN_LOAD,
