@@ -29,7 +29,7 @@ from __future__ import annotations
 import csv
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
@@ -40,7 +40,7 @@ import numpy as np
 from services.common.paths import CHECKOUT_ROOT
 
 if TYPE_CHECKING:
-    from services.common.alpaca import LengthDataset
+    from services.common.alpaca import LengthDataset, PromptId
 
 WORKLOAD_DIR = CHECKOUT_ROOT / "bench" / "workloads"
 ARRIVAL_PROCESSES = ("poisson", "azure-conversation", "azure-code")
@@ -102,18 +102,20 @@ def load_from_data(data_dir: Path, llm: str) -> list[PromptLength]:
     """
     from services.common.alpaca import add_labels, load_dataset
     from services.common.paths import SERVED_MODEL_LABELS
+    from services.predictor.training import split_dataset
 
     dataset = load_dataset(data_dir / "alpaca_eval")
     if llm not in dataset.lengths and SERVED_MODEL_LABELS.exists():
         dataset = add_labels(dataset, SERVED_MODEL_LABELS)
-    return held_out_prompt_lengths(dataset, llm)
+    return held_out_prompt_lengths(dataset, llm, split_dataset(dataset).test)
 
 
-def held_out_prompt_lengths(dataset: LengthDataset, llm: str) -> list[PromptLength]:
-    """The predictor's test prompts of ``dataset`` that ``llm`` answered, in file order."""
-    from services.predictor.training import split_dataset
-
-    held_out = set(split_dataset(dataset).test)
+def held_out_prompt_lengths(
+    dataset: LengthDataset, llm: str, test_ids: Collection[PromptId]
+) -> list[PromptLength]:
+    """The prompts of ``test_ids`` (the predictor's held-out split) that ``llm`` answered, in
+    ``dataset``'s file order. The caller passes the split it scores, so the two cannot differ."""
+    held_out = set(test_ids)
     lengths = dataset.lengths_for(llm)
     return [
         PromptLength(prompt.prompt_id, prompt.text, lengths[prompt.prompt_id])

@@ -205,7 +205,7 @@ class OracleGain:
         requests: int,
         seeds: int,
     ) -> None:
-        self.dataset, self.llms = dataset, llms
+        self.dataset, self.llms, self.split = dataset, llms, split
         # In the order of the saved predictions' columns: the test subset's, file order.
         self.test_ids = [prompt.prompt_id for prompt in dataset.subset(split.test).prompts]
         train_log = np.log1p(dataset.subset(split.train).length_matrix(llms))
@@ -219,7 +219,7 @@ class OracleGain:
     def _state(self, llm: str, batching: str) -> SteadyState:
         if (llm, batching) not in self._states:
             self._states[(llm, batching)] = SteadyState.build(
-                held_out_prompt_lengths(self.dataset, llm),
+                held_out_prompt_lengths(self.dataset, llm, self.split.test),
                 batching,
                 requests=self.requests,
                 load=GAIN_LOAD,
