@@ -3,15 +3,20 @@ the steady-state rating that the lever sweep scores them by."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from transformers import BertConfig, BertModel
 
+from services.bench.realgen import REAL_MAX_NEW_TOKENS
 from services.bench.simulator import BATCHING_MODES
 from services.bench.workload import load_prompt_lengths
+from services.common.alpaca import LengthDataset, Prompt
 from services.predictor.model import NUM_BUCKETS, POOLINGS, LengthModel, LengthStats
+from services.predictor.pipeline import FIRST_STAGE_EXTRA_LLMS
 from services.predictor.submit_path_sim import SteadyState
-from services.predictor.training import TrainConfig
+from services.predictor.sweep import OracleGain, capped_answer_bounds
+from services.predictor.training import Split, TrainConfig, Trainer
 
 HIDDEN = 8
 
@@ -106,3 +111,80 @@ def test_steady_state_rates_scores_by_the_fraction_of_oracles_gain(batching: str
     assert state.fractions_for(dict.fromkeys(true, 100.0)) == pytest.approx([0.0, 0.0], abs=1e-9)
     # ...and longest-first is worse than FCFS.
     assert max(state.fractions_for({pid: 1e5 - tokens for pid, tokens in true.items()})) < 0
+
+
+def test_a_classification_model_read_out_as_expected_length() -> None:
+    """Two prompts with the same expected log length: all weight on a middle bucket, or split
+    between the shortest and the longest bucket. The expected-length readout puts the second
+    (a chance of a very long answer) behind the first; one-bucket weight reads out as that
+    bucket's mean training length."""
+    lengths = [int(2 ** (index / 4)) + 1 for index in range(60)]  # 2 .. 33k tokens
+    dataset = LengthDataset(
+        prompts=[Prompt(index, f"prompt {index}") for index in range(len(lengths))],
+        lengths={"vicuna-13b": dict(enumerate(lengths))},
+    )
+    trainer = Trainer(dataset, TrainConfig(formulation="classification", llms=["vicuna-13b"]))
+    model = LengthModel.from_pretrained_encoder("classification", trainer.stats, layers=1)
+    middle = NUM_BUCKETS // 2
+    centers = model.bucket_centers[0]
+    # Weights on the first and last bucket whose mean z is the middle bucket's.
+    low, high = float(centers[0]), float(centers[-1])
+    high_share = (float(centers[middle]) - low) / (high - low)
+    probabilities = torch.full((2, 1, NUM_BUCKETS), 1e-9)
+    probabilities[0, 0, middle] = 1.0
+    probabilities[1, 0, 0], probabilities[1, 0, -1] = 1.0 - high_share, high_share
+    trainer.predict_raw = lambda model, texts: probabilities.log()  # type: ignore[method-assign]
+
+    by_log_length = trainer.predict_z(model, ["a", "b"])[0]
+    by_length = trainer.predict_expected_tokens_z(model, ["a", "b"])[0]
+    assert by_log_length[0] == pytest.approx(by_log_length[1], abs=1e-6)
+    assert by_length[1] > by_length[0] + 0.5
+
+    train_tokens = trainer.train_set.length_matrix(["vicuna-13b"])[0]
+    buckets = np.searchsorted(model.bucket_edges[0].numpy(), trainer.train_z[0], side="left")
+    middle_tokens = train_tokens[buckets == middle].mean()
+    stats = trainer.stats
+    expected_z = (np.log1p(middle_tokens) - float(stats.log_mean[0])) / float(stats.log_std[0])
+    assert by_length[0] == pytest.approx(expected_z, abs=1e-4)
+
+    regression = LengthModel.from_pretrained_encoder("regression-mse", trainer.stats, layers=1)
+    with pytest.raises(ValueError, match="only a classification model has buckets"):
+        trainer.predict_expected_tokens_z(regression, ["a"])
+
+
+def test_the_sweep_reports_how_much_of_the_served_models_gain_rests_on_capped_answers() -> None:
+    served = FIRST_STAGE_EXTRA_LLMS[0]
+    count = 40
+    # A spread of lengths; every fifth test prompt loops to the generation cap.
+    served_lengths = {
+        index: REAL_MAX_NEW_TOKENS if index >= 20 and index % 5 == 0 else 20 + 25 * index
+        for index in range(count)
+    }
+    dataset = LengthDataset(
+        prompts=[Prompt(index, f"prompt {index}") for index in range(count)],
+        lengths={
+            "vicuna-13b": {index: 10 + index for index in range(count)},
+            served: served_lengths,
+        },
+    )
+    split = Split(train=list(range(20)), dev=[], test=list(range(20, count)))
+    llms = ["vicuna-13b", served]
+    gain = OracleGain(dataset, split, llms, requests=2000, seeds=2)
+    true = dataset.subset(split.test).length_matrix(llms)
+    # A predictor that says the same for every prompt keeps none of oracle's gain...
+    constant_z = np.zeros_like(true)
+    assert max(gain.of_z(constant_z)[served].values()) == pytest.approx(0.0, abs=1e-9)
+
+    bound = capped_answer_bounds(gain, true, constant_z)[served]
+    assert (bound["capped_test_prompts"], bound["test_prompts"]) == (4, 20)
+    # ...with the loops revealed it keeps some; the truth without them keeps most, not all.
+    revealed = bound["shipped_with_capped_revealed"]
+    hidden = bound["truth_with_capped_hidden"]
+    assert set(revealed) == set(hidden) == set(BATCHING_MODES)
+    assert all(0.1 < value < 0.99 for value in revealed.values())
+    assert all(0.3 < value < 0.99 for value in hidden.values())
+    # A perfect predictor has nothing left to reveal; the hidden bound does not depend on it.
+    perfect_z = (np.log1p(true) - gain.log_mean) / gain.log_std
+    perfect = capped_answer_bounds(gain, true, perfect_z)[served]
+    assert min(perfect["shipped_with_capped_revealed"].values()) > 0.99
+    assert perfect["truth_with_capped_hidden"] == hidden

@@ -3,8 +3,8 @@
 Every variant trains on the seed-0 split's 564 training prompts (all six layers fine-tuned,
 6 epochs, the epoch kept by dev tau, as ``make predictor``) with one setting changed: the
 seed, the formulation, the encoder's learning rate, the batch size, the number of epochs,
-training on train+dev, the pooling of the token states, the head, or a squared error weighted
-toward long answers (pooling, head and tail weight with two seeds each, 10 epochs and
+training on train+dev, the pooling of the token states, the head, a squared error weighted
+toward long answers, or a classification model ranked by its expected length (pooling, head and tail weight with two seeds each, 10 epochs and
 classification with three, since the seed alone moves test tau by up to 0.025). Each is
 scored on the 161 held-out test prompts in PyTorch fp32 (no ONNX export: the int8 graph
 moves tau by about 0.005, see docs/predictor.md), and seed ensembles are scored from the
@@ -15,7 +15,8 @@ keeps. So each variant (and ensemble, and the shipped artifact's n-gram first st
 reference) is also rated by it, for vicuna-13b and the served model (SmolLM2): the steady-state
 simulator of ``make simulate-submit-path`` (load 0.9, ``--sim-requests`` jobs drawn from the
 same test prompts, ``--sim-seeds`` workloads, each batching mode), with the variant's
-predictions known on arrival.
+predictions known on arrival. For the served model, whose labels were collected with a
+generation cap, it also reports how much of that fraction rests on its answers cut at the cap.
 
 ``python -m services.predictor.sweep [VARIANT ...] [--out bench/results/predictor_sweep.json]``
 prints a table and writes the JSON (variants already in it are kept, not retrained).
@@ -33,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from services.bench.realgen import REAL_MAX_NEW_TOKENS
 from services.bench.simulator import BATCHING_MODES
 from services.bench.workload import held_out_prompt_lengths
 from services.common.alpaca import LengthDataset, default_data_dir
@@ -59,7 +61,9 @@ SHIPPED = {
     "max_prompt_tokens": 256,
 }
 # Each variant: the settings that differ from SHIPPED ("train_dev": fit on train+dev, whose
-# epoch is then kept by a dev tau it has seen, so read its test tau only).
+# epoch is then kept by a dev tau it has seen, so read its test tau only; "readout": "tokens"
+# ranks a classification model by its expected length instead of its expected log length,
+# Trainer.predict_expected_tokens_z).
 VARIANTS: dict[str, dict[str, Any]] = {
     "shipped": {},
     "seed1": {"seed": 1},
@@ -85,10 +89,25 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "tail-weight-2": {"tail_weight": 2.0},
     "classification-seed1": {"formulation": "classification", "seed": 1},
     "classification-seed2": {"formulation": "classification", "seed": 2},
+    "classification-expected-tokens": {"formulation": "classification", "readout": "tokens"},
+    "classification-expected-tokens-seed1": {
+        "formulation": "classification",
+        "readout": "tokens",
+        "seed": 1,
+    },
+    "classification-expected-tokens-seed2": {
+        "formulation": "classification",
+        "readout": "tokens",
+        "seed": 2,
+    },
 }
 ENSEMBLES = {
     "ensemble-3-seeds": ("shipped", "seed1", "seed2"),
     "ensemble-10-epochs-3-seeds": ("10-epochs", "10-epochs-seed1", "10-epochs-seed2"),
+    # Regression and classification at the same seed: do their errors cancel?
+    "ensemble-regression-classification": ("shipped", "classification"),
+    "ensemble-regression-classification-seed1": ("seed1", "classification-seed1"),
+    "ensemble-regression-classification-seed2": ("seed2", "classification-seed2"),
 }
 REPORT_LLMS = (*EVAL_LLMS, *FIRST_STAGE_EXTRA_LLMS)
 # The workloads whose fraction of oracle's gain is reported: the issue's LLM and the served one.
@@ -142,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         started = time.monotonic()
         settings = {**SHIPPED, **VARIANTS[name]}
         train_dev = settings.pop("train_dev", False)
+        by_expected_tokens = settings.pop("readout", "z") == "tokens"
         variant_split = (
             dataclasses.replace(split, train=split.train + split.dev) if train_dev else split
         )
@@ -149,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
             dataset, TrainConfig(**settings, threads=args.threads), split=variant_split
         )
         model = trainer.train()
-        predicted = trainer.predict_z(model, texts)[[trainer.llms.index(llm) for llm in llms]]
+        read_out = trainer.predict_expected_tokens_z if by_expected_tokens else trainer.predict_z
+        predicted = read_out(model, texts)[[trainer.llms.index(llm) for llm in llms]]
         np.save(predictions_dir / f"{name}.npy", predicted)
         result["variants"][name] = {
             "changed": VARIANTS[name],
@@ -179,6 +200,9 @@ def main(argv: list[str] | None = None) -> int:
             np.array([[first_stage.predict(text, llm) for text in texts] for llm in llms])
         ),
     }
+    shipped = predictions_dir / "shipped.npy"
+    if shipped.exists():
+        result["capped_answers"] = capped_answer_bounds(gain, true, np.load(shipped))
     result["oracle_gain_setting"] = {
         "load": GAIN_LOAD,
         "requests": args.sim_requests,
@@ -227,13 +251,18 @@ class OracleGain:
             )
         return self._states[(llm, batching)]
 
-    def of_z(self, predicted_z: np.ndarray) -> dict[str, dict[str, float]]:
-        return self.of_tokens(np.expm1(predicted_z * self.log_std + self.log_mean))
+    def tokens_of_z(self, predicted_z: np.ndarray) -> np.ndarray:
+        return np.expm1(predicted_z * self.log_std + self.log_mean)
 
-    def of_tokens(self, tokens: np.ndarray) -> dict[str, dict[str, float]]:
+    def of_z(self, predicted_z: np.ndarray) -> dict[str, dict[str, float]]:
+        return self.of_tokens(self.tokens_of_z(predicted_z))
+
+    def of_tokens(
+        self, tokens: np.ndarray, gain_llms: tuple[str, ...] = GAIN_LLMS
+    ) -> dict[str, dict[str, float]]:
         """``tokens``: one row per LLM of ``llms``, one column per test prompt."""
         gains: dict[str, dict[str, float]] = {}
-        for llm in GAIN_LLMS:
+        for llm in gain_llms:
             if llm not in self.llms:
                 continue
             scores = dict(zip(self.test_ids, tokens[self.llms.index(llm)], strict=True))
@@ -242,6 +271,35 @@ class OracleGain:
                 for batching in BATCHING_MODES
             }
         return gains
+
+
+def capped_answer_bounds(
+    gain: OracleGain, true: np.ndarray, shipped_z: np.ndarray
+) -> dict[str, dict[str, Any]]:
+    """How much of the served model's fraction of oracle's gain rests on its answers cut at the
+    generation cap (greedy loops: 23 of SmolLM2's 805 AlpacaEval answers end by the length
+    limit), for each served LLM whose labels were collected with that cap: the fraction
+    kept by the shipped recipe's predictions with the capped answers' lengths revealed, and
+    by the true lengths with the capped answers hidden (put at the median), which bounds any
+    predictor that cannot tell which prompts will loop."""
+    bounds: dict[str, dict[str, Any]] = {}
+    for llm in FIRST_STAGE_EXTRA_LLMS:
+        if llm not in gain.llms:
+            continue
+        row = gain.llms.index(llm)
+        capped = true[row] >= REAL_MAX_NEW_TOKENS
+        revealed = gain.tokens_of_z(shipped_z)
+        revealed[row, capped] = true[row, capped]
+        hidden = true.copy()
+        hidden[row, capped] = np.nanmedian(true[row])
+        bounds[llm] = {
+            "cap_tokens": REAL_MAX_NEW_TOKENS,
+            "capped_test_prompts": int(capped.sum()),
+            "test_prompts": int((~np.isnan(true[row])).sum()),
+            "shipped_with_capped_revealed": gain.of_tokens(revealed, (llm,))[llm],
+            "truth_with_capped_hidden": gain.of_tokens(hidden, (llm,))[llm],
+        }
+    return bounds
 
 
 def print_table(result: dict[str, Any], llms: list[str]) -> None:
@@ -266,6 +324,16 @@ def print_table(result: dict[str, Any], llms: list[str]) -> None:
         )
         print(f"{name:<26}{cells or '   (predictions not kept)'}")
     print(f"{'':<26}" + "".join(f"{llm[:22]:>24}" for llm in GAIN_LLMS))
+    for llm, bound in result.get("capped_answers", {}).items():
+        print(
+            f"\n{llm}: {bound['capped_test_prompts']} of {bound['test_prompts']} test answers "
+            f"cut at {bound['cap_tokens']} tokens"
+        )
+        for key, label in (
+            ("shipped_with_capped_revealed", "shipped, capped answers revealed"),
+            ("truth_with_capped_hidden", "true lengths, capped hidden"),
+        ):
+            print(f"{label:<36}{' / '.join(f'{value:.2f}' for value in bound[key].values())}")
 
 
 if __name__ == "__main__":

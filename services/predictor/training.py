@@ -26,6 +26,7 @@ from services.predictor.model import (
     SCORE_FORMULATIONS,
     LengthModel,
     LengthStats,
+    bucket_of,
     encoder_dir,
 )
 from services.predictor.tokenization import PromptTokenizer
@@ -230,17 +231,46 @@ class Trainer:
         return model.forward_from(padded, mask, self.lower.frozen_layers)
 
     @torch.no_grad()
-    def predict_z(self, model: LengthModel, texts: list[str], batch_size: int = 64) -> np.ndarray:
-        """``[n_llms, len(texts)]`` estimated z, in eval mode."""
+    def predict_raw(
+        self, model: LengthModel, texts: list[str], batch_size: int = 64
+    ) -> torch.Tensor:
+        """Raw head outputs ``[len(texts), n_llms, outputs_per_llm]``, in eval mode."""
         model.eval()
         states = self.lower.get(model, texts)
         order = sorted(range(len(texts)), key=lambda index: len(states[index]))
-        result = np.zeros((model.n_llms, len(texts)), dtype=np.float64)
+        result = torch.zeros(len(texts), model.n_llms, model.outputs_per_llm)
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
-            raw = self._raw(model, [states[index] for index in chunk])
-            result[:, chunk] = model.raw_to_z(raw).T.double().numpy()
+            result[chunk] = self._raw(model, [states[index] for index in chunk])
         return result
+
+    @torch.no_grad()
+    def predict_z(self, model: LengthModel, texts: list[str]) -> np.ndarray:
+        """``[n_llms, len(texts)]`` estimated z, in eval mode."""
+        return model.raw_to_z(self.predict_raw(model, texts)).T.double().numpy()
+
+    @torch.no_grad()
+    def predict_expected_tokens_z(self, model: LengthModel, texts: list[str]) -> np.ndarray:
+        """A classification model read out as the expected *length* rather than the expected
+        log length (``raw_to_z``): each bucket stands for the mean tokens of the training
+        answers in it, and the probability-weighted sum of those is mapped back to z.
+        Non-preemptive SJF with uncertain sizes is best served by the shortest expected size;
+        the two readouts differ most for a prompt with a small chance of a very long answer."""
+        if model.formulation != "classification":
+            raise ValueError(f"only a classification model has buckets, not {model.formulation}")
+        probabilities = self.predict_raw(model, texts).softmax(-1).double().numpy()
+        tokens = self.train_set.length_matrix(self.llms)  # [n_llms, n_train], NaN: unknown
+        z = torch.from_numpy(np.nan_to_num(self.train_z.T)).float()
+        buckets = bucket_of(z, model.bucket_edges).T.numpy()
+        bucket_tokens = np.ones((model.n_llms, model.outputs_per_llm))
+        for llm in range(model.n_llms):
+            known = ~np.isnan(tokens[llm])
+            for index in range(model.outputs_per_llm):
+                members = tokens[llm][known & (buckets[llm] == index)]
+                bucket_tokens[llm, index] = members.mean() if len(members) else 1.0
+        expected = (probabilities * bucket_tokens[None]).sum(-1).T  # [n_llms, len(texts)]
+        log_mean, log_std = self.stats.log_mean.numpy(), self.stats.log_std.numpy()
+        return (np.log1p(expected) - log_mean[:, None]) / log_std[:, None]
 
     def dev_tau(self, model: LengthModel) -> float:
         texts = [prompt.text for prompt in self.dev_set.prompts]
