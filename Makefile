@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 PROTOS := $(wildcard protos/ssjf/v1/*.proto)
 PB_DIR := services/pb
 
-.PHONY: help venv proto proto-check lint test test-faults soak run predictor bench simulate-submit-path bench-predictor-sweep \
+.PHONY: help venv proto proto-check lint test test-faults soak run predictor bench simulate-submit-path bench-predictor-sweep bench-predictor-crossval \
         bench-predictor bench-scheduler bench-worker bench-http bench-security bench-streams clean bench-sim bench-stack \
         bench-stack-starvation bench-stack-light bench-stack-sync bench-stack-precise bench-stack-workers bench-stack-slo bench-sim-full bench-real \
         images images-monitoring stubs test-compose
@@ -164,6 +164,9 @@ simulate-submit-path: $(STAMP)  ## sync vs async (two-stage) prediction, 1e5 sim
 
 bench-predictor-sweep: $(STAMP)  ## quality levers: the shipped recipe with one change each (seed, loss, pooling, head, tail weight, ...), rated by test tau and by the simulated fraction of oracle's gain -> bench/results/predictor_sweep.json (~60-90 min)
 	$(BIN)/python -m services.predictor.sweep
+
+bench-predictor-crossval: $(STAMP)  ## the shipped and the classification recipe rated out of fold over all 805 prompts (5 folds): tau with a bootstrap interval, simulated fraction of oracle's gain -> bench/results/predictor_crossval.json (~25 min)
+	$(BIN)/python -m services.predictor.crossval shipped classification
 
 bench-scheduler: $(STAMP)  ## dispatch latency, submissions/s, 1e3-1e6 queued vs redis-benchmark -> bench/results/scheduler.json
 	$(BIN)/python -m services.scheduler.bench --out bench/results/scheduler.json

@@ -123,6 +123,44 @@ def test_continuous_batching_admits_at_step_boundaries() -> None:
     assert late.start_s - late.arrival_s < LATENCY.step_s(1) + 1e-9
 
 
+def test_a_job_far_past_its_prediction_gives_way_to_a_waiting_one() -> None:
+    """An unbatched worker: a 'loop' predicted at 10 tokens runs to 300; a 5-token job arrives
+    at 0.5 s. Without demotion it waits for the loop; with demotion after 2x the loop gives up
+    the worker at the arrival, resumes after it (one prefill more), and both end exactly once."""
+
+    def run(demote_after: float) -> tuple[SimJob, SimJob, Simulation]:
+        loop, short = SimJob(0, 0.0, 300, 10.0), SimJob(1, 0.5, 5, 5.0)
+        simulation = Simulation(LATENCY, "ssjf", "none", demote_after=demote_after)
+        simulation.run([loop, short])
+        return loop, short, simulation
+
+    loop, short, simulation = run(0.0)
+    assert short.start_s == pytest.approx(loop.finish_s) and simulation.demoted == 0
+    loop, short, simulation = run(2.0)
+    assert simulation.demoted == 1
+    assert 0.5 <= short.start_s < 0.5 + LATENCY.step_s(1) + 1e-9
+    assert short.finish_s < loop.finish_s
+    assert loop.remaining == short.remaining == 0
+    assert loop.first_token_s == pytest.approx(LATENCY.prefill_s(1))  # not re-counted
+    work = LATENCY.prefill_s(1) + 299 * LATENCY.step_s(1)  # the loop alone
+    short_work = LATENCY.prefill_s(1) + 4 * LATENCY.step_s(1)
+    assert loop.finish_s == pytest.approx(work + short_work + LATENCY.prefill_s(1))
+
+
+def test_demotion_never_touches_a_right_prediction_and_refuses_bad_settings() -> None:
+    exact = Simulation(LATENCY, "sjf-oracle", "continuous", max_batch_size=4, demote_after=1.0)
+    demoted = exact.run(_toy_jobs(7, count=200, rate=8.0))
+    plain = Simulation(LATENCY, "sjf-oracle", "continuous", max_batch_size=4).run(
+        _toy_jobs(7, count=200, rate=8.0)
+    )
+    assert exact.demoted == 0
+    assert [job.finish_s for job in demoted] == pytest.approx([job.finish_s for job in plain])
+    with pytest.raises(ValueError, match="factor >= 1"):
+        Simulation(LATENCY, "ssjf", "none", demote_after=0.5)
+    with pytest.raises(ValueError, match="dynamic batch runs to its end"):
+        Simulation(LATENCY, "ssjf", "dynamic", demote_after=2.0)
+
+
 def test_dynamic_batching_waits_for_the_whole_batch() -> None:
     long_job = SimJob(0, 0.0, 100, 100.0)
     late = SimJob(1, 0.25, 5, 5.0)

@@ -3,6 +3,8 @@ the steady-state rating that the lever sweep scores them by."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -11,11 +13,13 @@ from transformers import BertConfig, BertModel
 from services.bench.realgen import REAL_MAX_NEW_TOKENS
 from services.bench.simulator import BATCHING_MODES
 from services.bench.workload import load_prompt_lengths
-from services.common.alpaca import LengthDataset, Prompt
+from services.common.alpaca import PROMPT_SET_KEY, LengthDataset, Prompt
+from services.predictor import submit_path_sim
+from services.predictor.crossval import fold_split, folds_of, tau_interval
 from services.predictor.model import NUM_BUCKETS, POOLINGS, LengthModel, LengthStats
 from services.predictor.pipeline import FIRST_STAGE_EXTRA_LLMS
 from services.predictor.submit_path_sim import SteadyState
-from services.predictor.sweep import OracleGain, capped_answer_bounds
+from services.predictor.sweep import OracleGain, Recipe, capped_answer_bounds
 from services.predictor.training import Split, TrainConfig, Trainer
 
 HIDDEN = 8
@@ -178,7 +182,7 @@ def test_the_sweep_reports_how_much_of_the_served_models_gain_rests_on_capped_an
     bound = capped_answer_bounds(gain, true, constant_z)[served]
     assert (bound["capped_test_prompts"], bound["test_prompts"]) == (4, 20)
     # ...with the loops revealed it keeps some; the truth without them keeps most, not all.
-    revealed = bound["shipped_with_capped_revealed"]
+    revealed = bound["predicted_with_capped_revealed"]
     hidden = bound["truth_with_capped_hidden"]
     assert set(revealed) == set(hidden) == set(BATCHING_MODES)
     assert all(0.1 < value < 0.99 for value in revealed.values())
@@ -186,5 +190,62 @@ def test_the_sweep_reports_how_much_of_the_served_models_gain_rests_on_capped_an
     # A perfect predictor has nothing left to reveal; the hidden bound does not depend on it.
     perfect_z = (np.log1p(true) - gain.log_mean) / gain.log_std
     perfect = capped_answer_bounds(gain, true, perfect_z)[served]
-    assert min(perfect["shipped_with_capped_revealed"].values()) > 0.99
+    assert min(perfect["predicted_with_capped_revealed"].values()) > 0.99
     assert perfect["truth_with_capped_hidden"] == hidden
+
+
+def test_cross_validation_folds_cover_every_prompt_once_and_hold_each_out() -> None:
+    main_set = [Prompt(index, f"prompt {index}") for index in range(23)]
+    other_set = [
+        Prompt(f"arena:{index}", f"other {index}", {PROMPT_SET_KEY: "arena"}) for index in range(7)
+    ]
+    dataset = LengthDataset(prompts=main_set + other_set, lengths={})
+    parts = folds_of(dataset, 5)
+    every = [pid for part in parts for pid in part]
+    assert sorted(map(str, every)) == sorted(map(str, dataset.prompt_ids))
+    assert len(every) == len(set(every)) == 30
+    assert all(any(str(pid).startswith("arena:") for pid in part) for part in parts)
+    assert folds_of(dataset, 5) == parts  # repeatable
+    for held_out, part in enumerate(parts):
+        split = fold_split(parts, held_out)
+        assert split.test == part
+        assert set(split.train).isdisjoint(split.dev)
+        assert set(split.train) | set(split.dev) == set(every) - set(part)
+        assert 0 < len(split.dev) < len(split.train)
+    with pytest.raises(ValueError, match="at least 2 folds"):
+        folds_of(dataset, 1)
+
+
+def test_tau_interval_brackets_the_tau_and_needs_five_prompts() -> None:
+    rng = np.random.default_rng(0)
+    true = np.array([5.0, 1.0, np.nan, 3.0, 9.0, 2.0, 7.0, 4.0])
+    perfect = tau_interval(np.nan_to_num(true), true, rng)
+    assert perfect == pytest.approx({"tau": 1.0, "low": 1.0, "high": 1.0, "prompts": 7})
+    reversed_order = tau_interval(-np.nan_to_num(true), true, rng)
+    assert reversed_order is not None and reversed_order["tau"] == -1.0
+    noisy = tau_interval(np.nan_to_num(true) + rng.normal(0, 3, len(true)), true, rng)
+    assert noisy is not None and noisy["low"] <= noisy["tau"] <= noisy["high"] < 1.0
+    assert tau_interval(np.arange(4.0), np.arange(4.0), rng) is None
+
+
+def test_a_sweep_variant_names_its_training_settings_and_readout() -> None:
+    shipped = Recipe.of("shipped", threads=1)
+    assert (shipped.config.formulation, shipped.config.epochs) == ("regression-mse", 6)
+    assert not shipped.train_dev and not shipped.expected_tokens
+    expected = Recipe.of("classification-expected-tokens-seed1", threads=1)
+    assert (expected.config.formulation, expected.config.seed) == ("classification", 1)
+    assert expected.expected_tokens
+    assert Recipe.of("train-dev-4-epochs", threads=1).train_dev
+
+
+def test_submit_path_simulation_rates_demotion_where_a_job_can_give_way(tmp_path) -> None:
+    out = tmp_path / "sim.json"
+    common = ["--requests", "400", "--seeds", "1", "--batchings", "none,dynamic"]
+    assert submit_path_sim.main([*common, "--demote-after", "3", "--out", str(out)]) == 0
+    modes = json.loads(out.read_text())["modes"]
+    demoted = modes["none"]["variants"]["ssjf-instant-demote-3x"]
+    assert np.isfinite(demoted["fraction_mean"]) and demoted["demoted"] >= 0
+    assert "ssjf-instant-demote-3x" not in modes["dynamic"]["variants"]
+    for bad in ("0.5", "two"):
+        with pytest.raises(SystemExit):
+            submit_path_sim.main([*common, "--demote-after", bad, "--out", str(out)])

@@ -194,6 +194,8 @@ class Simulation:
         aging_rate: float = 0.0,
         max_wait_s: float = 0.0,
         prediction_cpu_s: float = 0.0,
+        demote_after: float = 0.0,
+        steps_per_predicted_token: float = 1.0,
     ) -> None:
         if batching not in BATCHING_MODES:
             raise ValueError(f"unknown batching {batching!r}; use one of {BATCHING_MODES}")
@@ -201,6 +203,19 @@ class Simulation:
             raise ValueError("workers and max_batch_size must be at least 1")
         if not math.isfinite(prediction_cpu_s) or prediction_cpu_s < 0:
             raise ValueError("prediction_cpu_s must be seconds >= 0")
+        if demote_after and (not math.isfinite(demote_after) or demote_after < 1):
+            raise ValueError("demote_after must be 0 (off) or a factor >= 1")
+        if demote_after and batching == "dynamic":
+            raise ValueError("a dynamic batch runs to its end: no job can give up its slot")
+        # A running job that has decoded more than ``demote_after`` times its predicted length
+        # (predicted tokens x ``steps_per_predicted_token``, the workload's length scale) while
+        # others wait gives up its slot: it re-enters the queue scored as ``demote_after``
+        # times what it has decoded, keeps its progress, and pays a prefill again when it
+        # resumes (its context recomputed). A prediction far too short, such as a loop no
+        # prompt shows, then costs the others one overrun instead of the whole answer.
+        self.demote_after = demote_after
+        self.steps_per_predicted_token = steps_per_predicted_token
+        self.demoted = 0
         self.latency = latency
         # Where the predictor shares the workers' CPU (one host), each arrival's prediction
         # takes this many seconds from them: owed as a debt, paid by the next worker to run
@@ -265,6 +280,8 @@ class Simulation:
     def _boundary(self, worker: _Worker, now: float) -> None:
         """The worker finished a step (or was idle): admit jobs, then run to the next event."""
         worker.scheduled = False
+        if self.demote_after and len(self.queue):
+            self._demote_overrunning(worker, now)
         free = self._free_slots(worker)
         admitted = self.queue.claim(free, now) if free > 0 else []
         if not worker.active and not admitted:
@@ -280,10 +297,11 @@ class Simulation:
             clock += self.latency.prefill_s(len(admitted))
         for job in admitted:
             job.worker = worker.index
-            job.start_s = now
-            job.first_token_s = clock
-            job.remaining -= 1
             worker.active.append(job)
+            if math.isnan(job.start_s):  # not a demoted job resuming: this is its first token
+                job.start_s = now
+                job.first_token_s = clock
+                job.remaining -= 1
         for job in [job for job in worker.active if job.remaining == 0]:
             job.finish_s = clock
             worker.active.remove(job)
@@ -296,9 +314,9 @@ class Simulation:
         steps = min(job.remaining for job in worker.active)
         if self._free_slots(worker) > 0:
             # A job arriving meanwhile may join at the first step boundary after it arrives.
-            arrival = self._next_arrival.peek()
-            if arrival is not None:
-                steps = min(steps, max(1, math.ceil((arrival - clock) / step)))
+            steps = min(steps, self._steps_to_next_arrival(clock, step))
+        if self.demote_after:
+            steps = min(steps, self._steps_to_possible_demotion(worker, clock, step))
         clock += steps * step
         worker.busy_s += clock - now - stolen
         for job in worker.active:
@@ -308,6 +326,36 @@ class Simulation:
             worker.active.remove(job)
         worker.scheduled = True
         self._push(clock, self._BOUNDARY, worker.index)
+
+    def _steps_to_next_arrival(self, clock: float, step: float) -> int | float:
+        arrival = self._next_arrival.peek()
+        return math.inf if arrival is None else max(1, math.ceil((arrival - clock) / step))
+
+    def _overrun_steps(self, job: SimJob) -> float:
+        return self.demote_after * job.predicted_tokens * self.steps_per_predicted_token
+
+    def _demote_overrunning(self, worker: _Worker, now: float) -> None:
+        for job in [job for job in worker.active if self._decoded(job) > self._overrun_steps(job)]:
+            worker.active.remove(job)
+            job.predicted_tokens = (
+                self.demote_after * self._decoded(job) / self.steps_per_predicted_token
+            )
+            self.demoted += 1
+            self.queue.push(job, now)
+
+    def _steps_to_possible_demotion(self, worker: _Worker, clock: float, step: float) -> float:
+        """Steps until a boundary where a running job could be demoted: the step at which the
+        first one passes its overrun point, or, for one already past it (nobody was waiting
+        then), the next arrival."""
+        steps: float = math.inf
+        for job in worker.active:
+            left = math.floor(self._overrun_steps(job)) + 1 - self._decoded(job)
+            steps = min(steps, left if left > 0 else self._steps_to_next_arrival(clock, step))
+        return steps
+
+    @staticmethod
+    def _decoded(job: SimJob) -> int:
+        return job.tokens - job.remaining
 
 
 class _ArrivalClock:

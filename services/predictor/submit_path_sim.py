@@ -12,6 +12,9 @@ own queue and policies, workers following the latency model fitted to the real w
   (as lua/rescore.lua does); an idle worker takes it at once.
 - ``ssjf-first-stage``: the first-stage score only (the predictor down).
 - ``ssjf-instant``: the proxy model's score with no delay (what the predictor is worth).
+- ``ssjf-instant-demote-Kx`` (``--demote-after K``): ``ssjf-instant`` where a job running
+  past K times its prediction while another waits gives up its slot and re-enters the queue
+  (``Simulation(demote_after=...)``; not with dynamic batching).
 
 ``delay`` is the predictor's latency (``--prediction-delay-ms``, default the p50 measured by
 ``make bench-predictor`` on this CPU). Reported per batching mode: mean JCT and the fraction
@@ -25,6 +28,7 @@ of oracle's gain ``(FCFS - X) / (FCFS - oracle)``.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -86,13 +90,22 @@ def simulate_variant(
     first: Sequence[float],
     proxy: Sequence[float],
     delay_s: float,
+    demote_after: float = 0.0,
+    steps_per_predicted_token: float = 1.0,
 ) -> dict[str, Any]:
     def job(request: Any, score: float, arrival: float | None = None) -> SimJob:
         at = request.arrival_s if arrival is None else arrival
         return SimJob(request.index, at, request.output_tokens, score)
 
     policy = {"fcfs": "fcfs", "sjf-oracle": "sjf-oracle"}.get(variant, "ssjf")
-    simulation = TwoStageSimulation(latency, policy, batching, max_batch_size)
+    simulation = TwoStageSimulation(
+        latency,
+        policy,
+        batching,
+        max_batch_size,
+        demote_after=demote_after,
+        steps_per_predicted_token=steps_per_predicted_token,
+    )
     extra: dict[str, Any] = {}
     if variant in ("fcfs", "sjf-oracle"):
         jobs = [job(r, float(r.output_tokens)) for r in requests]
@@ -113,6 +126,8 @@ def simulate_variant(
         scores = first if variant == "ssjf-first-stage" else proxy
         done = simulation.run([job(r, s) for r, s in zip(requests, scores, strict=True)])
     jct = np.array([d.jct_s + latency.overhead_s for d in done])
+    if demote_after:
+        extra["demoted"] = simulation.demoted
     return {"mean_jct_s": float(jct.mean()), "p99_jct_s": float(np.percentile(jct, 99)), **extra}
 
 
@@ -129,6 +144,8 @@ class SteadyState:
     workloads: list[list[Request]]
     fcfs_jct_s: list[float]
     oracle_jct_s: list[float]
+    # Simulated jobs serve the real length / length_scale steps (a prediction is in tokens).
+    length_scale: float = 16.0
 
     @classmethod
     def build(
@@ -149,7 +166,7 @@ class SteadyState:
             build_requests(items, requests, load * capacity, length_scale, seed)
             for seed in range(seeds)
         ]
-        state = cls(batching, latency, max_batch_size, capacity, workloads, [], [])
+        state = cls(batching, latency, max_batch_size, capacity, workloads, [], [], length_scale)
         for workload in workloads:
             state.fcfs_jct_s.append(state.simulate("fcfs", workload)["mean_jct_s"])
             state.oracle_jct_s.append(state.simulate("sjf-oracle", workload)["mean_jct_s"])
@@ -162,10 +179,20 @@ class SteadyState:
         first: Sequence[float] = (),
         proxy: Sequence[float] = (),
         delay_s: float = 0.0,
+        demote_after: float = 0.0,
     ) -> dict[str, Any]:
         fresh = [replace(r) for r in workload]
         return simulate_variant(
-            variant, self.latency, self.batching, self.max_batch_size, fresh, first, proxy, delay_s
+            variant,
+            self.latency,
+            self.batching,
+            self.max_batch_size,
+            fresh,
+            first,
+            proxy,
+            delay_s,
+            demote_after,
+            1.0 / self.length_scale,
         )
 
     def fraction(self, seed: int, mean_jct_s: float) -> float:
@@ -173,13 +200,16 @@ class SteadyState:
         fcfs, oracle = self.fcfs_jct_s[seed], self.oracle_jct_s[seed]
         return (fcfs - mean_jct_s) / (fcfs - oracle)
 
-    def fractions_for(self, scores: Mapping[Any, float]) -> list[float]:
+    def fractions_for(self, scores: Mapping[Any, float], demote_after: float = 0.0) -> list[float]:
         """Per seed, the fraction of oracle's gain of SSJF scoring each job by ``scores`` (its
-        prompt id's predicted length), known on arrival."""
+        prompt id's predicted length), known on arrival; with ``demote_after``, a job running
+        past that many times its prediction gives way (``Simulation``)."""
         fractions = []
         for seed, workload in enumerate(self.workloads):
             predicted = [scores[r.prompt_id] for r in workload]
-            row = self.simulate("ssjf-instant", workload, proxy=predicted)
+            row = self.simulate(
+                "ssjf-instant", workload, proxy=predicted, demote_after=demote_after
+            )
             fractions.append(self.fraction(seed, row["mean_jct_s"]))
         return fractions
 
@@ -196,9 +226,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=3, help="independent workloads (rounds)")
     parser.add_argument("--batchings", default=",".join(BATCHING_MODES))
     parser.add_argument(
+        "--demote-after",
+        default="",
+        help="comma-separated factors, e.g. 2,4: also simulate ssjf-instant where a job running "
+        "past that many times its prediction gives its slot to a waiting one and re-enters the "
+        "queue (preemption with its context recomputed; not with dynamic batching)",
+    )
+    parser.add_argument(
         "--out", default=str(CHECKOUT_ROOT / "bench" / "results" / "submit_path_sim.json")
     )
     args = parser.parse_args(argv)
+    try:
+        demote_factors = [float(factor) for factor in filter(None, args.demote_after.split(","))]
+    except ValueError:
+        parser.error(f"--demote-after takes numbers, e.g. 2,4, not {args.demote_after!r}")
+    if any(not math.isfinite(factor) or factor < 1 for factor in demote_factors):
+        parser.error("--demote-after factors must be >= 1 (times the prediction)")
     artifact = Path(args.artifact)
     data_dir = SHARED_DATA_DIR if (SHARED_DATA_DIR / "alpaca_eval").is_dir() else None
     items, source = load_prompt_lengths(args.llm, data_dir)
@@ -239,7 +282,13 @@ def main(argv: list[str] | None = None) -> int:
             )
             for workload in state.workloads
         ]
-        for variant in VARIANTS:
+        demotions = [
+            (f"ssjf-instant-demote-{factor:g}x", factor)
+            for factor in demote_factors
+            if batching != "dynamic"
+        ]
+        for label, demote_after in [*((variant, 0.0) for variant in VARIANTS), *demotions]:
+            variant = "ssjf-instant" if demote_after else label
             rows = []
             for seed, (workload, (first, proxy)) in enumerate(
                 zip(state.workloads, scored, strict=True)
@@ -249,11 +298,11 @@ def main(argv: list[str] | None = None) -> int:
                 elif variant == "sjf-oracle":
                     row = {"mean_jct_s": state.oracle_jct_s[seed]}
                 else:
-                    row = state.simulate(variant, workload, first, proxy, delay_s)
+                    row = state.simulate(variant, workload, first, proxy, delay_s, demote_after)
                 row["fraction"] = state.fraction(seed, row["mean_jct_s"])
                 rows.append(row)
             fractions = [row["fraction"] for row in rows]
-            mode["variants"][variant] = {
+            mode["variants"][label] = {
                 "mean_jct_s": [row["mean_jct_s"] for row in rows],
                 "fraction_of_oracle_gain": fractions,
                 "fraction_mean": float(np.mean(fractions)),
@@ -261,16 +310,16 @@ def main(argv: list[str] | None = None) -> int:
                 "fraction_max": float(np.max(fractions)),
                 **{
                     key: float(np.mean([row[key] for row in rows]))
-                    for key in ("dispatched_before_prediction",)
+                    for key in ("dispatched_before_prediction", "demoted")
                     if key in rows[0]
                 },
             }
         result["modes"][batching] = mode
         print(f"\n{batching} batching, load {args.load}, {args.requests} jobs x {args.seeds} seeds")
-        print(f"{'variant':<18}{'mean JCT s':>12}{'oracle gain (min..max)':>30}")
+        print(f"{'variant':<28}{'mean JCT s':>12}{'oracle gain (min..max)':>30}")
         for variant, row in mode["variants"].items():
             print(
-                f"{variant:<18}{np.mean(row['mean_jct_s']):>12.3f}"
+                f"{variant:<28}{np.mean(row['mean_jct_s']):>12.3f}"
                 f"{row['fraction_mean']:>14.3f} "
                 f"({row['fraction_min']:.3f}..{row['fraction_max']:.3f})"
             )

@@ -4,8 +4,9 @@ Every variant trains on the seed-0 split's 564 training prompts (all six layers 
 6 epochs, the epoch kept by dev tau, as ``make predictor``) with one setting changed: the
 seed, the formulation, the encoder's learning rate, the batch size, the number of epochs,
 training on train+dev, the pooling of the token states, the head, a squared error weighted
-toward long answers, or a classification model ranked by its expected length (pooling, head and tail weight with two seeds each, 10 epochs and
-classification with three, since the seed alone moves test tau by up to 0.025). Each is
+toward long answers, or a classification model ranked by its expected length (pooling, head
+and tail weight with two seeds each, 10 epochs and classification with three, since the seed
+alone moves test tau by up to 0.025). Each is
 scored on the 161 held-out test prompts in PyTorch fp32 (no ONNX export: the int8 graph
 moves tau by about 0.005, see docs/predictor.md), and seed ensembles are scored from the
 saved predictions. The dev tau is the selection criterion; the test tau is reported only.
@@ -29,6 +30,7 @@ import dataclasses
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +43,7 @@ from services.common.alpaca import LengthDataset, default_data_dir
 from services.common.first_stage import FIRST_STAGE_FILE, FirstStageModel
 from services.common.paths import CHECKOUT_ROOT, default_labels, label_dirs
 from services.predictor.bench import command_line, write_result
+from services.predictor.model import LengthModel
 from services.predictor.pipeline import FIRST_STAGE_EXTRA_LLMS, training_data
 from services.predictor.runtime import DEFAULT_ARTIFACT
 from services.predictor.submit_path_sim import SteadyState
@@ -120,20 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "variants", nargs="*", default=list(VARIANTS), help=f"any of {', '.join(VARIANTS)}"
     )
-    parser.add_argument("--data", default=str(default_data_dir() or ""))
-    parser.add_argument("--labels", default=default_labels())
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument(
-        "--sim-requests", type=int, default=30_000, help="simulated jobs per workload"
-    )
-    parser.add_argument("--sim-seeds", type=int, default=3, help="simulated workloads")
-    parser.add_argument(
-        "--out", default=str(CHECKOUT_ROOT / "bench" / "results" / "predictor_sweep.json")
-    )
-    args = parser.parse_args(argv)
-    unknown = [name for name in args.variants if name not in VARIANTS]
-    if unknown:
-        parser.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
+    args = parse_rating_args(parser, argv, "predictor_sweep.json")
     out = Path(args.out)
     result: dict[str, Any] = (
         json.loads(out.read_text()) if out.exists() else {"variants": {}, "ensembles": {}}
@@ -159,18 +149,15 @@ def main(argv: list[str] | None = None) -> int:
         if name in result["variants"]:
             continue
         started = time.monotonic()
-        settings = {**SHIPPED, **VARIANTS[name]}
-        train_dev = settings.pop("train_dev", False)
-        by_expected_tokens = settings.pop("readout", "z") == "tokens"
+        recipe = Recipe.of(name, args.threads)
         variant_split = (
-            dataclasses.replace(split, train=split.train + split.dev) if train_dev else split
+            dataclasses.replace(split, train=split.train + split.dev) if recipe.train_dev else split
         )
-        trainer = Trainer(
-            dataset, TrainConfig(**settings, threads=args.threads), split=variant_split
-        )
+        trainer = Trainer(dataset, recipe.config, split=variant_split)
         model = trainer.train()
-        read_out = trainer.predict_expected_tokens_z if by_expected_tokens else trainer.predict_z
-        predicted = read_out(model, texts)[[trainer.llms.index(llm) for llm in llms]]
+        predicted = recipe.predict_z(trainer, model, texts)[
+            [trainer.llms.index(llm) for llm in llms]
+        ]
         np.save(predictions_dir / f"{name}.npy", predicted)
         result["variants"][name] = {
             "changed": VARIANTS[name],
@@ -213,6 +200,50 @@ def main(argv: list[str] | None = None) -> int:
     write_result(out, result)
     print_table(result, llms)
     return 0
+
+
+def parse_rating_args(
+    parser: argparse.ArgumentParser, argv: list[str] | None, out_file: str
+) -> argparse.Namespace:
+    """The options every lever rating shares (data, threads, simulated workloads, output),
+    parsed with ``parser``'s own; its ``variants`` checked against VARIANTS."""
+    parser.add_argument("--data", default=str(default_data_dir() or ""))
+    parser.add_argument("--labels", default=default_labels())
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--sim-requests", type=int, default=30_000, help="simulated jobs per workload"
+    )
+    parser.add_argument("--sim-seeds", type=int, default=3, help="simulated workloads")
+    parser.add_argument("--out", default=str(CHECKOUT_ROOT / "bench" / "results" / out_file))
+    args = parser.parse_args(argv)
+    unknown = [name for name in args.variants if name not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
+    if not args.data:
+        parser.error("--data is required where ../shared/data is absent")
+    return args
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A variant's training settings and how its predictions are read out."""
+
+    config: TrainConfig
+    train_dev: bool = False
+    expected_tokens: bool = False
+
+    @classmethod
+    def of(cls, name: str, threads: int) -> Recipe:
+        settings = {**SHIPPED, **VARIANTS[name]}
+        train_dev = settings.pop("train_dev", False)
+        expected_tokens = settings.pop("readout", "z") == "tokens"
+        return cls(TrainConfig(**settings, threads=threads), train_dev, expected_tokens)
+
+    def predict_z(self, trainer: Trainer, model: LengthModel, texts: list[str]) -> np.ndarray:
+        """``[n_llms, len(texts)]`` estimated z of ``trainer``'s LLMs."""
+        if self.expected_tokens:
+            return trainer.predict_expected_tokens_z(model, texts)
+        return trainer.predict_z(model, texts)
 
 
 class OracleGain:
@@ -274,12 +305,12 @@ class OracleGain:
 
 
 def capped_answer_bounds(
-    gain: OracleGain, true: np.ndarray, shipped_z: np.ndarray
+    gain: OracleGain, true: np.ndarray, predicted_z: np.ndarray
 ) -> dict[str, dict[str, Any]]:
     """How much of the served model's fraction of oracle's gain rests on its answers cut at the
     generation cap (greedy loops: 23 of SmolLM2's 805 AlpacaEval answers end by the length
     limit), for each served LLM whose labels were collected with that cap: the fraction
-    kept by the shipped recipe's predictions with the capped answers' lengths revealed, and
+    kept by ``predicted_z`` with the capped answers' lengths revealed, and
     by the true lengths with the capped answers hidden (put at the median), which bounds any
     predictor that cannot tell which prompts will loop."""
     bounds: dict[str, dict[str, Any]] = {}
@@ -288,7 +319,7 @@ def capped_answer_bounds(
             continue
         row = gain.llms.index(llm)
         capped = true[row] >= REAL_MAX_NEW_TOKENS
-        revealed = gain.tokens_of_z(shipped_z)
+        revealed = gain.tokens_of_z(predicted_z)
         revealed[row, capped] = true[row, capped]
         hidden = true.copy()
         hidden[row, capped] = np.nanmedian(true[row])
@@ -296,7 +327,7 @@ def capped_answer_bounds(
             "cap_tokens": REAL_MAX_NEW_TOKENS,
             "capped_test_prompts": int(capped.sum()),
             "test_prompts": int((~np.isnan(true[row])).sum()),
-            "shipped_with_capped_revealed": gain.of_tokens(revealed, (llm,))[llm],
+            "predicted_with_capped_revealed": gain.of_tokens(revealed, (llm,))[llm],
             "truth_with_capped_hidden": gain.of_tokens(hidden, (llm,))[llm],
         }
     return bounds
@@ -330,7 +361,7 @@ def print_table(result: dict[str, Any], llms: list[str]) -> None:
             f"cut at {bound['cap_tokens']} tokens"
         )
         for key, label in (
-            ("shipped_with_capped_revealed", "shipped, capped answers revealed"),
+            ("predicted_with_capped_revealed", "shipped, capped answers revealed"),
             ("truth_with_capped_hidden", "true lengths, capped hidden"),
         ):
             print(f"{label:<36}{' / '.join(f'{value:.2f}' for value in bound[key].values())}")
