@@ -179,7 +179,7 @@ def test_the_sweep_reports_how_much_of_the_served_models_gain_rests_on_capped_an
     constant_z = np.zeros_like(true)
     assert max(gain.of_z(constant_z)[served].values()) == pytest.approx(0.0, abs=1e-9)
 
-    bound = capped_answer_bounds(gain, true, constant_z)[served]
+    bound = capped_answer_bounds(gain, true, gain.tokens_of_z(constant_z))[served]
     assert (bound["capped_test_prompts"], bound["test_prompts"]) == (4, 20)
     # ...with the loops revealed it keeps some; the truth without them keeps most, not all.
     revealed = bound["predicted_with_capped_revealed"]
@@ -189,7 +189,7 @@ def test_the_sweep_reports_how_much_of_the_served_models_gain_rests_on_capped_an
     assert all(0.3 < value < 0.99 for value in hidden.values())
     # A perfect predictor has nothing left to reveal; the hidden bound does not depend on it.
     perfect_z = (np.log1p(true) - gain.log_mean) / gain.log_std
-    perfect = capped_answer_bounds(gain, true, perfect_z)[served]
+    perfect = capped_answer_bounds(gain, true, gain.tokens_of_z(perfect_z))[served]
     assert min(perfect["predicted_with_capped_revealed"].values()) > 0.99
     assert perfect["truth_with_capped_hidden"] == hidden
 

@@ -98,13 +98,12 @@ def out_of_fold_tokens(
     dataset: LengthDataset,
     recipe: Recipe,
     parts: list[list[PromptId]],
-    order: list[PromptId],
+    column: dict[PromptId, int],
     llms: list[str],
 ) -> tuple[np.ndarray, list[float]]:
-    """``[len(llms), len(order)]`` predicted tokens, each column from the model that held its
-    prompt out, and the dev tau each fold's model was kept at."""
-    column = {pid: index for index, pid in enumerate(order)}
-    tokens = np.full((len(llms), len(order)), np.nan)
+    """``[len(llms), len(column)]`` predicted tokens, each prompt's column (``column``) from
+    the model that held it out, and the dev tau each fold's model was kept at."""
+    tokens = np.full((len(llms), len(column)), np.nan)
     dev_taus = []
     for held_out in range(len(parts)):
         split = fold_split(parts, held_out)
@@ -156,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             recipe = Recipe.of(name, args.threads)
             if recipe.train_dev:
                 parser.error(f"{name} trains on its dev prompts: nothing would choose its epoch")
-            tokens, dev_taus = out_of_fold_tokens(dataset, recipe, parts, gain.test_ids, llms)
+            tokens, dev_taus = out_of_fold_tokens(dataset, recipe, parts, column, llms)
             np.save(saved, tokens)
             entry = result["variants"][name] = {
                 "changed": VARIANTS[name],
@@ -167,7 +166,6 @@ def main(argv: list[str] | None = None) -> int:
         # The ratings are recomputed from the saved predictions on every run.
         tokens = np.load(saved)
         rng = np.random.default_rng(0)
-        z = (np.log1p(tokens) - gain.log_mean) / gain.log_std
         entry["tau"] = {llm: tau_interval(tokens[i], true[i], rng) for i, llm in enumerate(llms)}
         # Each fold's own model on its own prompts: pooling five models' predictions also
         # mixes their calibrations, which the pooled tau pays for and these do not.
@@ -176,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
             for i, llm in enumerate(llms)
         }
         entry["oracle_gain"] = gain.of_tokens(tokens)
-        entry["capped_answers"] = capped_answer_bounds(gain, true, z)
+        entry["capped_answers"] = capped_answer_bounds(gain, true, tokens)
         write_result(out, result)
     result["oracle_gain_setting"] = {
         "load": GAIN_LOAD,

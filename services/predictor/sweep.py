@@ -189,7 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     shipped = predictions_dir / "shipped.npy"
     if shipped.exists():
-        result["capped_answers"] = capped_answer_bounds(gain, true, np.load(shipped))
+        result["capped_answers"] = capped_answer_bounds(
+            gain, true, gain.tokens_of_z(np.load(shipped))
+        )
     result["oracle_gain_setting"] = {
         "load": GAIN_LOAD,
         "requests": args.sim_requests,
@@ -305,12 +307,12 @@ class OracleGain:
 
 
 def capped_answer_bounds(
-    gain: OracleGain, true: np.ndarray, predicted_z: np.ndarray
+    gain: OracleGain, true: np.ndarray, predicted_tokens: np.ndarray
 ) -> dict[str, dict[str, Any]]:
     """How much of the served model's fraction of oracle's gain rests on its answers cut at the
     generation cap (greedy loops: 23 of SmolLM2's 805 AlpacaEval answers end by the length
     limit), for each served LLM whose labels were collected with that cap: the fraction
-    kept by ``predicted_z`` with the capped answers' lengths revealed, and
+    kept by ``predicted_tokens`` with the capped answers' lengths revealed, and
     by the true lengths with the capped answers hidden (put at the median), which bounds any
     predictor that cannot tell which prompts will loop."""
     bounds: dict[str, dict[str, Any]] = {}
@@ -319,7 +321,7 @@ def capped_answer_bounds(
             continue
         row = gain.llms.index(llm)
         capped = true[row] >= REAL_MAX_NEW_TOKENS
-        revealed = gain.tokens_of_z(predicted_z)
+        revealed = predicted_tokens.copy()
         revealed[row, capped] = true[row, capped]
         hidden = true.copy()
         hidden[row, capped] = np.nanmedian(true[row])
