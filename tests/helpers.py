@@ -16,6 +16,18 @@ from services.common.paths import CHECKOUT_ROOT
 REPO_ROOT = CHECKOUT_ROOT
 
 
+def run_ssjf(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """``ssjf ARGS`` in a child process, its output captured; never raises on exit status."""
+    return subprocess.run(
+        [sys.executable, "-m", "services.cli", *args],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
 def listening_addresses(port: int) -> set[str]:
     """IPv4 addresses with a socket listening on ``port`` (from /proc/net/tcp)."""
     found = set()

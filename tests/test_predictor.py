@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -34,7 +32,7 @@ from services.predictor.runtime import DEFAULT_ARTIFACT, ArtifactRuntime
 from services.predictor.server import predictor_host
 from services.predictor.tokenization import PromptTokenizer
 from services.predictor.training import split_dataset
-from tests.helpers import REPO_ROOT, start_service, wait_for_health
+from tests.helpers import REPO_ROOT, run_ssjf, start_service, wait_for_health
 
 HELD_OUT = REPO_ROOT / "tests" / "data" / "predictor_heldout"
 SHIPPED_LLMS = (
@@ -312,24 +310,13 @@ async def test_service_rejects_bad_requests_clearly(
 # ---- the command line -------------------------------------------------------------------
 
 
-def _ssjf(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "services.cli", *args],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-
-
 @pytest.mark.slow
 def test_predictor_process_serves_and_predict_cli_calls_it() -> None:
     port = free_port()
     service = start_service(["predictor", "--port", str(port), "--threads", "1"])
     try:
         wait_for_health(f"127.0.0.1:{port}", timeout=90)
-        remote = _ssjf(
+        remote = run_ssjf(
             "predict",
             "Write a haiku about autumn.",
             "--llm",
@@ -339,18 +326,18 @@ def test_predictor_process_serves_and_predict_cli_calls_it() -> None:
         )
         assert remote.returncode == 0, remote.stderr
         assert "llm=gpt4_0314" in remote.stdout and "predicted_output_tokens=" in remote.stdout
-        empty = _ssjf("predict", "", "--server", f"127.0.0.1:{port}")
+        empty = run_ssjf("predict", "", "--server", f"127.0.0.1:{port}")
         assert empty.returncode == 1 and "INVALID_ARGUMENT" in empty.stdout
     finally:
         assert service.stop() == 0, service.log()
-    local = _ssjf("predict", "Write a haiku about autumn.", "--llm", "gpt4_0314")
+    local = run_ssjf("predict", "Write a haiku about autumn.", "--llm", "gpt4_0314")
     assert local.returncode == 0, local.stderr
     assert local.stdout.split()[:1] == remote.stdout.split()[:1]  # same artifact, same answer
 
 
 @pytest.mark.slow
 def test_eval_predictor_prints_metrics_and_ends_with_tau() -> None:
-    result = _ssjf(
+    result = run_ssjf(
         "eval-predictor",
         "--prompts",
         str(HELD_OUT / "prompts.jsonl"),
@@ -366,7 +353,7 @@ def test_eval_predictor_prints_metrics_and_ends_with_tau() -> None:
     by_source = {line.split()[0]: line.split()[1:] for line in lines if line.startswith("koala")}
     assert by_source["koala"][0] == "31"
     assert lines[-1].startswith("kendall_tau=") and float(lines[-1].split("=")[1]) > 0.2
-    unknown = _ssjf(
+    unknown = run_ssjf(
         "eval-predictor",
         "--prompts",
         str(HELD_OUT / "prompts.jsonl"),
@@ -379,7 +366,7 @@ def test_eval_predictor_prints_metrics_and_ends_with_tau() -> None:
 
 
 def test_a_serving_window_below_eight_word_pieces_is_refused() -> None:
-    result = _ssjf("train-predictor", "--serve-max-prompt-tokens", "4", "--out", "unused")
+    result = run_ssjf("train-predictor", "--serve-max-prompt-tokens", "4", "--out", "unused")
     assert result.returncode != 0
     assert "--serve-max-prompt-tokens must be 0 or at least 8, got 4" in result.stderr
 
@@ -388,7 +375,7 @@ def test_a_serving_window_below_eight_word_pieces_is_refused() -> None:
 def test_train_export_smoke_on_a_handful_of_prompts(tmp_path: Path) -> None:
     """The whole train -> ONNX -> int8 -> parity -> held-out evaluation path, tiny."""
     out = tmp_path / "artifact"
-    result = _ssjf(
+    result = run_ssjf(
         "train-predictor",
         "--data",
         str(HELD_OUT),

@@ -1,4 +1,5 @@
-"""Predictor sub-commands: predictor (the service), predict, train-predictor, eval-predictor."""
+"""Predictor sub-commands: predictor (the service), predict, train-predictor, train-probe,
+eval-predictor."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import json
 from pathlib import Path
 
 from services.common.config import add_flag, add_option, add_server_options
-from services.common.paths import default_labels, label_dirs
+from services.common.paths import default_labels, label_dirs, ssjf_home
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 DEFAULT_ARTIFACT = PACKAGE_DIR / "artifacts" / "default"
@@ -82,22 +83,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train = subparsers.add_parser(
         "train-predictor", help="fine-tune the proxy model and export an ONNX artifact"
     )
-    add_option(
-        train,
-        "--data",
-        default="",
-        help="shared-format data directory "
-        "(default: ../shared/data/alpaca_eval beside the repository)",
-    )
-    add_option(
-        train,
-        "--labels",
-        default=default_labels(),
-        help="comma-separated ssjf collect directories: another LLM's lengths of the same "
-        "prompts (one more head), or another prompt set's lengths (more training prompts, ids "
-        "namespaced '<directory name>:<id>', split 70/10/20 on their own and scored apart); "
-        "default: the served model's committed AlpacaEval labels; '' for none",
-    )
+    _add_data_options(train)
     add_option(
         train,
         "--formulation",
@@ -175,6 +161,45 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     train.set_defaults(run=_train)
 
+    probe = subparsers.add_parser(
+        "train-probe",
+        help="fit a linear probe on the served LLM's own hidden state and export it as an "
+        "ONNX predictor artifact (fp32: int8 loses the ranking; better than MiniLM out of fold "
+        "at ~10x its cost: docs/predictor.md)",
+    )
+    _add_data_options(probe)
+    add_option(
+        probe,
+        "--model",
+        default="smollm2-135m-instruct",
+        help="the served LLM whose states are read (a worker --model name or directory)",
+    )
+    add_option(
+        probe,
+        "--layer",
+        default=20,
+        type=int,
+        help="read the state after this decoder layer (1 = the first); the graph runs only "
+        "the layers up to it. 20 of SmolLM2's 30: as good as 23 in the cross-validation's "
+        "inner choice (docs/predictor.md) and cheaper",
+    )
+    add_option(
+        probe,
+        "--max-prompt-tokens",
+        default=512,
+        type=int,
+        help="the user's tokens kept (head and tail) inside the chat template",
+    )
+    add_option(probe, "--threads", default=2, type=int, help="torch threads")
+    add_option(
+        probe,
+        "--out",
+        default=str(ssjf_home() / "predictors" / "llm-probe"),
+        help="artifact directory to write (serve it: ssjf predictor --artifact DIR)",
+    )
+    add_option(probe, "--name", default="llm-probe", help="artifact name (in its version)")
+    probe.set_defaults(run=_train_probe)
+
     evaluate = subparsers.add_parser(
         "eval-predictor", help="score an artifact on shared-format prompts and lengths"
     )
@@ -234,6 +259,52 @@ def _predict(args: argparse.Namespace) -> int:
             return 1
         tokens, head, version = prediction.tokens, prediction.llm, runtime.version
     print(f"predicted_output_tokens={tokens:.1f} llm={head} model_version={version}")
+    return 0
+
+
+def _add_data_options(parser: argparse.ArgumentParser) -> None:
+    add_option(
+        parser,
+        "--data",
+        default="",
+        help="shared-format data directory "
+        "(default: ../shared/data/alpaca_eval beside the repository)",
+    )
+    add_option(
+        parser,
+        "--labels",
+        default=default_labels(),
+        help="comma-separated ssjf collect directories: another LLM's lengths of the same "
+        "prompts (one more head), or another prompt set's lengths (more training prompts, ids "
+        "namespaced '<directory name>:<id>', split 70/10/20 on their own and scored apart); "
+        "default: the served model's committed AlpacaEval labels; '' for none",
+    )
+
+
+def _train_probe(args: argparse.Namespace) -> int:
+    if args.layer < 1 or args.max_prompt_tokens < 2:
+        raise SystemExit("--layer must be at least 1 and --max-prompt-tokens at least 2")
+    from services.predictor.probe import train_probe_artifact
+
+    try:
+        metadata = train_probe_artifact(
+            data_dir=_data_dir(args),
+            label_dirs=label_dirs(args.labels),
+            model=args.model,
+            layer=args.layer,
+            out=Path(args.out),
+            name=args.name,
+            max_prompt_tokens=args.max_prompt_tokens,
+            threads=args.threads,
+        )
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
+    print(
+        json.dumps(
+            {"version": metadata["version"], "held_out_test": metadata["held_out_test"]}, indent=2
+        )
+    )
+    print(f"serve it: ssjf predictor --artifact {args.out}")
     return 0
 
 

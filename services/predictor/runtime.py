@@ -18,7 +18,7 @@ import numpy as np
 from services.common.errors import InvalidArgument
 from services.predictor.export import METADATA_FILE, MODEL_FILE, TOKENIZER_FILE
 from services.predictor.model import ALL_LLMS
-from services.predictor.tokenization import PromptTokenizer
+from services.predictor.tokenization import PromptTemplate, PromptTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,12 @@ class ArtifactRuntime:
         self.max_prompt_tokens: int = int(self.metadata["max_prompt_tokens"])
         self._column = {llm: index for index, llm in enumerate(self.llms)}
         self._column[ALL_LLMS] = len(self.llms)
-        self.tokenizer = PromptTokenizer(artifact / TOKENIZER_FILE, self.max_prompt_tokens)
+        template = self.metadata.get("prompt_template")  # absent: MiniLM's [CLS] ... [SEP]
+        self.tokenizer = PromptTokenizer(
+            artifact / TOKENIZER_FILE,
+            self.max_prompt_tokens,
+            PromptTemplate.from_dict(template) if template else None,
+        )
         options = ort.SessionOptions()
         # One process per core budget: the batcher runs one batch at a time, so ORT may use
         # every core for it; more threads than cores only adds contention.

@@ -8,7 +8,9 @@ answer's length better than the middle does.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -18,19 +20,55 @@ from tokenizers import Tokenizer
 CHARS_PER_TOKEN_BOUND = 16
 
 
-class PromptTokenizer:
-    """The fast (Rust) WordPiece tokenizer with head+tail truncation and batch padding."""
+def head_and_tail(ids: Sequence[int], budget: int) -> list[int]:
+    """``ids`` as they are when they fit ``budget``, else their first and last tokens (the
+    head one longer when ``budget`` is odd)."""
+    if len(ids) <= budget:
+        return list(ids)
+    head = (budget + 1) // 2
+    return [*ids[:head], *ids[len(ids) - (budget - head) :]]
 
-    def __init__(self, tokenizer_file: Path, max_tokens: int) -> None:
-        if max_tokens < 4:
-            raise ValueError("max_tokens must be at least 4")
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """What a model reads around a prompt's own tokens, and the id its padding uses: BERT's
+    [CLS] ... [SEP] for MiniLM, a chat template's user turn for a served LLM's probe."""
+
+    prefix_ids: tuple[int, ...]
+    suffix_ids: tuple[int, ...]
+    pad_id: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "prefix_ids": list(self.prefix_ids),
+            "suffix_ids": list(self.suffix_ids),
+            "pad_id": self.pad_id,
+        }
+
+    @classmethod
+    def from_dict(cls, fields: dict[str, Any]) -> PromptTemplate:
+        return cls(tuple(fields["prefix_ids"]), tuple(fields["suffix_ids"]), int(fields["pad_id"]))
+
+
+class PromptTokenizer:
+    """A fast (Rust) tokenizer with head+tail truncation, a template and batch padding."""
+
+    def __init__(
+        self, tokenizer_file: Path, max_tokens: int, template: PromptTemplate | None = None
+    ) -> None:
         self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
         self.tokenizer.no_truncation()
         self.tokenizer.no_padding()
+        self.template = template or PromptTemplate(
+            (self._special("[CLS]"),), (self._special("[SEP]"),), self._special("[PAD]")
+        )
+        self.budget = max_tokens - len(self.template.prefix_ids) - len(self.template.suffix_ids)
+        if self.budget < 2:
+            raise ValueError(
+                f"max_tokens {max_tokens} leaves fewer than 2 of the prompt's own tokens"
+            )
         self.max_tokens = max_tokens
-        self.cls_id = self._special("[CLS]")
-        self.sep_id = self._special("[SEP]")
-        self.pad_id = self._special("[PAD]")
+        self.pad_id = self.template.pad_id
 
     def _special(self, token: str) -> int:
         token_id = self.tokenizer.token_to_id(token)
@@ -39,22 +77,18 @@ class PromptTokenizer:
         return token_id
 
     def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
-        """Ids with [CLS]/[SEP], at most ``max_tokens`` each (head and tail kept), unpadded."""
+        """Ids inside the template, at most ``max_tokens`` each (head and tail of the prompt's
+        own tokens kept), unpadded."""
         char_bound = self.max_tokens * CHARS_PER_TOKEN_BOUND
         clipped = [
             text if len(text) <= 2 * char_bound else text[:char_bound] + " " + text[-char_bound:]
             for text in texts
         ]
-        budget = self.max_tokens - 2
-        head = (budget + 1) // 2
-        tail = budget - head
-        rows = []
-        for encoding in self.tokenizer.encode_batch(clipped, add_special_tokens=False):
-            ids = encoding.ids
-            if len(ids) > budget:
-                ids = ids[:head] + ids[len(ids) - tail :]
-            rows.append([self.cls_id, *ids, self.sep_id])
-        return rows
+        prefix, suffix = self.template.prefix_ids, self.template.suffix_ids
+        return [
+            [*prefix, *head_and_tail(encoding.ids, self.budget), *suffix]
+            for encoding in self.tokenizer.encode_batch(clipped, add_special_tokens=False)
+        ]
 
     def pad(self, rows: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
         """Pad to the longest row: ``(input_ids, attention_mask)``, both int64 ``[batch, seq]``."""
