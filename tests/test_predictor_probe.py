@@ -182,3 +182,13 @@ def test_leave_one_source_out_rates_each_source_by_probes_that_never_saw_it() ->
     reversed_c[:, 50:] *= -1
     again = leave_one_source_out(signal, reversed_c, sources, ["x", "y"])
     assert again["by_source"]["c"]["tau"]["x"] < -0.5
+
+
+def test_train_probe_refuses_bad_input_with_a_message(tmp_path: Path) -> None:
+    no_model = run_ssjf("train-probe", "--data", str(HELD_OUT), "--model", str(tmp_path))
+    assert no_model.returncode == 1
+    assert "not a model directory with a tokenizer.json" in no_model.stderr
+    assert "Traceback" not in no_model.stderr
+    bad_layer = run_ssjf("train-probe", "--layer", "0", "--out", str(tmp_path / "out"))
+    assert bad_layer.returncode == 1 and "--layer must be at least 1" in bad_layer.stderr
+    assert not (tmp_path / "out").exists()

@@ -297,7 +297,7 @@ def _train_probe(args: argparse.Namespace) -> int:
             max_prompt_tokens=args.max_prompt_tokens,
             threads=args.threads,
         )
-    except ValueError as error:
+    except (ValueError, OSError) as error:  # a bad --layer, or a model that will not load
         raise SystemExit(f"error: {error}") from None
     print(
         json.dumps(

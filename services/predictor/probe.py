@@ -87,11 +87,19 @@ class LlmStates:
         if source.gguf_file:
             raise ValueError("give the probe a prepared model directory, not a GGUF file")
         self.model_dir = Path(source.path)
+        if not (self.model_dir / TOKENIZER_FILE).is_file():
+            raise ValueError(
+                f"{model}: not a model directory with a {TOKENIZER_FILE} (give a worker --model "
+                "name such as smollm2-135m-instruct, or a save_pretrained directory)"
+            )
         tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         # Eager attention: the graph exports to ONNX (an artifact) exactly as it runs here.
-        decoder = AutoModelForCausalLM.from_pretrained(
+        causal_lm = AutoModelForCausalLM.from_pretrained(
             self.model_dir, dtype=torch.float32, attn_implementation="eager"
-        ).model
+        )
+        decoder = getattr(causal_lm, "model", None)
+        if not hasattr(decoder, "layers"):
+            raise ValueError(f"{model}: the probe reads Llama-style decoders (model.layers)")
         depth = len(decoder.layers)
         if not layers or min(layers) < 1 or max(layers) > depth:
             raise ValueError(f"layers must lie in 1..{depth} (the model's decoder layers)")
@@ -432,6 +440,10 @@ def main(argv: list[str] | None = None) -> int:
     features = states(texts, progress=True)
     targets = np.log1p(setting.true)
     log_tokens, chosen, scores = out_of_fold_log_tokens(features, targets, setting.fold_columns)
+    # Saved beside the JSON, as the cross-validation saves its recipes' predictions.
+    predictions_dir = Path(args.out).with_suffix("")
+    predictions_dir.mkdir(parents=True, exist_ok=True)
+    np.save(predictions_dir / f"{PROBE_NAME}.npy", np.expm1(log_tokens))
     entry = {
         "model": args.model,
         "candidate_layers": layers,
