@@ -14,8 +14,13 @@ The layer is chosen inside each fold, by an inner cross-validation on that fold'
 prompts alone (mean tau over the reported LLMs), so the held-out fifth never picks it.
 
 ``python -m services.predictor.probe [--model smollm2-135m-instruct] [--layers 8,11,...]
-[--folds 5] [--out bench/results/predictor_probe.json]`` prints the crossval table and the
-speed of each candidate depth and writes the JSON.
+[--folds 5] [--artifact runs/predictor-probe] [--out bench/results/predictor_probe.json]``
+prints the crossval table, leave-one-source-out and the speed of each candidate depth (and of
+the artifact beside the shipped MiniLM's), and writes the JSON.
+
+``train_probe_artifact`` (``ssjf train-probe``) exports the probe at one layer as an ordinary
+predictor artifact (``ProbeGraph``: the truncated LLM, the last-token gather and every LLM's
+ridge head in one ONNX graph), which ``ssjf predictor --artifact`` serves unchanged.
 """
 
 from __future__ import annotations
