@@ -11,7 +11,7 @@ import pytest
 
 from services.cli import build_parser
 from services.stack import launcher
-from services.stack.cli import _run_up
+from services.stack.cli import _run_up, up_config
 from services.stack.launcher import LocalStack, StackConfig, _Child
 
 
@@ -72,3 +72,24 @@ def test_ssjf_up_says_that_auth_is_off_and_where_it_listens(
     printed = capsys.readouterr().out
     assert "Auth is off: every service listens on 127.0.0.1 only" in printed
     assert "http://127.0.0.1:8123/v1" in printed
+
+
+def test_ssjf_up_serves_another_predictor_artifact_and_its_first_stage(tmp_path) -> None:
+    parser = build_parser()
+    default = up_config(parser.parse_args(["up"]))
+    assert default.predictor_args == []  # the shipped artifact, the scheduler's own first stage
+    assert "--first-stage" not in default.scheduler_args
+    artifact = tmp_path / "probe"
+    artifact.mkdir()
+    (artifact / "metadata.json").write_text("{}")
+    without_first_stage = up_config(
+        parser.parse_args(["up", "--predictor-artifact", str(artifact)])
+    )
+    assert without_first_stage.predictor_args == ["--artifact", str(artifact)]
+    assert "--first-stage" not in without_first_stage.scheduler_args
+    (artifact / "first_stage.npz").write_bytes(b"")
+    config = up_config(parser.parse_args(["up", "--predictor-artifact", str(artifact)]))
+    first_stage = config.scheduler_args[config.scheduler_args.index("--first-stage") + 1]
+    assert first_stage == str(artifact / "first_stage.npz")
+    with pytest.raises(SystemExit, match=r"no metadata\.json"):
+        up_config(parser.parse_args(["up", "--predictor-artifact", str(tmp_path / "missing")]))

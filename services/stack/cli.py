@@ -6,12 +6,17 @@ import argparse
 import json
 import shlex
 import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from services.collect.cli import add_sampling_options, sampling_args
 from services.common.config import add_option, add_redis_url_options, redis_url
 from services.common.tls import ChannelSecurity, add_client_security_options
 from services.scheduler.policies import POLICIES
 from services.worker.cli import BATCHING_MODES
+
+if TYPE_CHECKING:
+    from services.stack.launcher import StackConfig
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -52,6 +57,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=int,
         default=0,
         help="workers' answer length cap for requests that set none (0: the worker's default)",
+    )
+    add_option(
+        up,
+        "--predictor-artifact",
+        default="",
+        help="predictor artifact directory (empty: the shipped MiniLM one), e.g. "
+        "runs/predictor-probe from make predictor-probe; its first_stage.npz, when it has one, "
+        "also scores jobs at Submit",
     )
     add_option(
         up,
@@ -97,18 +110,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     health.set_defaults(run=_run_health)
 
 
-def _run_up(args: argparse.Namespace) -> int:
-    import signal
-    import threading
-
-    from services.common.principals import redact_url
-    from services.stack.launcher import LocalStack, StackConfig
+def up_config(args: argparse.Namespace) -> StackConfig:
+    """``ssjf up``'s options as the local stack's configuration."""
+    from services.common.first_stage import FIRST_STAGE_FILE
+    from services.stack.launcher import StackConfig
 
     served_model_name = args.served_model_name or args.model
     worker_args = []
     if args.default_max_new_tokens:
         worker_args = ["--default-max-new-tokens", str(args.default_max_new_tokens)]
-    config = StackConfig(
+    predictor_args, scheduler_args = [], ["--default-llm", served_model_name]
+    if args.predictor_artifact:
+        artifact = Path(args.predictor_artifact)
+        if not (artifact / "metadata.json").is_file():
+            raise SystemExit(
+                f"--predictor-artifact {artifact}: no metadata.json there (build an artifact "
+                "with make predictor or make predictor-probe)"
+            )
+        predictor_args = ["--artifact", str(artifact)]
+        if (artifact / FIRST_STAGE_FILE).is_file():
+            scheduler_args += ["--first-stage", str(artifact / FIRST_STAGE_FILE)]
+    return StackConfig(
         port=args.port,
         workers=args.workers,
         redis_url=redis_url(args) or None,
@@ -118,10 +140,22 @@ def _run_up(args: argparse.Namespace) -> int:
         served_model_name=served_model_name,
         model=args.model,
         log_level=args.log_level,
-        scheduler_args=["--default-llm", served_model_name],
+        predictor_args=predictor_args,
+        scheduler_args=scheduler_args,
         worker_args=worker_args,
         http_port=args.http_port or None,
     )
+
+
+def _run_up(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from services.common.principals import redact_url
+    from services.stack.launcher import LocalStack
+
+    config = up_config(args)
+    served_model_name = config.served_model_name
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
