@@ -97,7 +97,22 @@ def accuracy_table(
     return rows
 
 
-def _time_calls(call: Callable[[list[str]], Any], prompts: list[str], batch: int) -> float:
+def latency_in_turns(
+    engines: dict[str, Callable[[list[Any]], Any]], prompts: Sequence[Any], desc: str = ""
+) -> dict[str, list[float]]:
+    """Milliseconds of each engine on each single prompt, the engines taking turns per prompt
+    so that load from other processes on a shared machine falls on all of them alike (a
+    progress bar when ``desc`` is given)."""
+    samples: dict[str, list[float]] = {name: [] for name in engines}
+    for prompt in tqdm(prompts, desc=desc, unit="prompt", disable=not desc):
+        for name, call in engines.items():
+            started = time.perf_counter()
+            call([prompt])
+            samples[name].append((time.perf_counter() - started) * 1e3)
+    return samples
+
+
+def prompts_per_second(call: Callable[[list[Any]], Any], prompts: list[Any], batch: int) -> float:
     """Prompts per second over ``prompts`` in consecutive batches of ``batch``."""
     call(prompts[:batch])  # warm this shape family
     started = time.perf_counter()
@@ -162,14 +177,9 @@ def speed(run: Path, prompts: list[str], threads: int) -> dict[str, Any]:
     # The engines take turns (per prompt, per batch size, per repeat) so that load from other
     # processes on a shared machine falls on all of them alike; throughput keeps the best of
     # REPEATS runs (the least disturbed), latency reports the percentiles of every call.
-    samples: dict[str, list[float]] = {name: [] for name in engines}
     for call in engines.values():
         call(prompts[:1])
-    for prompt in tqdm(prompts, desc="single-prompt latency", unit="prompt"):
-        for name, call in engines.items():
-            started = time.perf_counter()
-            call([prompt])
-            samples[name].append((time.perf_counter() - started) * 1e3)
+    samples = latency_in_turns(engines, prompts, "single-prompt latency")
     latency = {
         name: {
             "p50_ms": statistics.median(values),
@@ -182,7 +192,7 @@ def speed(run: Path, prompts: list[str], threads: int) -> dict[str, Any]:
     for batch in tqdm(BATCH_SIZES, desc="batched throughput", unit="batch size"):
         for _ in range(REPEATS):
             for name, call in engines.items():
-                rate = _time_calls(call, prompts, batch)
+                rate = prompts_per_second(call, prompts, batch)
                 throughput[name][str(batch)] = max(rate, throughput[name].get(str(batch), 0.0))
     return {"latency": latency, "throughput_prompts_per_s": throughput}
 

@@ -134,25 +134,17 @@ class FoldSetting:
         prompt) against the true lengths: pooled tau with its interval, each fold's tau, the
         simulated fraction of oracle's gain and the capped-answer bounds."""
         rng = np.random.default_rng(0)
-        true = self.true
+        true, fold_columns = self.true, self.fold_columns
         return {
             "tau": {llm: tau_interval(tokens[i], true[i], rng) for i, llm in enumerate(self.llms)},
             # Each fold's own model on its own prompts: pooling five models' predictions also
             # mixes their calibrations, which the pooled tau pays for and these do not.
             "tau_by_fold": {
-                llm: [known_tau(tokens[i, cols], true[i, cols]) for cols in self.fold_columns]
+                llm: [known_tau(tokens[i, cols], true[i, cols]) for cols in fold_columns]
                 for i, llm in enumerate(self.llms)
             },
             "oracle_gain": self.gain.of_tokens(tokens),
             "capped_answers": capped_answer_bounds(self.gain, true, tokens),
-        }
-
-    def gain_setting(self) -> dict[str, Any]:
-        return {
-            "load": GAIN_LOAD,
-            "requests": self.gain.requests,
-            "seeds": self.gain.seeds,
-            "prompts": len(self.gain.test_ids),
         }
 
 
@@ -222,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         # The ratings are recomputed from the saved predictions on every run.
         entry.update(setting.rate(np.load(saved)))
         write_result(out, result)
-    result["oracle_gain_setting"] = setting.gain_setting()
+    result["oracle_gain_setting"] = setting.gain.setting()
     result["load_average_1m_at_end"] = os.getloadavg()[0]
     write_result(out, result)
     print_table(result, llms)

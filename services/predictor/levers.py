@@ -32,7 +32,7 @@ from services.common.alpaca import default_data_dir, load_dataset
 from services.common.first_stage import FIRST_STAGE_FILE, FirstStageModel
 from services.common.machine import describe_machine
 from services.common.paths import CHECKOUT_ROOT
-from services.predictor.bench import command_line, eager_engine, write_result
+from services.predictor.bench import command_line, eager_engine, latency_in_turns, write_result
 from services.predictor.core import PredictionCache
 from services.predictor.evaluate import score
 from services.predictor.export import FP32_MODEL_FILE, MODEL_FILE, TORCH_STATE_FILE
@@ -144,11 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     for call in engines.values():
         call(prompts[:1])
     for _ in range(REPEATS):
-        for prompt in prompts:
-            for name, call in engines.items():
-                started = time.perf_counter()
-                call([prompt])
-                samples[name].append((time.perf_counter() - started) * 1e3)
+        for name, values in latency_in_turns(engines, prompts).items():
+            samples[name].extend(values)
     throughput: dict[str, list[float]] = {name: [] for name in engines}
     for _ in range(REPEATS):
         for name, call in engines.items():

@@ -28,7 +28,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,12 @@ from sklearn.preprocessing import StandardScaler
 from torch import nn
 from tqdm import tqdm
 
-from services.predictor.bench import command_line, write_result
+from services.predictor.bench import (
+    command_line,
+    latency_in_turns,
+    prompts_per_second,
+    write_result,
+)
 from services.predictor.crossval import FoldSetting, print_table
 from services.predictor.export import TOKENIZER_FILE, write_artifact
 from services.predictor.pipeline import score_artifact, training_data
@@ -334,40 +339,37 @@ def leave_one_source_out(
     return {"by_source": by_source, "prompt_weighted_tau": weighted}
 
 
-def seconds(call: Callable[..., object], *args: object) -> float:
-    """Wall-clock seconds of one ``call(*args)``."""
-    started = time.perf_counter()
-    call(*args)
-    return time.perf_counter() - started
+def speed_row(latency_ms: list[float], per_second: float, batch: int) -> dict[str, float]:
+    return {
+        "p50_ms": float(np.percentile(latency_ms, 50)),
+        "p99_ms": float(np.percentile(latency_ms, 99)),
+        f"batch_{batch}_prompts_per_s": per_second,
+    }
 
 
 def measure_speed(
     states: LlmStates, texts: Sequence[str], depths: Sequence[int], prompts: int = 100
 ) -> list[dict[str, Any]]:
     """Single-prompt latency and batched throughput of the truncated LLM at each depth
-    (PyTorch eager, float32, this process's threads), on the first ``prompts`` texts."""
-    rows = [states.token_ids(text) for text in texts[:prompts]]
+    (PyTorch eager, float32, this process's threads), on the first ``prompts`` texts (batches
+    of similar lengths)."""
+    rows = sorted((states.token_ids(text) for text in texts[:prompts]), key=len)
     results = []
     for depth in depths:
         states.truncate(depth)
-        single = [seconds(states.batch_states, [row]) for row in rows]
-        ordered = sorted(rows, key=len)
-        batches = [ordered[i : i + BATCH_SIZE] for i in range(0, len(ordered), BATCH_SIZE)]
-        batched = sum(seconds(states.batch_states, batch) for batch in batches)
+        (latency,) = latency_in_turns({"probe": states.batch_states}, rows).values()
+        per_second = prompts_per_second(states.batch_states, rows, BATCH_SIZE)
         results.append(
             {
                 "layers": depth,
                 "prompts": len(rows),
                 "median_tokens": float(np.median([len(row) for row in rows])),
-                "p50_ms": float(np.percentile(single, 50) * 1e3),
-                "p99_ms": float(np.percentile(single, 99) * 1e3),
-                f"batch_{BATCH_SIZE}_prompts_per_s": len(rows) / batched,
+                **speed_row(latency, per_second, BATCH_SIZE),
             }
         )
         print(
             f"{depth:>3} layers: 1 prompt p50 {results[-1]['p50_ms']:.1f} ms, p99"
-            f" {results[-1]['p99_ms']:.1f} ms; batch {BATCH_SIZE}"
-            f" {results[-1][f'batch_{BATCH_SIZE}_prompts_per_s']:.1f} prompts/s",
+            f" {results[-1]['p99_ms']:.1f} ms; batch {BATCH_SIZE} {per_second:.1f} prompts/s",
             flush=True,
         )
     states.truncate(max(states.layers))
@@ -375,34 +377,26 @@ def measure_speed(
 
 
 def time_artifacts(
-    artifacts: dict[str, Path], texts: Sequence[str], threads: int, batch: int = 32
-) -> dict[str, dict[str, float]]:
+    artifacts: dict[str, Path], texts: list[str], threads: int, batch: int = 32
+) -> dict[str, dict[str, Any]]:
     """Each artifact as the service runs it (ONNX Runtime, ``threads`` intra-op threads):
-    single-prompt latency over ``texts`` and batched throughput, the artifacts taking turns per
-    prompt and per batch, so that load from other processes falls on all alike."""
+    single-prompt latency over ``texts``, the artifacts taking turns per prompt so that load
+    from other processes falls on all alike, and batched throughput."""
     runtimes = {
         name: ArtifactRuntime(path, intra_op_threads=threads) for name, path in artifacts.items()
     }
     for runtime in runtimes.values():
         runtime.warm_up()
-    single: dict[str, list[float]] = {name: [] for name in runtimes}
-    batched = dict.fromkeys(runtimes, 0.0)
-    for text in texts:
-        for name, runtime in runtimes.items():
-            single[name].append(seconds(runtime.predict_all, [text]))
-    for start in range(0, len(texts), batch):
-        chunk = list(texts[start : start + batch])
-        for name, runtime in runtimes.items():
-            batched[name] += seconds(runtime.predict_all, chunk)
+    latency = latency_in_turns({name: r.predict_all for name, r in runtimes.items()}, texts)
     return {
         name: {
-            "version": runtimes[name].version,
+            "version": runtime.version,
             "prompts": len(texts),
-            "p50_ms": float(np.percentile(single[name], 50) * 1e3),
-            "p99_ms": float(np.percentile(single[name], 99) * 1e3),
-            f"batch_{batch}_prompts_per_s": len(texts) / batched[name],
+            **speed_row(
+                latency[name], prompts_per_second(runtime.predict_all, texts, batch), batch
+            ),
         }
-        for name in runtimes
+        for name, runtime in runtimes.items()
     }
 
 
@@ -425,7 +419,6 @@ def main(argv: list[str] | None = None) -> int:
         help="a probe artifact (ssjf train-probe) to time as the service runs it, in turns "
         "with the shipped MiniLM artifact, on the seed-0 split's held-out prompts",
     )
-    parser.set_defaults(variants=[])
     args = parse_rating_args(parser, argv, "predictor_probe.json")
     try:
         layers = sorted({int(layer) for layer in args.layers.split(",")})
@@ -472,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
             setting.llms,
         ),
     }
-    result["oracle_gain_setting"] = setting.gain_setting()
+    result["oracle_gain_setting"] = setting.gain.setting()
     result["speed"] = measure_speed(states, texts, layers)
     if args.artifact:
         held_out = setting.dataset.subset(split_dataset(setting.dataset).test).prompts

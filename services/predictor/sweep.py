@@ -192,12 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         result["capped_answers"] = capped_answer_bounds(
             gain, true, gain.tokens_of_z(np.load(shipped))
         )
-    result["oracle_gain_setting"] = {
-        "load": GAIN_LOAD,
-        "requests": args.sim_requests,
-        "seeds": args.sim_seeds,
-        "batchings": list(BATCHING_MODES),
-    }
+    result["oracle_gain_setting"] = gain.setting()
     result["load_average_1m_at_end"] = os.getloadavg()[0]
     write_result(out, result)
     print_table(result, llms)
@@ -208,7 +203,8 @@ def parse_rating_args(
     parser: argparse.ArgumentParser, argv: list[str] | None, out_file: str
 ) -> argparse.Namespace:
     """The options every lever rating shares (data, threads, simulated workloads, output),
-    parsed with ``parser``'s own; its ``variants`` checked against VARIANTS."""
+    parsed with ``parser``'s own; its ``variants``, where it takes some, checked against
+    VARIANTS."""
     parser.add_argument("--data", default=str(default_data_dir() or ""))
     parser.add_argument("--labels", default=default_labels())
     parser.add_argument("--threads", type=int, default=2)
@@ -218,7 +214,7 @@ def parse_rating_args(
     parser.add_argument("--sim-seeds", type=int, default=3, help="simulated workloads")
     parser.add_argument("--out", default=str(CHECKOUT_ROOT / "bench" / "results" / out_file))
     args = parser.parse_args(argv)
-    unknown = [name for name in args.variants if name not in VARIANTS]
+    unknown = [name for name in getattr(args, "variants", ()) if name not in VARIANTS]
     if unknown:
         parser.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
     if not args.data:
@@ -283,6 +279,16 @@ class OracleGain:
                 seeds=self.seeds,
             )
         return self._states[(llm, batching)]
+
+    def setting(self) -> dict[str, Any]:
+        """The simulated workloads the fractions come from, for a result's JSON."""
+        return {
+            "load": GAIN_LOAD,
+            "requests": self.requests,
+            "seeds": self.seeds,
+            "prompts": len(self.test_ids),
+            "batchings": list(BATCHING_MODES),
+        }
 
     def tokens_of_z(self, predicted_z: np.ndarray) -> np.ndarray:
         return np.expm1(predicted_z * self.log_std + self.log_mean)
