@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 PROTOS := $(wildcard protos/ssjf/v1/*.proto)
 PB_DIR := services/pb
 
-.PHONY: help venv proto proto-check lint test test-faults soak run predictor bench simulate-submit-path bench-predictor-sweep bench-predictor-crossval bench-predictor-probe predictor-probe \
+.PHONY: help venv proto proto-check lint test test-faults soak run predictor bench simulate-submit-path bench-predictor-sweep bench-predictor-crossval bench-predictor-probe bench-predictor-distill predictor-probe \
         bench-predictor bench-scheduler bench-worker bench-http bench-security bench-streams clean bench-sim bench-stack \
         bench-stack-starvation bench-stack-light bench-stack-sync bench-stack-precise bench-stack-workers bench-stack-slo bench-sim-full bench-real \
         images images-monitoring stubs test-compose
@@ -167,6 +167,9 @@ bench-predictor-sweep: $(STAMP)  ## quality levers: the shipped recipe with one 
 
 bench-predictor-crossval: $(STAMP)  ## the shipped recipe, its seed 1, classification and 10 epochs rated out of fold over all 805 prompts (5 folds): tau with a bootstrap interval, simulated fraction of oracle's gain -> bench/results/predictor_crossval.json (~50 min)
 	$(BIN)/python -m services.predictor.crossval shipped classification 10-epochs seed1
+
+bench-predictor-distill: $(STAMP)  ## distillation rated out of fold like bench-predictor-crossval: per fold a ridge probe on the served LLM's state labels Arena's 750 prompts, and the shipped MiniLM recipe trains on the fold's prompts plus those -> bench/results/predictor_distill.json (~60 min)
+	$(BIN)/python -m services.predictor.distill
 
 bench-predictor-probe: $(STAMP) runs/predictor-probe/metadata.json  ## the served LLM's own hidden state + a ridge probe, rated out of fold like bench-predictor-crossval (layer chosen inside each fold); the truncated LLM's speed per depth; the probe artifact and the shipped MiniLM timed in turns -> bench/results/predictor_probe.json (~10 min)
 	$(BIN)/python -m services.predictor.probe --artifact runs/predictor-probe

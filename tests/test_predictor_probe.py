@@ -11,12 +11,20 @@ import torch
 from scipy.stats import kendalltau
 
 from services.common.net import free_port
+from services.common.paths import (
+    SERVED_MODEL_ARENA_LABELS,
+    SERVED_MODEL_LABELS,
+    probe_default_labels,
+)
 from services.predictor.model import encoder_dir
 from services.predictor.probe import (
     LlmStates,
+    fit_probe_heads,
+    fit_ridge,
     last_token_states,
     leave_one_source_out,
     out_of_fold_log_tokens,
+    with_other_prompt_set,
 )
 from services.predictor.runtime import ArtifactRuntime
 from services.predictor.tokenization import PromptTemplate, PromptTokenizer, head_and_tail
@@ -138,6 +146,9 @@ def test_a_probe_artifact_is_trained_exported_and_served_like_any_other(tmp_path
         template.suffix_ids
     )
     assert probe.metadata["training"]["layer"] == 2
+    # The default labels add the served model's Arena answers as a prompt set, scored apart.
+    arena = probe.metadata["held_out_test_other_prompt_sets"]["arena_hard_v2-greedy"]
+    assert set(arena) == {"smollm2-135m-instruct"} and arena["smollm2-135m-instruct"]["n"] > 2
     assert probe.metadata["quantized"] == "fp32"  # int8 ruins an LLM's states (docs/predictor.md)
     assert probe.metadata["parity"]["artifact_vs_pytorch"]["max_rel_diff"] < 1e-3
     assert "vicuna-13b" in probe.metadata["held_out_test"]
@@ -192,3 +203,45 @@ def test_train_probe_refuses_bad_input_with_a_message(tmp_path: Path) -> None:
     bad_layer = run_ssjf("train-probe", "--layer", "0", "--out", str(tmp_path / "out"))
     assert bad_layer.returncode == 1 and "--layer must be at least 1" in bad_layer.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_another_prompt_sets_labels_are_rated_apart_and_never_leak_into_what_they_rate() -> None:
+    rng = np.random.default_rng(2)
+    features = rng.normal(size=(100, 4))
+    target = features @ [1.0, 0.5, 0.0, 0.0] + 0.05 * rng.normal(size=100)
+    other_features = rng.normal(size=(60, 4))
+    # The other set's lengths follow other features than the main set's.
+    other_target = other_features @ [0.0, 0.0, 1.0, 0.5]
+    folds = [list(range(start, start + 20)) for start in range(0, 100, 20)]
+    result = with_other_prompt_set(features, target, folds, other_features, other_target)
+    assert (result["main_set_prompts"], result["other_set_prompts"]) == (100, 60)
+    assert result["main_set_tau"]["main_set_only"] > 0.8
+    # Fitted on the main set alone, the other set's ranking is unknown to the probe...
+    assert abs(result["other_set_tau"]["fitted_on_main_set"]) < 0.3
+    # ... and learnt from its own other folds, which the held-out fold never joins.
+    assert result["other_set_tau"]["other_set_folds_only"] > 0.8
+
+
+def test_the_all_llm_head_learns_only_from_prompts_most_llms_answered() -> None:
+    rng = np.random.default_rng(3)
+    features = rng.normal(size=(70, 3))
+    log_tokens = np.full((3, 70), np.nan)
+    log_tokens[:, :50] = features[:50] @ [1.0, 0.3, 0.0] + rng.normal(size=(3, 50)) * 0.1
+    # Another prompt set answered by one LLM only, running against the others.
+    log_tokens[0, 50:] = -10 * features[50:, 0]
+    weights, bias = fit_probe_heads(features, log_tokens)
+    assert weights.shape == (4, 3) and bias.shape == (4,)
+    pooled_weights, pooled_bias = fit_ridge(features[:50], log_tokens[:, :50].mean(axis=0))
+    np.testing.assert_allclose(weights[-1], pooled_weights, rtol=1e-5)
+    assert bias[-1] == pytest.approx(pooled_bias, rel=1e-5)
+    own_weights, _ = fit_ridge(features, log_tokens[0])
+    np.testing.assert_allclose(weights[0], own_weights, rtol=1e-5)  # its own head sees them all
+
+
+def test_the_probe_trains_on_the_served_models_alpaca_and_arena_labels_by_default() -> None:
+    assert probe_default_labels().split(",") == [
+        str(SERVED_MODEL_LABELS),
+        str(SERVED_MODEL_ARENA_LABELS),
+    ]
+    result = run_ssjf("train-probe", "--help")
+    assert "AlpacaEval and Arena labels" in " ".join(result.stdout.split())

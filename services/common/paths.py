@@ -18,14 +18,22 @@ SHARED_DATA_DIR = CHECKOUT_ROOT.parent / "shared" / "data"
 # benchmark's oracle.
 SERVED_MODEL_LABELS = CHECKOUT_ROOT / "data" / "smollm2-135m-instruct" / "alpaca_eval-greedy"
 # Its greedy answer lengths on another prompt set (Chatbot Arena's hard prompts). Not in the
-# trainers' default: mixed into training they cost its head more on AlpacaEval than they buy
-# on Arena (docs/predictor.md, "Training on Arena labels").
+# fine-tuned MiniLM's default: mixed into its training they cost its head more on AlpacaEval
+# than they buy on Arena (docs/predictor.md, "Training on Arena labels"). The probe's default
+# (``probe_default_labels``): its ridge keeps its AlpacaEval tau and gains on Arena.
 SERVED_MODEL_ARENA_LABELS = SERVED_MODEL_LABELS.parent / "arena_hard_v2-greedy"
 
 
 def default_labels() -> str:
     """``--labels`` default of every trainer: the served model's committed labels, if here."""
     return str(SERVED_MODEL_LABELS) if SERVED_MODEL_LABELS.exists() else ""
+
+
+def probe_default_labels() -> str:
+    """``ssjf train-probe``'s ``--labels`` default: the served model's committed AlpacaEval and
+    Arena labels, those that are here."""
+    present = [path for path in (SERVED_MODEL_LABELS, SERVED_MODEL_ARENA_LABELS) if path.exists()]
+    return ",".join(map(str, present))
 
 
 def label_dirs(labels: str) -> list[Path]:

@@ -127,6 +127,19 @@ def command_line(module: str, argv: list[str] | None) -> str:
     return f"python -m {module} " + " ".join(sys.argv[1:] if argv is None else argv)
 
 
+def run_record(module: str, argv: list[str] | None) -> dict[str, Any]:
+    """A rating's JSON as it starts: the command it came from and the machine's load."""
+    return {"command": command_line(module, argv), "load_average_1m_at_start": os.getloadavg()[0]}
+
+
+def finish_record(path: str | Path, result: dict[str, Any], started: float) -> Path:
+    """Stamp a rating's JSON with its minutes since ``started`` (``time.monotonic``) and the
+    load at its end, and write it."""
+    result["minutes"] = (time.monotonic() - started) / 60
+    result["load_average_1m_at_end"] = os.getloadavg()[0]
+    return write_result(path, result)
+
+
 def write_result(path: str | Path, result: dict[str, Any]) -> Path:
     """Write a benchmark's JSON result (creating its directory) and say where."""
     out = Path(path)

@@ -8,11 +8,13 @@ import json
 from pathlib import Path
 
 from services.common.config import add_flag, add_option, add_server_options
-from services.common.paths import default_labels, label_dirs, ssjf_home
+from services.common.paths import default_labels, label_dirs, probe_default_labels, ssjf_home
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 DEFAULT_ARTIFACT = PACKAGE_DIR / "artifacts" / "default"
 DEFAULT_FORMULATION = "regression-mse"  # best dev Kendall tau of the four: docs/predictor.md
+# Where `ssjf train-probe` writes the probe, and where `ssjf teacher-label` finds it as a teacher.
+DEFAULT_PROBE_DIR = ssjf_home() / "predictors" / "llm-probe"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -167,7 +169,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "ONNX predictor artifact (fp32: int8 loses the ranking; better than MiniLM out of fold "
         "at ~10x its cost: docs/predictor.md)",
     )
-    _add_data_options(probe)
+    _add_data_options(
+        probe,
+        probe_default_labels(),
+        "the served model's committed AlpacaEval and Arena labels (the probe keeps its "
+        "AlpacaEval tau with the Arena prompts and ranks Arena's far better: docs/predictor.md)",
+    )
     add_option(
         probe,
         "--model",
@@ -194,11 +201,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_option(
         probe,
         "--out",
-        default=str(ssjf_home() / "predictors" / "llm-probe"),
+        default=str(DEFAULT_PROBE_DIR),
         help="artifact directory to write (serve it: ssjf predictor --artifact DIR)",
     )
     add_option(probe, "--name", default="llm-probe", help="artifact name (in its version)")
     probe.set_defaults(run=_train_probe)
+
+    teach = subparsers.add_parser(
+        "teacher-label",
+        help="label a prompt set with a slower, better predictor artifact (the probe) as "
+        "training data for MiniLM: ssjf train-predictor --labels DIR (distillation)",
+    )
+    add_option(
+        teach,
+        "--teacher",
+        default=str(DEFAULT_PROBE_DIR),
+        help="the teacher's artifact directory (ssjf train-probe --out)",
+    )
+    add_option(teach, "--prompts", default="", help="prompts.jsonl to label (prompt_id, prompt)")
+    add_option(
+        teach,
+        "--out",
+        default="",
+        help="directory written in the ssjf collect format; its name becomes the prompt set's",
+    )
+    add_option(teach, "--threads", default=2, type=int, help="ONNX Runtime threads")
+    teach.set_defaults(run=_teacher_label)
 
     evaluate = subparsers.add_parser(
         "eval-predictor", help="score an artifact on shared-format prompts and lengths"
@@ -262,7 +290,11 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_data_options(parser: argparse.ArgumentParser) -> None:
+def _add_data_options(
+    parser: argparse.ArgumentParser,
+    labels: str | None = None,
+    labels_meaning: str = "the served model's committed AlpacaEval labels",
+) -> None:
     add_option(
         parser,
         "--data",
@@ -273,11 +305,11 @@ def _add_data_options(parser: argparse.ArgumentParser) -> None:
     add_option(
         parser,
         "--labels",
-        default=default_labels(),
+        default=default_labels() if labels is None else labels,
         help="comma-separated ssjf collect directories: another LLM's lengths of the same "
         "prompts (one more head), or another prompt set's lengths (more training prompts, ids "
         "namespaced '<directory name>:<id>', split 70/10/20 on their own and scored apart); "
-        "default: the served model's committed AlpacaEval labels; '' for none",
+        f"default: {labels_meaning}; '' for none",
     )
 
 
@@ -305,6 +337,22 @@ def _train_probe(args: argparse.Namespace) -> int:
         )
     )
     print(f"serve it: ssjf predictor --artifact {args.out}")
+    return 0
+
+
+def _teacher_label(args: argparse.Namespace) -> int:
+    if not args.prompts or not args.out:
+        raise SystemExit("--prompts and --out are required")
+    from services.predictor.distill import write_teacher_labels
+
+    try:
+        record = write_teacher_labels(
+            Path(args.teacher), Path(args.prompts), Path(args.out), args.threads
+        )
+    except (ValueError, OSError) as error:  # no artifact, no prompts file, bad prompts
+        raise SystemExit(f"error: {error}") from None
+    print(json.dumps(record, indent=2))
+    print(f"train on it: ssjf train-predictor --labels <your other labels>,{args.out}")
     return 0
 
 

@@ -36,7 +36,7 @@ from services.common.alpaca import (
     split_by_prompt,
 )
 from services.common.paths import label_dirs
-from services.predictor.bench import command_line, write_result
+from services.predictor.bench import run_record, write_result
 from services.predictor.pipeline import training_data
 from services.predictor.sweep import (
     GAIN_LOAD,
@@ -187,8 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_rating_args(parser, argv, "predictor_crossval.json")
     out = Path(args.out)
     result: dict[str, Any] = json.loads(out.read_text()) if out.exists() else {"variants": {}}
-    result["command"] = command_line("services.predictor.crossval", argv)
-    result["load_average_1m_at_start"] = os.getloadavg()[0]
+    result.update(run_record("services.predictor.crossval", argv))
     setting = FoldSetting.of(args)
     dataset, parts, llms, column = setting.dataset, setting.parts, setting.llms, setting.column
     predictions_dir = out.with_suffix("")

@@ -24,7 +24,7 @@ import numpy as np
 from services.common.alpaca import default_data_dir, prompt_set_of, split_by_prompt
 from services.common.first_stage import fit_first_stage
 from services.common.paths import CHECKOUT_ROOT, default_labels, label_dirs
-from services.predictor.bench import command_line, write_result
+from services.predictor.bench import run_record, write_result
 from services.predictor.pipeline import training_data
 from services.predictor.training import EVAL_LLMS, Split, TrainConfig, Trainer, known_tau
 
@@ -65,9 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         threads=args.threads,
     )
     result: dict[str, Any] = {
-        "command": command_line("services.predictor.loso", argv),
+        **run_record("services.predictor.loso", argv),
         "config": vars(args),
-        "load_average_1m_at_start": os.getloadavg()[0],
         "folds": {},
     }
     lower = None

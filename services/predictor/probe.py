@@ -26,7 +26,6 @@ ridge head in one ONNX graph), which ``ssjf predictor --artifact`` serves unchan
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,11 +38,13 @@ from sklearn.preprocessing import StandardScaler
 from torch import nn
 from tqdm import tqdm
 
+from services.common.alpaca import load_dataset
+from services.common.paths import SERVED_MODEL_ARENA_LABELS
 from services.predictor.bench import (
-    command_line,
+    finish_record,
     latency_in_turns,
     prompts_per_second,
-    write_result,
+    run_record,
 )
 from services.predictor.crossval import FoldSetting, print_table
 from services.predictor.export import TOKENIZER_FILE, write_artifact
@@ -254,9 +255,15 @@ def out_of_fold_log_tokens(
 def fit_probe_heads(features: np.ndarray, log_tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """One affine map per row of ``log_tokens`` (an LLM's log1p tokens, NaN where it did not
     answer), plus the all-LLM head on each prompt's mean over the LLMs that answered it:
-    ``[n_llms + 1, hidden]`` weights and ``[n_llms + 1]`` biases."""
-    with np.errstate(invalid="ignore"):  # a prompt no LLM answered stays NaN
-        pooled = np.nanmean(log_tokens, axis=0)
+    ``[n_llms + 1, hidden]`` weights and ``[n_llms + 1]`` biases. The all-LLM head learns only
+    from prompts at least half as many LLMs answered as the most-answered one: another prompt
+    set labelled by one LLM would teach it that LLM's lengths."""
+    answered = (~np.isnan(log_tokens)).sum(axis=0)
+    pooled = np.where(
+        answered >= answered.max() / 2,
+        np.nansum(log_tokens, axis=0) / np.maximum(answered, 1),
+        np.nan,
+    )
     fitted = [fit_ridge(features, target) for target in [*log_tokens, pooled]]
     weights = np.stack([row for row, _ in fitted]).astype(np.float32)
     return weights, np.array([bias for _, bias in fitted], dtype=np.float32)
@@ -339,6 +346,57 @@ def leave_one_source_out(
     return {"by_source": by_source, "prompt_weighted_tau": weighted}
 
 
+def out_of_fold_tau(
+    features: np.ndarray,
+    target: np.ndarray,
+    folds: Sequence[Sequence[int] | np.ndarray],
+    extra: tuple[np.ndarray, np.ndarray] | None = None,
+) -> float | None:
+    """Tau of ``target`` predicted fold by fold, each fold by a probe fitted on the other
+    folds' rows, plus every row of ``extra`` (features, target) when given."""
+    everything = np.arange(len(target))
+    predicted = np.full(len(target), np.nan)
+    for held in folds:
+        train = np.setdiff1d(everything, held)
+        x, y = features[train], target[train]
+        if extra is not None:
+            x, y = np.concatenate([x, extra[0]]), np.concatenate([y, extra[1]])
+        weights, bias = fit_ridge(x, y)
+        predicted[np.asarray(held)] = features[held] @ weights + bias
+    return known_tau(predicted, target)
+
+
+def with_other_prompt_set(
+    features: np.ndarray,
+    target: np.ndarray,
+    fold_columns: list[list[int]],
+    other_features: np.ndarray,
+    other_target: np.ndarray,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """What another prompt set's labels of one LLM do to its probe: tau on the main prompts
+    out of fold, fitted on each fold's training prompts without and with every prompt of the
+    other set; and tau on the other set, fitted on the main prompts alone, and out of fold (as
+    many folds) on its other prompts without and with the main prompts."""
+    shuffled = np.random.default_rng(seed).permutation(len(other_target))
+    other_folds = np.array_split(shuffled, len(fold_columns))
+    main, other = (features, target), (other_features, other_target)
+    weights, bias = fit_ridge(features, target)
+    return {
+        "main_set_prompts": len(target),
+        "other_set_prompts": len(other_target),
+        "main_set_tau": {
+            "main_set_only": out_of_fold_tau(*main, fold_columns),
+            "with_other_set": out_of_fold_tau(*main, fold_columns, other),
+        },
+        "other_set_tau": {
+            "fitted_on_main_set": known_tau(other_features @ weights + bias, other_target),
+            "other_set_folds_only": out_of_fold_tau(*other, other_folds),
+            "other_set_folds_and_main_set": out_of_fold_tau(*other, other_folds, main),
+        },
+    }
+
+
 def speed_row(latency_ms: list[float], per_second: float, batch: int) -> dict[str, float]:
     return {
         "p50_ms": float(np.percentile(latency_ms, 50)),
@@ -419,16 +477,19 @@ def main(argv: list[str] | None = None) -> int:
         help="a probe artifact (ssjf train-probe) to time as the service runs it, in turns "
         "with the shipped MiniLM artifact, on the seed-0 split's held-out prompts",
     )
+    parser.add_argument(
+        "--other-labels",
+        default=str(SERVED_MODEL_ARENA_LABELS) if SERVED_MODEL_ARENA_LABELS.exists() else "",
+        help="an ssjf collect directory of another prompt set, labelled by one LLM of the "
+        "data: its probe rated with and without those labels ('' to skip)",
+    )
     args = parse_rating_args(parser, argv, "predictor_probe.json")
     try:
         layers = sorted({int(layer) for layer in args.layers.split(",")})
     except ValueError:
         parser.error(f"--layers takes comma-separated integers, not {args.layers!r}")
     started = time.monotonic()
-    result: dict[str, Any] = {
-        "command": command_line("services.predictor.probe", argv),
-        "load_average_1m_at_start": os.getloadavg()[0],
-    }
+    result = run_record("services.predictor.probe", argv)
     setting = FoldSetting.of(args)
     texts = [prompt.text for prompt in setting.dataset.subset(setting.gain.test_ids).prompts]
     try:
@@ -465,6 +526,24 @@ def main(argv: list[str] | None = None) -> int:
             setting.llms,
         ),
     }
+    if args.other_labels:
+        other = load_dataset(args.other_labels)
+        if len(other.llms) != 1 or other.llms[0] not in setting.llms:
+            parser.error(f"--other-labels: want one of {setting.llms}'s lengths, not {other.llms}")
+        llm = other.llms[0]
+        other_features = states([prompt.text for prompt in other.prompts], progress=True)
+        result["other_prompt_set"] = {
+            "labels": args.other_labels,
+            "llm": llm,
+            "layer": served,
+            **with_other_prompt_set(
+                features[:, layers.index(served)],
+                targets[setting.llms.index(llm)],
+                setting.fold_columns,
+                other_features[:, layers.index(served)],
+                np.log1p(other.length_matrix([llm])[0]),
+            ),
+        }
     result["oracle_gain_setting"] = setting.gain.setting()
     result["speed"] = measure_speed(states, texts, layers)
     if args.artifact:
@@ -480,9 +559,7 @@ def main(argv: list[str] | None = None) -> int:
                 f" ms, p99 {timing['p99_ms']:.1f} ms; batch 32"
                 f" {timing['batch_32_prompts_per_s']:.1f} prompts/s"
             )
-    result["minutes"] = (time.monotonic() - started) / 60
-    result["load_average_1m_at_end"] = os.getloadavg()[0]
-    write_result(args.out, result)
+    finish_record(args.out, result, started)
     print_table(result, setting.llms)
     loso = result["leave_one_source_out"]
     print(
@@ -490,6 +567,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     for llm, tau in loso["prompt_weighted_tau"].items():
         print(f"  {llm:<28}{tau:.3f}")
+    if "other_prompt_set" in result:
+        other_set = result["other_prompt_set"]
+        print(f"\n{other_set['llm']}'s probe with {other_set['labels']} (tau):")
+        for part in ("main_set_tau", "other_set_tau"):
+            for name, tau in other_set[part].items():
+                print(f"  {part:<16}{name:<32}{tau:.3f}")
     return 0
 
 

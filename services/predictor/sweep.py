@@ -42,7 +42,7 @@ from services.bench.workload import held_out_prompt_lengths
 from services.common.alpaca import LengthDataset, default_data_dir
 from services.common.first_stage import FIRST_STAGE_FILE, FirstStageModel
 from services.common.paths import CHECKOUT_ROOT, default_labels, label_dirs
-from services.predictor.bench import command_line, write_result
+from services.predictor.bench import run_record, write_result
 from services.predictor.model import LengthModel
 from services.predictor.pipeline import FIRST_STAGE_EXTRA_LLMS, training_data
 from services.predictor.runtime import DEFAULT_ARTIFACT
@@ -128,8 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = (
         json.loads(out.read_text()) if out.exists() else {"variants": {}, "ensembles": {}}
     )
-    result["command"] = command_line("services.predictor.sweep", argv)
-    result["load_average_1m_at_start"] = os.getloadavg()[0]
+    result.update(run_record("services.predictor.sweep", argv))
     dataset = training_data(Path(args.data), label_dirs(args.labels))
     split = split_dataset(dataset)
     test = dataset.subset(split.test)
