@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 PROTOS := $(wildcard protos/ssjf/v1/*.proto)
 PB_DIR := services/pb
 
-.PHONY: help venv proto proto-check lint test test-faults soak run predictor bench simulate-submit-path bench-predictor-sweep bench-predictor-crossval bench-predictor-probe bench-predictor-distill predictor-probe \
+.PHONY: help venv proto proto-check lint test test-faults soak run predictor bench simulate-submit-path bench-predictor-sweep bench-predictor-crossval bench-predictor-probe bench-predictor-distill predictor-probe predictor-distilled \
         bench-predictor bench-scheduler bench-worker bench-http bench-security bench-streams clean bench-sim bench-stack \
         bench-stack-starvation bench-stack-light bench-stack-sync bench-stack-precise bench-stack-workers bench-stack-slo bench-sim-full bench-real \
         images images-monitoring stubs test-compose
@@ -178,6 +178,14 @@ predictor-probe: runs/predictor-probe/metadata.json  ## the probe as a servable 
 
 runs/predictor-probe/metadata.json: $(STAMP)
 	$(BIN)/ssjf train-probe --out runs/predictor-probe
+
+predictor-distilled: runs/predictor-distilled/metadata.json  ## the shipped MiniLM recipe trained also on Arena's prompts labelled by the probe (distillation; ~20 min): serve it with ssjf predictor --artifact runs/predictor-distilled
+
+runs/teacher-labels/arena_hard_v2/lengths.csv: runs/predictor-probe/metadata.json
+	$(BIN)/ssjf teacher-label --teacher runs/predictor-probe --prompts ../shared/data/arena_hard_v2/prompts.jsonl --out runs/teacher-labels/arena_hard_v2
+
+runs/predictor-distilled/metadata.json: runs/teacher-labels/arena_hard_v2/lengths.csv
+	$(BIN)/ssjf train-predictor $(PREDICTOR_FLAGS) --labels data/smollm2-135m-instruct/alpaca_eval-greedy,runs/teacher-labels/arena_hard_v2 --name minilm-distilled --out runs/predictor-distilled
 
 bench-scheduler: $(STAMP)  ## dispatch latency, submissions/s, 1e3-1e6 queued vs redis-benchmark -> bench/results/scheduler.json
 	$(BIN)/python -m services.scheduler.bench --out bench/results/scheduler.json
