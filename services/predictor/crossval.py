@@ -165,17 +165,30 @@ def out_of_fold_tokens(
             f"fold {held_out + 1}/{len(parts)}: {len(split.train)} train, {len(split.dev)} dev",
             flush=True,
         )
-        trainer = Trainer(dataset, recipe.config, split=split)
-        model = trainer.train()
-        dev_taus.append(trainer.summary()["best_dev_tau"])
-        test = dataset.subset(split.test).prompts
-        rows = [trainer.llms.index(llm) for llm in llms]
-        z = recipe.predict_z(trainer, model, [prompt.text for prompt in test])[rows]
-        log_mean = trainer.stats.log_mean.numpy()[rows, None]
-        log_std = trainer.stats.log_std.numpy()[rows, None]
-        columns = [column[prompt.prompt_id] for prompt in test]
-        tokens[:, columns] = np.expm1(z * log_std + log_mean)
+        dev_taus.append(train_fold(dataset, recipe, split, column, llms, tokens))
     return tokens, dev_taus
+
+
+def train_fold(
+    dataset: LengthDataset,
+    recipe: Recipe,
+    split: Split,
+    column: dict[PromptId, int],
+    llms: list[str],
+    tokens: np.ndarray,
+) -> float:
+    """Train ``recipe`` on ``split``, write its predicted tokens of the test prompts into
+    their ``column``s of ``tokens`` (one row per LLM of ``llms``), and return the dev tau the
+    model was kept at."""
+    trainer = Trainer(dataset, recipe.config, split=split)
+    model = trainer.train()
+    test = dataset.subset(split.test).prompts
+    rows = [trainer.llms.index(llm) for llm in llms]
+    z = recipe.predict_z(trainer, model, [prompt.text for prompt in test])[rows]
+    log_mean = trainer.stats.log_mean.numpy()[rows, None]
+    log_std = trainer.stats.log_std.numpy()[rows, None]
+    tokens[:, [column[prompt.prompt_id] for prompt in test]] = np.expm1(z * log_std + log_mean)
+    return float(trainer.summary()["best_dev_tau"])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -40,11 +40,11 @@ from services.common.alpaca import (
     write_dataset,
 )
 from services.predictor.bench import finish_record, run_record
-from services.predictor.crossval import FoldSetting, fold_split, print_table
+from services.predictor.crossval import FoldSetting, fold_split, print_table, train_fold
 from services.predictor.probe import SERVED_LAYER, LlmStates, fit_ridge
 from services.predictor.runtime import ArtifactRuntime
 from services.predictor.sweep import Recipe, parse_rating_args
-from services.predictor.training import Trainer
+from services.predictor.training import Split
 
 TEACHER_FILE = "teacher.json"
 TEACHER_BATCH = 16
@@ -143,28 +143,16 @@ def out_of_fold_student(
         write_dataset(teacher_dataset(unlabelled, taught, teacher), directory)
         combined = add_prompt_set(dataset, directory)
         added = [pid for pid in combined.prompt_ids if pid not in setting.column]
-        student_split = type(split)(train=[*split.train, *added], dev=split.dev, test=split.test)
+        student_split = Split(train=[*split.train, *added], dev=split.dev, test=split.test)
         print(
             f"fold {held_out + 1}/{len(setting.parts)}: {len(split.train)} labelled + "
             f"{len(added)} teacher-labelled train, {len(split.dev)} dev",
             flush=True,
         )
-        trainer = Trainer(combined, recipe.config, split=student_split)
-        model = trainer.train()
-        test = dataset.subset(split.test).prompts
-        rows = [trainer.llms.index(llm) for llm in setting.llms]
-        z = recipe.predict_z(trainer, model, [prompt.text for prompt in test])[rows]
-        log_mean = trainer.stats.log_mean.numpy()[rows, None]
-        log_std = trainer.stats.log_std.numpy()[rows, None]
-        predicted[:, [setting.column[prompt.prompt_id] for prompt in test]] = np.expm1(
-            z * log_std + log_mean
+        dev_tau = train_fold(
+            combined, recipe, student_split, setting.column, setting.llms, predicted
         )
-        folds.append(
-            {
-                "best_dev_tau": trainer.summary()["best_dev_tau"],
-                "minutes": (time.monotonic() - started) / 60,
-            }
-        )
+        folds.append({"best_dev_tau": dev_tau, "minutes": (time.monotonic() - started) / 60})
     return predicted, folds
 
 
